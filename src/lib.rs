@@ -1,0 +1,36 @@
+//! Early stopping for candle training loops from a network's reliance on single directions.
+#![warn(missing_docs)]
+
+mod ablation;
+mod config;
+mod curve;
+mod data;
+mod measure;
+pub mod mnist;
+mod monitor;
+mod noise;
+pub mod ops;
+mod probe;
+mod report;
+mod rng;
+mod stopping;
+
+pub use ablation::{
+    ablation_curve, ablation_curve_with_stats, evenly_spaced_fractions, AblationCurve,
+    AblationOrder, AblationSpec, Clamp,
+};
+pub use config::{
+    AblationConfig, DataConfig, NoiseConfig, OutputConfig, RelianceConfig, RestoreBestConfig,
+    ScheduleConfig, SnapshotMode, StoppingConfig,
+};
+pub use curve::{mean_and_ci95, trapezoid_auc};
+pub use data::{corrupt_labels, ProbeData};
+pub use measure::{unit_statistics, ProbeUnits, UnitStatistics};
+pub use monitor::{MonitorState, RelianceMonitor};
+pub use noise::{log_spaced, noise_curve, noise_curve_with_stats, NoiseCurve, NoiseSpec};
+pub use probe::{Probe, ProbeSet};
+pub use report::{read_history, CheckRecord};
+pub use stopping::{
+    Best, Decision, EarlyStopping, EarlyStoppingStrategy, Metric, StopReason, StoppingRule,
+    StoppingState,
+};

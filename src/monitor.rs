@@ -1,0 +1,428 @@
+//! The training-loop plugin: measures reliance every few epochs, decides when to stop, and puts
+//! the best epoch's weights back.
+//!
+//! ```no_run
+//! # use candle_core::{Module, Tensor};
+//! # fn train_one_epoch() {}
+//! # fn demo(model: &impl Module, varmap: &candle_nn::VarMap, xs: Tensor, ys: Tensor) -> candle_core::Result<()> {
+//! use candle_reliance::{ProbeData, ProbeSet, RelianceMonitor};
+//! let probes = ProbeSet::new(); // the model holds probes.add("fc1")?, ... after its activations
+//! let mut monitor = RelianceMonitor::from_yaml_file("reliance.yaml", probes, ProbeData::new(xs, ys)?)?;
+//! for epoch in 1..=100 {
+//!     train_one_epoch();
+//!     if monitor.on_epoch_end(epoch, model, varmap)?.is_stop() { break; }
+//! }
+//! monitor.finish(varmap)?; // restores the best epoch's weights
+//! # Ok(()) }
+//! ```
+
+use crate::config::{RelianceConfig, SnapshotMode};
+use crate::measure::unit_statistics;
+use crate::report::{
+    append_json_line, ensure_parent, io_err, move_aside, write_atomic, CheckRecord,
+};
+use crate::stopping::{
+    Decision, EarlyStopping, EarlyStoppingStrategy, Metric, StopReason, StoppingState,
+};
+use crate::{ablation_curve_with_stats, noise_curve_with_stats, ProbeData, ProbeSet};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+/// Everything the monitor needs to continue a run with the identical decision sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorState {
+    /// The stopping rule's state.
+    pub stopping: StoppingState,
+    /// All checks so far.
+    pub history: Vec<CheckRecord>,
+    /// The last epoch reported.
+    pub last_epoch: Option<usize>,
+}
+
+/// Measures the ablation AUC on a fixed training subset every `check_every` epochs and signals
+/// a stop when reliance on single directions rises. See the [module docs](self) for the loop.
+pub struct RelianceMonitor {
+    config: RelianceConfig,
+    probes: ProbeSet,
+    data: ProbeData,
+    stopping: EarlyStopping,
+    history: Vec<CheckRecord>,
+    last_epoch: Option<usize>,
+    snapshot: Option<Vec<(String, Tensor)>>,
+    warned_no_weights: bool,
+}
+
+impl RelianceMonitor {
+    /// A monitor for a fresh run. `data` is training data; the monitor draws its fixed subset of
+    /// `data.subset_size` samples from it. Output files that already exist are moved aside to
+    /// `NAME.N.bak`, never overwritten.
+    pub fn new(config: RelianceConfig, probes: ProbeSet, data: ProbeData) -> Result<Self> {
+        config.validate()?;
+        let out = &config.output;
+        let best_file = (config.restore_best.enabled
+            && config.restore_best.mode == SnapshotMode::Disk)
+            .then_some(&config.restore_best.path);
+        for path in [
+            out.history_file.as_ref(),
+            out.state_file.as_ref(),
+            best_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(to) = move_aside(path)? {
+                tracing::warn!(from = %path.display(), to = %to.display(), "moved an existing file aside");
+            }
+            ensure_parent(path)?;
+        }
+        Self::build(
+            config,
+            probes,
+            data,
+            MonitorState {
+                stopping: Default::default(),
+                history: vec![],
+                last_epoch: None,
+            },
+        )
+    }
+
+    /// [`RelianceMonitor::new`] with the configuration read from a YAML file.
+    pub fn from_yaml_file(
+        path: impl AsRef<Path>,
+        probes: ProbeSet,
+        data: ProbeData,
+    ) -> Result<Self> {
+        Self::new(RelianceConfig::from_yaml_file(path)?, probes, data)
+    }
+
+    /// Continues an interrupted run from its saved state; the history file is appended to. Pass
+    /// the same configuration and data: the subset and the ablation orders are drawn from their
+    /// seeds, so the continued run makes the same decisions. With `restore_best.mode: memory`
+    /// the best weights of the interrupted process are gone; use `disk` for resumable runs.
+    pub fn resume(
+        config: RelianceConfig,
+        probes: ProbeSet,
+        data: ProbeData,
+        state: MonitorState,
+    ) -> Result<Self> {
+        config.validate()?;
+        if config.restore_best.enabled
+            && config.restore_best.mode == SnapshotMode::Memory
+            && state.stopping.best.is_some()
+        {
+            tracing::warn!(
+                "resuming with restore_best.mode: memory; the best weights so far were held by the \
+                 interrupted process and can only be restored if a later epoch becomes the best"
+            );
+        }
+        Self::build(config, probes, data, state)
+    }
+
+    /// Reads a state file written through `output.state_file` or [`RelianceMonitor::save_state`].
+    pub fn load_state(path: impl AsRef<Path>) -> Result<MonitorState> {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| io_err("read monitor state", path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| candle_core::Error::Msg(format!("monitor state {}: {e}", path.display())))
+    }
+
+    fn build(
+        config: RelianceConfig,
+        probes: ProbeSet,
+        data: ProbeData,
+        state: MonitorState,
+    ) -> Result<Self> {
+        let data = data.subset(config.data.subset_size, config.data.seed)?;
+        let stopping = EarlyStopping::with_state(config.stopping.rule(), state.stopping);
+        Ok(Self {
+            config,
+            probes,
+            data,
+            stopping,
+            history: state.history,
+            last_epoch: state.last_epoch,
+            snapshot: None,
+            warned_no_weights: false,
+        })
+    }
+
+    /// Call after each training epoch (`epoch` counts from 1). Runs a check when the schedule
+    /// says so, snapshots the weights in `varmap` at a new peak (when `restore_best` is on) and
+    /// returns whether to stop.
+    pub fn on_epoch_end(
+        &mut self,
+        epoch: usize,
+        model: &impl Module,
+        varmap: &VarMap,
+    ) -> Result<Decision> {
+        self.epoch_end(epoch, model, Some(varmap))
+    }
+
+    /// [`RelianceMonitor::on_epoch_end`] for models whose weights are not in a [`VarMap`]: the
+    /// best weights cannot be restored.
+    pub fn check(&mut self, epoch: usize, model: &impl Module) -> Result<Decision> {
+        self.epoch_end(epoch, model, None)
+    }
+
+    fn epoch_end(
+        &mut self,
+        epoch: usize,
+        model: &impl Module,
+        varmap: Option<&VarMap>,
+    ) -> Result<Decision> {
+        if let Some(last) = self.last_epoch {
+            if epoch <= last {
+                candle_core::bail!(
+                    "epoch {epoch} reported after epoch {last}; epochs must increase"
+                );
+            }
+        }
+        self.last_epoch = Some(epoch);
+        if let Some(reason) = &self.stopping.state().stopped {
+            return Ok(Decision::Stop {
+                reason: reason.clone(),
+            });
+        }
+        let mut decision = Decision::Continue;
+        if self.config.schedule.is_check_epoch(epoch) {
+            decision = self.run_check(epoch, model, varmap)?;
+        }
+        if !decision.is_stop() && self.config.schedule.max_epochs.is_some_and(|m| epoch >= m) {
+            decision = self.stopping.stop(StopReason::MaxEpochs { epoch });
+            tracing::info!(epoch, decision = "stop", reason = %decision.reason().unwrap(), "reliance monitor");
+        }
+        self.save_state_if_configured()?;
+        Ok(decision)
+    }
+
+    fn run_check(
+        &mut self,
+        epoch: usize,
+        model: &impl Module,
+        varmap: Option<&VarMap>,
+    ) -> Result<Decision> {
+        let span = tracing::info_span!("reliance_check", epoch);
+        let _enter = span.enter();
+        let t0 = Instant::now();
+        let spec = self.config.ablation.spec();
+        let stats = unit_statistics(model, &self.probes, &self.data, spec.batch_size)?;
+        let curve = ablation_curve_with_stats(model, &self.probes, &self.data, &spec, &stats)?;
+        let noise = if self.config.noise.enabled {
+            let nspec = self.config.noise.spec(&self.config.ablation);
+            Some(noise_curve_with_stats(
+                model,
+                &self.probes,
+                &self.data,
+                &nspec,
+                &stats,
+            )?)
+        } else {
+            None
+        };
+        let metric_kind = self.config.stopping.metric;
+        let metric = match metric_kind {
+            Metric::Auc => curve.auc,
+            Metric::NormalizedAuc => curve.normalized_auc,
+        };
+        let decision = if !curve.finite {
+            self.stopping.stop(StopReason::NonFinite {
+                epoch,
+                what: "logits on the probe data".into(),
+            })
+        } else {
+            self.stopping.update(epoch, metric)
+        };
+        let improved = self.stopping.improved_last()
+            && self
+                .stopping
+                .state()
+                .best
+                .as_ref()
+                .is_some_and(|b| b.epoch == epoch);
+        if improved && self.config.restore_best.enabled {
+            match varmap {
+                Some(vm) => self.snapshot(vm)?,
+                None if !self.warned_no_weights => {
+                    self.warned_no_weights = true;
+                    tracing::warn!("restore_best is on but no VarMap was given (use on_epoch_end); weights are not snapshotted");
+                }
+                None => {}
+            }
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let smoothed = self.stopping.state().smoothed.unwrap_or(metric);
+        let record = CheckRecord {
+            epoch,
+            metric_name: metric_kind.name().to_string(),
+            metric,
+            smoothed,
+            auc: curve.auc,
+            auc_ci: curve.auc_ci,
+            normalized_auc: curve.normalized_auc,
+            unablated_accuracy: curve.unablated_accuracy,
+            noise_auc: noise.as_ref().map(|n| n.auc),
+            improved,
+            decision: if decision.is_stop() {
+                "stop"
+            } else {
+                "continue"
+            }
+            .into(),
+            reason: decision.reason().map(|r| r.to_string()),
+            seconds,
+            curve,
+            noise,
+        };
+        let [ci_lo, ci_hi] = record.auc_ci.unwrap_or([f64::NAN; 2]);
+        tracing::info!(
+            epoch,
+            metric = metric_kind.name(),
+            value = metric,
+            smoothed,
+            auc = record.auc,
+            auc_ci_low = ci_lo,
+            auc_ci_high = ci_hi,
+            normalized_auc = record.normalized_auc,
+            accuracy_0 = record.unablated_accuracy,
+            noise_auc = record.noise_auc.unwrap_or(f64::NAN),
+            improved,
+            seconds,
+            decision = %record.decision,
+            reason = record.reason.as_deref().unwrap_or(""),
+            batched = record.curve.batched,
+            "reliance check"
+        );
+        if let Some(path) = &self.config.output.history_file {
+            append_json_line(path, &record)?;
+        }
+        self.history.push(record);
+        Ok(decision)
+    }
+
+    fn snapshot(&mut self, varmap: &VarMap) -> Result<()> {
+        match self.config.restore_best.mode {
+            SnapshotMode::Memory => {
+                let vars = varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+                // `copy` detaches the values from the variables the optimizer keeps updating.
+                let snap = vars
+                    .iter()
+                    .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
+                    .collect::<Result<Vec<_>>>()?;
+                self.snapshot = Some(snap);
+            }
+            SnapshotMode::Disk => {
+                let path = self.config.restore_best.path.clone();
+                write_atomic(&path, |tmp| varmap.save(tmp))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the run: when `restore_best` is on, puts the weights of the best epoch back into
+    /// `varmap` (whether or not training stopped early) and returns that epoch.
+    pub fn finish(&mut self, varmap: &VarMap) -> Result<Option<usize>> {
+        let Some(best) = self.stopping.state().best.clone() else {
+            return Ok(None);
+        };
+        if !self.config.restore_best.enabled {
+            return Ok(None);
+        }
+        let vars = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        let saved: Vec<(String, Tensor)> = match self.config.restore_best.mode {
+            SnapshotMode::Memory => match &self.snapshot {
+                Some(s) => s.clone(),
+                None => {
+                    tracing::warn!(best_epoch = best.epoch, "no in-memory snapshot of the best epoch (resumed run?); weights left as they are");
+                    return Ok(None);
+                }
+            },
+            SnapshotMode::Disk => {
+                let path = &self.config.restore_best.path;
+                let device = vars
+                    .values()
+                    .next()
+                    .map(|v| v.device().clone())
+                    .unwrap_or(candle_core::Device::Cpu);
+                candle_core::safetensors::load(path, &device)
+                    .map_err(|e| {
+                        candle_core::Error::Msg(format!(
+                            "cannot load best weights {}: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .into_iter()
+                    .collect()
+            }
+        };
+        for (name, value) in &saved {
+            let var = vars.get(name).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "best-weights snapshot has `{name}`, which the VarMap lacks"
+                ))
+            })?;
+            var.set(value)?;
+        }
+        tracing::info!(
+            best_epoch = best.epoch,
+            best_metric = best.metric,
+            "restored the weights of the best epoch"
+        );
+        Ok(Some(best.epoch))
+    }
+
+    /// The state to save for resuming.
+    pub fn state(&self) -> MonitorState {
+        MonitorState {
+            stopping: self.stopping.state().clone(),
+            history: self.history.clone(),
+            last_epoch: self.last_epoch,
+        }
+    }
+
+    /// Writes the state as JSON, atomically.
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        let json = serde_json::to_string(&self.state())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        write_atomic(path.as_ref(), |tmp| {
+            std::fs::write(tmp, &json).map_err(|e| io_err("write", tmp, e))
+        })
+    }
+
+    fn save_state_if_configured(&self) -> Result<()> {
+        match &self.config.output.state_file {
+            Some(p) => self.save_state(p),
+            None => Ok(()),
+        }
+    }
+
+    /// All checks so far.
+    pub fn history(&self) -> &[CheckRecord] {
+        &self.history
+    }
+
+    /// The epoch with the best (smoothed) metric so far.
+    pub fn best_epoch(&self) -> Option<usize> {
+        self.stopping.state().best.as_ref().map(|b| b.epoch)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RelianceConfig {
+        &self.config
+    }
+
+    /// The fixed subset checks run on.
+    pub fn data(&self) -> &ProbeData {
+        &self.data
+    }
+}

@@ -1,0 +1,48 @@
+//! The tensor operations a measurement runs at the probes.
+//!
+//! Each is one candle custom op so that a device backend can replace it with a single kernel
+//! (`kernels/` holds one source file per op family here). Activations are viewed as
+//! `(rows, units, inner)`: `inner` is 1 for a dense activation `(N, U)` and `H·W` for a
+//! convolutional one `(N, C, H, W)`, whose units are whole feature maps.
+//!
+//! A measurement evaluates `L` levels (masks or noise scales) at once. The first probe a forward
+//! pass reaches *expands* its input from `M` rows to `L·M` rows, level-major; later probes see
+//! `L·M` rows and apply the level's setting to the rows of that level.
+
+mod clamp;
+mod noise;
+
+#[doc(inline)]
+pub use crate::rng::counter_normal;
+pub(crate) use clamp::level_clamp;
+pub(crate) use noise::{level_noise, LevelNoise};
+
+use candle_core::{Layout, Result};
+
+/// `(rows, units, inner)` of a rank-2 or rank-4 activation.
+pub(crate) fn rows_units_inner(dims: &[usize]) -> Result<(usize, usize, usize)> {
+    match dims {
+        [n, u] => Ok((*n, *u, 1)),
+        [n, c, h, w] => Ok((*n, *c, h * w)),
+        _ => candle_core::bail!(
+            "an activation must have shape (N, units) or (N, C, H, W), got {dims:?}"
+        ),
+    }
+}
+
+/// The contiguous slice of `data` a layout covers, or an error naming the op.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Shape of the op's output: the input's, with `rows·levels` rows when expanding.
+pub(crate) fn output_dims(dims: &[usize], levels: usize, expand: bool) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    if expand {
+        out[0] *= levels;
+    }
+    out
+}

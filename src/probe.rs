@@ -1,0 +1,364 @@
+//! Probe layers: identity modules placed after activations, through which a measurement clamps,
+//! perturbs or records units.
+//!
+//! A unit is the last dimension of a rank-2 activation `(N, U)` and a channel (dimension 1, a
+//! whole feature map) of a rank-4 activation `(N, C, H, W)`. Units are numbered globally across
+//! a [`ProbeSet`] in the order the probes were added: probe 0's units first.
+//!
+//! ```
+//! use candle_core::{Device, Module, Tensor};
+//! use candle_reliance::ProbeSet;
+//!
+//! let probes = ProbeSet::new();
+//! let after_fc1 = probes.add("fc1")?;
+//! let xs = Tensor::ones((4, 8), candle_core::DType::F32, &Device::Cpu)?;
+//! // Outside a measurement a probe returns its input unchanged (the same storage, no copy).
+//! let ys = after_fc1.forward(&xs)?;
+//! assert_eq!(ys.to_vec2::<f32>()?, xs.to_vec2::<f32>()?);
+//! assert!(probes.add("fc1").is_err()); // names are unique
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use crate::ops::{level_clamp, level_noise, rows_units_inner, LevelNoise};
+use candle_core::{DType, Module, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A named group of probes sharing one measurement state. Cloning is cheap and shares the set.
+#[derive(Clone, Default)]
+pub struct ProbeSet {
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Read on every forward of every probe; the only cost of an idle probe.
+    active: AtomicBool,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    names: Vec<String>,
+    pass: Option<Pass>,
+}
+
+/// A probe layer. Insert it after an activation; it implements [`Module`] and is an identity
+/// outside measurements. Created by [`ProbeSet::add`].
+#[derive(Clone)]
+pub struct Probe {
+    shared: Arc<Shared>,
+    index: usize,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe").field("index", &self.index).finish()
+    }
+}
+
+impl std::fmt::Debug for ProbeSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeSet")
+            .field("names", &self.names())
+            .finish()
+    }
+}
+
+/// Per-unit sums gathered by a statistics pass.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UnitSums {
+    pub units: usize,
+    /// Values per unit seen so far (samples × positions).
+    pub count: u64,
+    pub sum: Vec<f64>,
+    pub sum_sq: Vec<f64>,
+}
+
+/// What the probes do during the current forward pass.
+pub(crate) enum Action {
+    /// Record per-unit sums; pass activations through.
+    Stats,
+    /// Per probe: keep mask `(L, U)` u8 and clamp values `(U,)`.
+    Clamp {
+        keep: Vec<Tensor>,
+        values: Vec<Tensor>,
+    },
+    /// Per probe: noise std `(L, U)` f32; per probe seeds derive from `seed`.
+    Noise {
+        std: Vec<Tensor>,
+        seed: u64,
+        level_offset: usize,
+    },
+}
+
+pub(crate) struct Pass {
+    pub action: Action,
+    pub levels: usize,
+    /// Whether the first probe reached expands the batch to `levels × rows`.
+    pub expand: bool,
+    // Per forward:
+    pub rows_in: Option<usize>,
+    pub seen: Vec<bool>,
+    pub call_order: Vec<usize>,
+    pub sample_offset: usize,
+    pub total_samples: usize,
+    // Accumulated over a pass:
+    pub sums: Vec<Option<UnitSums>>,
+}
+
+impl ProbeSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a probe named `name`. Names must be unique and non-empty; probes cannot be added
+    /// while a measurement runs.
+    pub fn add(&self, name: impl Into<String>) -> Result<Probe> {
+        let name = name.into();
+        let mut inner = self.lock()?;
+        if name.trim().is_empty() {
+            candle_core::bail!("probe names must not be empty");
+        }
+        if inner.pass.is_some() {
+            candle_core::bail!("cannot add probe `{name}` while a measurement is running");
+        }
+        if inner.names.iter().any(|n| *n == name) {
+            candle_core::bail!("a probe named `{name}` already exists in this set");
+        }
+        inner.names.push(name);
+        Ok(Probe {
+            shared: self.shared.clone(),
+            index: inner.names.len() - 1,
+        })
+    }
+
+    /// The probes' names in the order they were added (the global unit order).
+    pub fn names(&self) -> Vec<String> {
+        self.lock().map(|i| i.names.clone()).unwrap_or_default()
+    }
+
+    /// Number of probes.
+    pub fn len(&self) -> usize {
+        self.names().len()
+    }
+
+    /// Whether the set has no probes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
+        lock(&self.shared)
+    }
+
+    /// Starts a pass; the guard ends it (also on error paths).
+    pub(crate) fn begin(
+        &self,
+        action: Action,
+        levels: usize,
+        expand: bool,
+    ) -> Result<PassGuard<'_>> {
+        let mut inner = self.lock()?;
+        if inner.names.is_empty() {
+            candle_core::bail!(
+                "the probe set is empty: add probes after the activations to measure"
+            );
+        }
+        if inner.pass.is_some() {
+            candle_core::bail!("a measurement is already running on this probe set");
+        }
+        let n = inner.names.len();
+        inner.pass = Some(Pass {
+            action,
+            levels,
+            expand,
+            rows_in: None,
+            seen: vec![false; n],
+            call_order: Vec::with_capacity(n),
+            sample_offset: 0,
+            total_samples: 0,
+            sums: vec![None; n],
+        });
+        self.shared.active.store(true, Ordering::Release);
+        Ok(PassGuard { set: self })
+    }
+}
+
+fn lock(shared: &Shared) -> Result<MutexGuard<'_, Inner>> {
+    shared
+        .inner
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("probe state poisoned by an earlier panic".into()))
+}
+
+/// Ends the pass when dropped.
+pub(crate) struct PassGuard<'a> {
+    set: &'a ProbeSet,
+}
+
+impl PassGuard<'_> {
+    /// Prepares for one forward pass over `samples` starting at `sample_offset` of `total`.
+    pub fn start_forward(&self, sample_offset: usize, total: usize) -> Result<()> {
+        self.with(|p| {
+            p.seen.iter_mut().for_each(|s| *s = false);
+            p.call_order.clear();
+            p.rows_in = None;
+            p.sample_offset = sample_offset;
+            p.total_samples = total;
+            Ok(())
+        })
+    }
+
+    /// Checks every probe ran once in the forward pass just made.
+    pub fn finish_forward(&self) -> Result<()> {
+        let names = self.set.names();
+        self.with(|p| {
+            let missing: Vec<&str> = p
+                .seen
+                .iter()
+                .zip(&names)
+                .filter(|(s, _)| !**s)
+                .map(|(_, n)| n.as_str())
+                .collect();
+            if !missing.is_empty() {
+                candle_core::bail!(
+                    "probe(s) {missing:?} were not reached by the model's forward pass; \
+                     each probe must be applied exactly once per forward"
+                );
+            }
+            Ok(())
+        })
+    }
+
+    /// Replaces the action (and level count) between forward passes.
+    pub fn set_action(&self, action: Action, levels: usize, expand: bool) -> Result<()> {
+        self.with(|p| {
+            p.action = action;
+            p.levels = levels;
+            p.expand = expand;
+            Ok(())
+        })
+    }
+
+    /// The probes in the order the last forward pass reached them.
+    pub fn call_order(&self) -> Result<Vec<usize>> {
+        self.with(|p| Ok(p.call_order.clone()))
+    }
+
+    /// Takes the sums recorded by a statistics pass.
+    pub fn take_sums(&self) -> Result<Vec<Option<UnitSums>>> {
+        self.with(|p| Ok(std::mem::take(&mut p.sums)))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Pass) -> Result<T>) -> Result<T> {
+        let mut inner = self.set.lock()?;
+        match inner.pass.as_mut() {
+            Some(p) => f(p),
+            None => candle_core::bail!("no measurement is running"),
+        }
+    }
+}
+
+impl Drop for PassGuard<'_> {
+    fn drop(&mut self) {
+        self.set.shared.active.store(false, Ordering::Release);
+        if let Ok(mut inner) = self.set.shared.inner.lock() {
+            inner.pass = None;
+        }
+    }
+}
+
+impl Module for Probe {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if !self.shared.active.load(Ordering::Acquire) {
+            // Idle: a reference-counted handle to the same storage.
+            return Ok(xs.clone());
+        }
+        let mut inner = lock(&self.shared)?;
+        let name = inner.names[self.index].clone();
+        let pass = match inner.pass.as_mut() {
+            Some(p) => p,
+            None => return Ok(xs.clone()),
+        };
+        let i = self.index;
+        if pass.seen[i] {
+            candle_core::bail!(
+                "probe `{name}` ran twice in one forward pass; use one probe per activation"
+            );
+        }
+        pass.seen[i] = true;
+        pass.call_order.push(i);
+        let (rows, _, _) = rows_units_inner(xs.dims())
+            .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))?;
+        let first = pass.rows_in.is_none();
+        let expand = first && pass.expand;
+        if first {
+            pass.rows_in = Some(rows);
+        } else if pass.expand {
+            // Later probes must see the expanded batch; a model that reshapes with the batch
+            // size it saw at the top of its forward does not, and the caller falls back.
+            let want = pass.rows_in.unwrap_or(rows) * pass.levels;
+            if rows != want {
+                candle_core::bail!(
+                    "probe `{name}` received {rows} rows where the expanded batch has {want}"
+                );
+            }
+        }
+        match &pass.action {
+            Action::Stats => {
+                record_sums(&mut pass.sums[i], xs)
+                    .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))?;
+                Ok(xs.clone())
+            }
+            Action::Clamp { keep, values } => level_clamp(xs, &keep[i], &values[i], expand)
+                .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}"))),
+            Action::Noise {
+                std,
+                seed,
+                level_offset,
+            } => {
+                let op = LevelNoise {
+                    levels: pass.levels,
+                    expand,
+                    seed: crate::rng::derive_seed(*seed, i as u64),
+                    level_offset: *level_offset,
+                    sample_offset: pass.sample_offset,
+                    total_samples: pass.total_samples,
+                };
+                level_noise(xs, &std[i], op)
+                    .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))
+            }
+        }
+    }
+}
+
+fn record_sums(slot: &mut Option<UnitSums>, xs: &Tensor) -> Result<()> {
+    let (rows, units, inner) = rows_units_inner(xs.dims())?;
+    let x = xs.to_dtype(DType::F64)?;
+    let (sum, sum_sq) = if xs.rank() == 2 {
+        (x.sum(0)?, x.sqr()?.sum(0)?)
+    } else {
+        (x.sum((0, 2, 3))?, x.sqr()?.sum((0, 2, 3))?)
+    };
+    let (sum, sum_sq) = (sum.to_vec1::<f64>()?, sum_sq.to_vec1::<f64>()?);
+    let s = slot.get_or_insert_with(|| UnitSums {
+        units,
+        count: 0,
+        sum: vec![0.0; units],
+        sum_sq: vec![0.0; units],
+    });
+    if s.units != units {
+        candle_core::bail!(
+            "unit count changed between batches: {} then {units}",
+            s.units
+        );
+    }
+    s.count += (rows * inner) as u64;
+    for u in 0..units {
+        s.sum[u] += sum[u];
+        s.sum_sq[u] += sum_sq[u];
+    }
+    Ok(())
+}
