@@ -28,18 +28,25 @@ use std::path::{Path, PathBuf};
 #[serde(default, deny_unknown_fields)]
 pub struct RelianceConfig {
     /// When checks run.
+    #[serde(deserialize_with = "section")]
     pub schedule: ScheduleConfig,
     /// Which training samples a check uses.
+    #[serde(deserialize_with = "section")]
     pub data: DataConfig,
     /// The ablation curve.
+    #[serde(deserialize_with = "section")]
     pub ablation: AblationConfig,
     /// The optional noise curve.
+    #[serde(deserialize_with = "section")]
     pub noise: NoiseConfig,
     /// The stopping rule.
+    #[serde(deserialize_with = "section")]
     pub stopping: StoppingConfig,
     /// Putting the best epoch's weights back.
+    #[serde(deserialize_with = "section")]
     pub restore_best: RestoreBestConfig,
     /// Files written.
+    #[serde(deserialize_with = "section")]
     pub output: OutputConfig,
 }
 
@@ -280,7 +287,8 @@ pub struct OutputConfig {
     /// JSON lines, one per check (epoch, metric, AUC, interval, curve). Default none.
     #[serde(deserialize_with = "history_file_key")]
     pub history_file: Option<PathBuf>,
-    /// The monitor state after each check, for resuming. Default none.
+    /// The monitor state, rewritten after every epoch reported to the monitor, for resuming.
+    /// Default none.
     #[serde(deserialize_with = "state_file_key")]
     pub state_file: Option<PathBuf>,
 }
@@ -288,7 +296,12 @@ pub struct OutputConfig {
 impl RelianceConfig {
     /// Parses YAML text; an empty document gives the defaults.
     pub fn from_yaml_str(text: &str) -> Result<Self> {
-        let err = |e: serde_norway::Error| candle_core::Error::Msg(format!("reliance config: {e}"));
+        let err = |e: serde_norway::Error| {
+            candle_core::Error::Msg(format!(
+                "reliance config: {}",
+                locate_key_error(&e.to_string(), text)
+            ))
+        };
         // A file of comments only is an empty document, which a struct cannot be read from.
         let empty = matches!(
             serde_norway::from_str(text).map_err(err)?,
@@ -380,9 +393,14 @@ impl RelianceConfig {
         if let Err(msg) = check_unit_interval_open(self.stopping.smoothing) {
             return e("stopping.smoothing", msg);
         }
-        if self.restore_best.enabled && self.restore_best.mode == SnapshotMode::Disk {
-            if let Err(msg) = check_path(&self.restore_best.path) {
-                return e("restore_best.path", msg);
+        let paths = [
+            ("restore_best.path", Some(&self.restore_best.path)),
+            ("output.history_file", self.output.history_file.as_ref()),
+            ("output.state_file", self.output.state_file.as_ref()),
+        ];
+        for (key, path) in paths {
+            if let Some(Err(msg)) = path.map(|p| check_path(p)) {
+                return e(key, msg);
             }
         }
         Ok(())
@@ -430,6 +448,55 @@ fn checked<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     let v = T::deserialize(d)?;
     check(&v).map_err(serde::de::Error::custom)?;
     Ok(v)
+}
+
+/// A section header with nothing under it (`noise:` with every key commented out) reads as null:
+/// treat it as the section's defaults.
+fn section<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> std::result::Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Range errors raised by the checked keys come back from the parser as
+/// `section: key: message at line L column C`, where the position is the section's first key.
+/// Rewrite them as `section.key: message at line L'` with the line of the key itself.
+fn locate_key_error(msg: &str, text: &str) -> String {
+    let body = msg.rfind(" at line ").map_or(msg, |i| &msg[..i]);
+    let parts = body
+        .split_once(": ")
+        .and_then(|(sec, rest)| rest.split_once(": ").map(|(key, m)| (sec, key, m)));
+    let is_name =
+        |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    match parts {
+        Some((sec, key, m)) if is_name(sec) && is_name(key) => match key_line(text, sec, key) {
+            Some(line) => format!("{sec}.{key}: {m} at line {line}"),
+            None => format!("{sec}.{key}: {m}"),
+        },
+        _ => msg.to_string(),
+    }
+}
+
+/// 1-based line of `key` inside top-level `section` (block or flow style).
+fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("{section}:")))?;
+    let pattern = format!("{key}:");
+    for (i, line) in lines.iter().enumerate().skip(start) {
+        if i > start && !line.is_empty() && !line.starts_with([' ', '\t', '#']) {
+            break; // the next top-level section
+        }
+        let code = line.split(" #").next().unwrap_or(line);
+        let found = code.match_indices(&pattern).any(|(at, _)| {
+            at == 0 || matches!(code.as_bytes()[at - 1], b' ' | b'\t' | b'{' | b',')
+        });
+        if found {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// One deserializer per checked key, so that the message names the key; the parser adds the

@@ -124,7 +124,7 @@ impl ProbeSet {
         if inner.pass.is_some() {
             candle_core::bail!("cannot add probe `{name}` while a measurement is running");
         }
-        if inner.names.iter().any(|n| *n == name) {
+        if inner.names.contains(&name) {
             candle_core::bail!("a probe named `{name}` already exists in this set");
         }
         inner.names.push(name);

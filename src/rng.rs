@@ -40,7 +40,7 @@ impl SplitMix64 {
     /// Uniform integer in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for the sizes
     /// used here, far under anything a curve could show).
     pub(crate) fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 
     /// Uniform float in `[0, 1)`.

@@ -1,0 +1,629 @@
+//! The YAML configuration: defaults, errors, validation of configurations built in code, round
+//! trips, and the example file `examples/reliance.yaml`.
+
+use candle_reliance::{Clamp, Metric, RelianceConfig, SnapshotMode};
+use std::path::{Path, PathBuf};
+
+fn manifest_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Whether `msg` says `line n` (and not `line n0`, `line n1`, ...).
+fn mentions_line(msg: &str, n: usize) -> bool {
+    let needle = format!("line {n}");
+    msg.match_indices(&needle).any(|(i, _)| {
+        !msg[i + needle.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
+fn parse_err(yaml: &str) -> String {
+    match RelianceConfig::from_yaml_str(yaml) {
+        Ok(cfg) => panic!("expected an error for\n{yaml}\ngot {cfg:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn empty_and_comment_only_documents_give_the_defaults() {
+    for yaml in [
+        "",
+        "\n\n",
+        "   \n",
+        "# nothing but comments\n# stopping:\n#   patience: 5\n",
+        "---\n# an empty document\n",
+    ] {
+        let cfg = RelianceConfig::from_yaml_str(yaml)
+            .unwrap_or_else(|e| panic!("yaml {yaml:?} failed: {e}"));
+        assert_eq!(cfg, RelianceConfig::default(), "yaml {yaml:?}");
+    }
+}
+
+#[test]
+fn defaults_are_the_documented_ones() {
+    let d = RelianceConfig::default();
+    assert_eq!(d.schedule.check_every, 1);
+    assert_eq!(d.schedule.warmup_epochs, 2);
+    assert_eq!(d.schedule.max_epochs, None);
+    assert_eq!(d.data.subset_size, 1000);
+    assert_eq!(d.data.seed, 0);
+    assert_eq!(d.ablation.levels, 17);
+    assert_eq!(d.ablation.fractions, None);
+    assert_eq!(d.ablation.clamp, Clamp::Zero);
+    assert_eq!(d.ablation.repeats, 3);
+    assert_eq!(d.ablation.seed, 0);
+    assert_eq!(d.ablation.batch_size, 512);
+    assert_eq!(d.ablation.max_batch_rows, 16384);
+    assert!(!d.noise.enabled);
+    assert_eq!(d.noise.scales, None);
+    assert_eq!(d.noise.repeats, 2);
+    assert_eq!(d.noise.seed, 0);
+    assert_eq!(d.stopping.metric, Metric::NormalizedAuc);
+    assert_eq!(d.stopping.patience, 3);
+    assert_eq!(d.stopping.min_delta, 0.0);
+    assert_eq!(d.stopping.smoothing, 0.0);
+    assert!(d.restore_best.enabled);
+    assert_eq!(d.restore_best.mode, SnapshotMode::Memory);
+    assert_eq!(
+        d.restore_best.path,
+        PathBuf::from("reliance-best.safetensors")
+    );
+    assert_eq!(d.output.history_file, None);
+    assert_eq!(d.output.state_file, None);
+    d.validate().expect("the defaults are valid");
+}
+
+#[test]
+fn a_partial_file_keeps_the_other_defaults() {
+    let cfg = RelianceConfig::from_yaml_str("stopping:\n  patience: 5\nablation:\n  clamp: mean\n")
+        .unwrap();
+    let mut want = RelianceConfig::default();
+    want.stopping.patience = 5;
+    want.ablation.clamp = Clamp::Mean;
+    assert_eq!(cfg, want);
+}
+
+/// One bad input: the YAML, substrings the error must contain (the key, its section, the
+/// offending value or the rule broken), and the line of the offending key or value where the
+/// parser can know it.
+struct Bad {
+    yaml: &'static str,
+    expect: &'static [&'static str],
+    line: Option<usize>,
+}
+
+const BAD: &[Bad] = &[
+    // Range checks. The offending key is the first of its section here; see
+    // `checked_key_error_reports_the_line_of_the_key` for a key further down.
+    Bad {
+        yaml: "schedule:\n  warmup_epochs: 1\nstopping:\n  patience: 0\n",
+        expect: &["stopping", "patience", "at least 1", "0"],
+        line: Some(4),
+    },
+    Bad {
+        yaml: "ablation:\n  fractions: [0.0, 0.5, 1.5]\n",
+        expect: &["ablation", "fractions", "1.5", "[0, 1]"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "ablation:\n  fractions: [-0.25, 1.0]\n",
+        expect: &["ablation", "fractions", "-0.25"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "ablation:\n  fractions: [0.0, 0.5, 0.25, 1.0]\n",
+        expect: &["ablation", "fractions", "increasing"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "ablation:\n  fractions: [0.0, 0.5, 0.5, 1.0]\n",
+        expect: &["ablation", "fractions", "increasing"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "ablation:\n  fractions: [0.5]\n",
+        expect: &["ablation", "fractions", "at least 2"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "ablation:\n  repeats: 0\n",
+        expect: &["ablation", "repeats", "at least 1"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "noise:\n  repeats: 0\n",
+        expect: &["noise", "repeats", "at least 1"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "ablation:\n  levels: 1\n",
+        expect: &["ablation", "levels", "at least 2"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "schedule:\n  check_every: 0\n",
+        expect: &["schedule", "check_every", "at least 1"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "schedule:\n  max_epochs: 0\n",
+        expect: &["schedule", "max_epochs", "at least 1"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "noise:\n  enabled: true\n\ndata:\n  subset_size: 0\n",
+        expect: &["data", "subset_size", "at least 1"],
+        line: Some(5),
+    },
+    Bad {
+        yaml: "ablation:\n  batch_size: 0\n",
+        expect: &["ablation", "batch_size", "at least 1"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "ablation:\n  max_batch_rows: 0\n",
+        expect: &["ablation", "max_batch_rows", "at least 1"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "stopping:\n  min_delta: -0.1\n",
+        expect: &["stopping", "min_delta", "-0.1"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "stopping:\n  min_delta: .nan\n",
+        expect: &["stopping", "min_delta", "NaN"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "stopping:\n  smoothing: 1.0\n",
+        expect: &["stopping", "smoothing", "[0, 1)"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "stopping:\n  smoothing: -0.5\n",
+        expect: &["stopping", "smoothing", "-0.5"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "noise:\n  scales: [0.0, 1.0]\n",
+        expect: &["noise", "scales", "positive"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "noise:\n  scales: [-1.0, 1.0]\n",
+        expect: &["noise", "scales", "-1"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "noise:\n  scales: [2.0, 1.0]\n",
+        expect: &["noise", "scales", "increasing"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "noise:\n  scales: [0.1]\n",
+        expect: &["noise", "scales", "at least 2"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "restore_best:\n  path: ''\n  mode: disk\n",
+        expect: &["restore_best", "path", "empty"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "output:\n  history_file: ''\n",
+        expect: &["output", "history_file", "empty"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "output:\n  state_file: ''\n",
+        expect: &["output", "state_file", "empty"],
+        line: Some(2),
+    },
+    // Unknown keys and variants.
+    Bad {
+        // The parser does not give a line for an unknown top-level key.
+        yaml: "stoping:\n  patience: 2\n",
+        expect: &["stoping", "stopping"],
+        line: None,
+    },
+    Bad {
+        yaml: "ablation:\n  levels: 17\n  bogus: 1\n",
+        expect: &["ablation", "bogus"],
+        line: Some(3),
+    },
+    Bad {
+        yaml: "stopping:\n  metric: auc\n  patiense: 4\n",
+        expect: &["stopping", "patiense", "patience"],
+        line: Some(3),
+    },
+    Bad {
+        yaml: "ablation:\n  levels: 3\n  clamp: median\n",
+        expect: &["ablation", "clamp", "median", "zero", "mean"],
+        line: Some(3),
+    },
+    Bad {
+        yaml: "stopping:\n  patience: 2\n  metric: accuracy\n",
+        expect: &["stopping", "metric", "accuracy", "normalized_auc"],
+        line: Some(3),
+    },
+    Bad {
+        yaml: "restore_best:\n  enabled: true\n  mode: cloud\n",
+        expect: &["restore_best", "mode", "cloud", "memory", "disk"],
+        line: Some(3),
+    },
+    // Wrong types.
+    Bad {
+        yaml: "schedule:\n  check_every: two\n",
+        expect: &["schedule", "check_every", "two"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "stopping:\n  metric: auc\n  patience: -1\n",
+        expect: &["stopping", "patience", "-1"],
+        line: Some(3),
+    },
+    Bad {
+        yaml: "data:\n  seed: 1.5\n",
+        expect: &["data", "seed", "1.5"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "noise:\n  enabled: maybe\n",
+        expect: &["noise", "enabled", "maybe"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "output:\n  history_file: []\n",
+        expect: &["output", "history_file", "sequence"],
+        line: Some(2),
+    },
+    // A section given as something other than a mapping.
+    Bad {
+        yaml: "data:\n  seed: 1\nstopping: 3\n",
+        expect: &["stopping", "3"],
+        line: Some(3),
+    },
+    Bad {
+        yaml: "schedule:\n  - 1\n",
+        expect: &["schedule", "sequence"],
+        line: Some(2),
+    },
+    // Not YAML: the list opened on line 2 is never closed.
+    Bad {
+        yaml: "stopping:\n  patience: [1, 2\n",
+        expect: &["]"],
+        line: Some(2),
+    },
+];
+
+#[test]
+fn bad_inputs_name_the_key_and_the_line() {
+    assert!(BAD.len() >= 18);
+    let mut failures = Vec::new();
+    for (i, case) in BAD.iter().enumerate() {
+        let msg = parse_err(case.yaml);
+        let missing: Vec<&str> = case
+            .expect
+            .iter()
+            .copied()
+            .filter(|s| !msg.contains(s))
+            .collect();
+        let line_ok = !matches!(case.line, Some(n) if !mentions_line(&msg, n));
+        if !missing.is_empty() || !line_ok {
+            failures.push(format!(
+                "case {i}:\n--- yaml ---\n{}--- error ---\n{msg}\n--- missing: {missing:?}{}",
+                case.yaml,
+                match case.line {
+                    Some(n) if !line_ok => format!(", line {n}"),
+                    _ => String::new(),
+                }
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+}
+
+#[test]
+fn errors_start_with_the_same_prefix() {
+    for case in BAD {
+        let msg = parse_err(case.yaml);
+        assert!(
+            msg.starts_with("reliance config: "),
+            "yaml:\n{}error: {msg}",
+            case.yaml
+        );
+    }
+}
+
+/// A range check on a key that is not the first of its section should give that key's line.
+#[test]
+fn checked_key_error_reports_the_line_of_the_key() {
+    for (yaml, line) in [
+        ("stopping:\n  metric: auc\n  patience: 0\n", 3),
+        ("restore_best:\n  mode: disk\n  path: ''\n", 3),
+        ("stopping:\n  metric: auc\n\n\n  smoothing: 1.0\n", 5),
+    ] {
+        let msg = parse_err(yaml);
+        assert!(mentions_line(&msg, line), "yaml:\n{yaml}error: {msg}");
+    }
+}
+
+/// Range-check errors name the dotted key path, like type errors do.
+#[test]
+fn checked_key_error_names_the_dotted_path() {
+    let msg = parse_err("stopping:\n  patience: 0\n");
+    assert!(msg.contains("stopping.patience"), "{msg}");
+}
+
+#[test]
+fn validate_names_the_bad_key_of_a_config_built_in_code() {
+    type Edit = fn(&mut RelianceConfig);
+    let cases: &[(&str, Edit)] = &[
+        ("stopping.patience", |c| c.stopping.patience = 0),
+        ("stopping.min_delta", |c| c.stopping.min_delta = -1.0),
+        ("stopping.min_delta", |c| c.stopping.min_delta = f64::NAN),
+        ("stopping.smoothing", |c| c.stopping.smoothing = 1.0),
+        ("schedule.check_every", |c| c.schedule.check_every = 0),
+        ("schedule.max_epochs", |c| c.schedule.max_epochs = Some(0)),
+        ("data.subset_size", |c| c.data.subset_size = 0),
+        ("ablation.levels", |c| c.ablation.levels = 1),
+        ("ablation.fractions", |c| {
+            c.ablation.fractions = Some(vec![0.0, 2.0])
+        }),
+        ("ablation.repeats", |c| c.ablation.repeats = 0),
+        ("ablation.batch_size", |c| c.ablation.batch_size = 0),
+        ("ablation.max_batch_rows", |c| c.ablation.max_batch_rows = 0),
+        ("noise.scales", |c| c.noise.scales = Some(vec![1.0, 0.5])),
+        ("noise.repeats", |c| c.noise.repeats = 0),
+        ("restore_best.path", |c| {
+            c.restore_best.mode = SnapshotMode::Disk;
+            c.restore_best.path = PathBuf::new();
+        }),
+    ];
+    for (key, edit) in cases {
+        let mut cfg = RelianceConfig::default();
+        edit(&mut cfg);
+        let msg = match cfg.validate() {
+            Ok(()) => panic!("expected an error naming {key} for {cfg:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg.contains(key), "expected {key} in: {msg}");
+    }
+}
+
+#[test]
+fn validate_accepts_a_good_config_built_in_code() {
+    let mut cfg = RelianceConfig::default();
+    cfg.stopping.patience = 1;
+    cfg.stopping.smoothing = 0.9;
+    cfg.ablation.fractions = Some(vec![0.0, 0.5, 1.0]);
+    cfg.noise.scales = Some(vec![0.1, 1.0]);
+    cfg.restore_best.mode = SnapshotMode::Disk;
+    cfg.validate().unwrap();
+    // An empty path is rejected whatever the mode, as when parsing.
+    cfg.restore_best.mode = SnapshotMode::Memory;
+    cfg.restore_best.path = PathBuf::new();
+    let msg = cfg.validate().unwrap_err().to_string();
+    assert!(msg.contains("restore_best.path"), "{msg}");
+}
+
+const EVERY_KEY: &str = "\
+schedule:
+  check_every: 2
+  warmup_epochs: 5
+  max_epochs: 40
+data:
+  subset_size: 256
+  seed: 7
+ablation:
+  levels: 9
+  fractions: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+  clamp: mean
+  repeats: 5
+  seed: 11
+  batch_size: 128
+  max_batch_rows: 4096
+noise:
+  enabled: true
+  scales: [0.01, 0.1, 1.0, 10.0]
+  repeats: 4
+  seed: 13
+stopping:
+  metric: auc
+  patience: 6
+  min_delta: 0.001
+  smoothing: 0.5
+restore_best:
+  enabled: false
+  mode: disk
+  path: runs/best.safetensors
+output:
+  history_file: runs/history.jsonl
+  state_file: runs/state.json
+";
+
+#[test]
+fn a_file_setting_every_key_round_trips() {
+    let cfg = RelianceConfig::from_yaml_str(EVERY_KEY).unwrap();
+    assert_eq!(cfg.schedule.check_every, 2);
+    assert_eq!(cfg.schedule.warmup_epochs, 5);
+    assert_eq!(cfg.schedule.max_epochs, Some(40));
+    assert_eq!(cfg.data.subset_size, 256);
+    assert_eq!(cfg.data.seed, 7);
+    assert_eq!(cfg.ablation.levels, 9);
+    assert_eq!(
+        cfg.ablation.fractions.as_deref(),
+        Some(&[0.0, 0.1, 0.25, 0.5, 0.75, 1.0][..])
+    );
+    assert_eq!(cfg.ablation.clamp, Clamp::Mean);
+    assert_eq!(cfg.ablation.repeats, 5);
+    assert_eq!(cfg.ablation.seed, 11);
+    assert_eq!(cfg.ablation.batch_size, 128);
+    assert_eq!(cfg.ablation.max_batch_rows, 4096);
+    assert!(cfg.noise.enabled);
+    assert_eq!(
+        cfg.noise.scales.as_deref(),
+        Some(&[0.01, 0.1, 1.0, 10.0][..])
+    );
+    assert_eq!(cfg.noise.repeats, 4);
+    assert_eq!(cfg.noise.seed, 13);
+    assert_eq!(cfg.stopping.metric, Metric::Auc);
+    assert_eq!(cfg.stopping.patience, 6);
+    assert_eq!(cfg.stopping.min_delta, 0.001);
+    assert_eq!(cfg.stopping.smoothing, 0.5);
+    assert!(!cfg.restore_best.enabled);
+    assert_eq!(cfg.restore_best.mode, SnapshotMode::Disk);
+    assert_eq!(
+        cfg.restore_best.path,
+        PathBuf::from("runs/best.safetensors")
+    );
+    assert_eq!(
+        cfg.output.history_file,
+        Some(PathBuf::from("runs/history.jsonl"))
+    );
+    assert_eq!(
+        cfg.output.state_file,
+        Some(PathBuf::from("runs/state.json"))
+    );
+
+    let yaml = cfg.to_yaml_string().unwrap();
+    let back = RelianceConfig::from_yaml_str(&yaml)
+        .unwrap_or_else(|e| panic!("re-parsing failed: {e}\n{yaml}"));
+    assert_eq!(back, cfg, "\n{yaml}");
+}
+
+#[test]
+fn the_defaults_round_trip() {
+    let d = RelianceConfig::default();
+    let yaml = d.to_yaml_string().unwrap();
+    assert_eq!(RelianceConfig::from_yaml_str(&yaml).unwrap(), d, "\n{yaml}");
+}
+
+/// Section → keys, from a YAML mapping of mappings.
+fn keys_of(yaml: &str) -> Vec<(String, Vec<String>)> {
+    let v: serde_norway::Value = serde_norway::from_str(yaml).unwrap();
+    let top = v.as_mapping().expect("a mapping");
+    top.iter()
+        .map(|(section, body)| {
+            let keys = body
+                .as_mapping()
+                .unwrap_or_else(|| panic!("section {section:?} is not a mapping"))
+                .keys()
+                .map(|k| k.as_str().unwrap().to_string())
+                .collect();
+            (section.as_str().unwrap().to_string(), keys)
+        })
+        .collect()
+}
+
+fn example_text() -> String {
+    let path = manifest_path("examples/reliance.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn the_example_file_shows_every_key_in_order() {
+    let all = keys_of(&RelianceConfig::default().to_yaml_string().unwrap());
+    let example = keys_of(&example_text());
+    assert_eq!(example, all);
+}
+
+#[test]
+fn the_example_file_differs_from_the_defaults_only_in_its_output_files() {
+    let cfg = RelianceConfig::from_yaml_file(manifest_path("examples/reliance.yaml")).unwrap();
+    assert_eq!(
+        cfg.output.history_file,
+        Some(PathBuf::from("reliance-out/history.jsonl"))
+    );
+    assert_eq!(
+        cfg.output.state_file,
+        Some(PathBuf::from("reliance-out/state.json"))
+    );
+    assert_eq!(cfg.stopping.patience, 3);
+    assert_eq!(cfg.stopping.metric, Metric::NormalizedAuc);
+    assert_eq!(cfg.ablation.levels, 17);
+    assert_eq!(cfg.restore_best.mode, SnapshotMode::Memory);
+
+    let mut want = RelianceConfig::default();
+    want.output.history_file = Some("reliance-out/history.jsonl".into());
+    want.output.state_file = Some("reliance-out/state.json".into());
+    assert_eq!(cfg, want);
+}
+
+#[test]
+fn the_documentation_mentions_every_key() {
+    let path = manifest_path("docs/configuration.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for (section, keys) in keys_of(&RelianceConfig::default().to_yaml_string().unwrap()) {
+        assert!(doc.contains(&format!("`{section}:`")), "section {section}");
+        for key in keys {
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "{section}.{key} has no table row"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_missing_file_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-reliance.yaml");
+    let msg = RelianceConfig::from_yaml_file(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+}
+
+#[test]
+fn a_bad_file_is_an_error_naming_the_path_the_key_and_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "# comment\nstopping:\n  patience: 0\n").unwrap();
+    let msg = RelianceConfig::from_yaml_file(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(msg.contains("patience"), "{msg}");
+    assert!(mentions_line(&msg, 3), "{msg}");
+}
+
+#[test]
+fn a_good_file_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("good.yaml");
+    std::fs::write(&path, EVERY_KEY).unwrap();
+    assert_eq!(
+        RelianceConfig::from_yaml_file(&path).unwrap(),
+        RelianceConfig::from_yaml_str(EVERY_KEY).unwrap()
+    );
+}
+
+#[test]
+fn the_schedule_counts_epochs_from_one() {
+    let sched = |check_every, warmup_epochs| {
+        let mut cfg = RelianceConfig::default();
+        cfg.schedule.check_every = check_every;
+        cfg.schedule.warmup_epochs = warmup_epochs;
+        (1..=10)
+            .filter(|&e| cfg.schedule.is_check_epoch(e))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sched(1, 2), [2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    assert_eq!(sched(3, 2), [2, 5, 8]);
+    assert_eq!(sched(2, 1), [1, 3, 5, 7, 9]);
+    // No epoch 0: a warmup of 0 behaves as 1.
+    assert_eq!(sched(2, 0), [1, 3, 5, 7, 9]);
+}
+
+#[test]
+fn a_section_header_with_nothing_under_it_gives_that_sections_defaults() {
+    let cfg =
+        RelianceConfig::from_yaml_str("noise:\n  # enabled: true\nstopping:\n  patience: 4\n")
+            .unwrap();
+    assert_eq!(cfg.noise, RelianceConfig::default().noise);
+    assert_eq!(cfg.stopping.patience, 4);
+}
