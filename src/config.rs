@@ -122,9 +122,10 @@ pub struct AblationConfig {
     /// Samples per forward of the statistics pass (≥ 1). Default 512.
     #[serde(deserialize_with = "batch_size_key")]
     pub batch_size: usize,
-    /// Most rows (levels × samples) in one expanded forward (≥ 1). Default 16384.
+    /// Most rows (levels × samples) in one expanded forward (≥ 1). Default `None`: chosen from
+    /// the device and the widest activation ([`crate::auto_batch_rows`]).
     #[serde(deserialize_with = "max_batch_rows_key")]
-    pub max_batch_rows: usize,
+    pub max_batch_rows: Option<usize>,
 }
 
 impl Default for AblationConfig {
@@ -136,7 +137,7 @@ impl Default for AblationConfig {
             repeats: 3,
             seed: 0,
             batch_size: 512,
-            max_batch_rows: 16384,
+            max_batch_rows: None,
         }
     }
 }
@@ -369,7 +370,9 @@ impl RelianceConfig {
             ),
             (
                 "ablation.max_batch_rows",
-                check_at_least(self.ablation.max_batch_rows, 1),
+                self.ablation
+                    .max_batch_rows
+                    .map_or(Ok(()), |v| check_at_least(v, 1)),
             ),
             (
                 "noise.scales",
@@ -534,9 +537,12 @@ checked_key!(repeats_key, "repeats", usize, |v: &usize| check_at_least(
 checked_key!(batch_size_key, "batch_size", usize, |v: &usize| {
     check_at_least(*v, 1)
 });
-checked_key!(max_batch_rows_key, "max_batch_rows", usize, |v: &usize| {
-    check_at_least(*v, 1)
-});
+checked_key!(
+    max_batch_rows_key,
+    "max_batch_rows",
+    Option<usize>,
+    |v: &Option<usize>| v.map_or(Ok(()), |v| check_at_least(v, 1))
+);
 checked_key!(scales_key, "scales", Option<Vec<f64>>, |v: &Option<
     Vec<f64>,
 >| v

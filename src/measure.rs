@@ -16,6 +16,8 @@ pub struct ProbeUnits {
     pub offset: usize,
     /// Number of units (features of a dense layer, channels of a convolution).
     pub units: usize,
+    /// Positions per unit and sample: 1 for a dense layer, `H·W` for a feature map.
+    pub positions: usize,
     /// Mean activation per unit (over samples, and positions for a feature map).
     pub mean: Vec<f64>,
     /// Population standard deviation per unit, over the same values as `mean`.
@@ -44,6 +46,15 @@ impl UnitStatistics {
     /// Units across all probes.
     pub fn total_units(&self) -> usize {
         self.probes.iter().map(|p| p.units).sum()
+    }
+
+    /// The most values one sample has at a single probe (units × positions).
+    pub fn widest_sample(&self) -> usize {
+        self.probes
+            .iter()
+            .map(|p| p.units * p.positions)
+            .max()
+            .unwrap_or(1)
     }
 }
 
@@ -101,10 +112,12 @@ pub fn unit_statistics(
             .zip(&mean)
             .map(|(q, m)| (q / c - m * m).max(0.0).sqrt())
             .collect();
+        let positions = (s.count as usize / (n * s.units.max(1))).max(1);
         out.push(ProbeUnits {
             name,
             offset,
             units: s.units,
+            positions,
             mean,
             std,
         });

@@ -2,6 +2,7 @@
 //! with standard deviation `scale × σ_unit` (σ over the probe data), for growing scales
 //! (Morcos et al. 2018, Fig. 1b).
 
+use crate::ablation::auto_batch_rows;
 use crate::curve::summarize;
 use crate::measure::{evaluate_levels, unit_statistics, UnitStatistics};
 use crate::probe::{Action, ProbeSet};
@@ -21,8 +22,8 @@ pub struct NoiseSpec {
     pub seed: u64,
     /// Samples per forward of the statistics pass; default 512.
     pub batch_size: usize,
-    /// Bound on rows per expanded forward; default 16384.
-    pub max_batch_rows: usize,
+    /// Bound on rows per expanded forward; `None` (default): see [`auto_batch_rows`].
+    pub max_batch_rows: Option<usize>,
     /// Evaluate all scales in one expanded pass (default).
     pub batched: bool,
 }
@@ -34,7 +35,7 @@ impl Default for NoiseSpec {
             repeats: 2,
             seed: 0,
             batch_size: 512,
-            max_batch_rows: 16384,
+            max_batch_rows: None,
             batched: true,
         }
     }
@@ -55,7 +56,7 @@ impl NoiseSpec {
         if self.repeats == 0 {
             candle_core::bail!("noise repeats must be at least 1");
         }
-        if self.batch_size == 0 || self.max_batch_rows == 0 {
+        if self.batch_size == 0 || self.max_batch_rows == Some(0) {
             candle_core::bail!("batch_size and max_batch_rows must be at least 1");
         }
         Ok(())
@@ -173,7 +174,8 @@ pub fn noise_curve_with_stats(
         probes,
         data,
         levels,
-        spec.max_batch_rows,
+        spec.max_batch_rows
+            .unwrap_or_else(|| auto_batch_rows(data.xs().device(), stats.widest_sample())),
         spec.batched,
         &make_action,
     )?;

@@ -55,7 +55,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(d.ablation.repeats, 3);
     assert_eq!(d.ablation.seed, 0);
     assert_eq!(d.ablation.batch_size, 512);
-    assert_eq!(d.ablation.max_batch_rows, 16384);
+    assert_eq!(d.ablation.max_batch_rows, None);
     assert!(!d.noise.enabled);
     assert_eq!(d.noise.scales, None);
     assert_eq!(d.noise.repeats, 2);
@@ -375,7 +375,9 @@ fn validate_names_the_bad_key_of_a_config_built_in_code() {
         }),
         ("ablation.repeats", |c| c.ablation.repeats = 0),
         ("ablation.batch_size", |c| c.ablation.batch_size = 0),
-        ("ablation.max_batch_rows", |c| c.ablation.max_batch_rows = 0),
+        ("ablation.max_batch_rows", |c| {
+            c.ablation.max_batch_rows = Some(0)
+        }),
         ("noise.scales", |c| c.noise.scales = Some(vec![1.0, 0.5])),
         ("noise.repeats", |c| c.noise.repeats = 0),
         ("restore_best.path", |c| {
@@ -462,7 +464,7 @@ fn a_file_setting_every_key_round_trips() {
     assert_eq!(cfg.ablation.repeats, 5);
     assert_eq!(cfg.ablation.seed, 11);
     assert_eq!(cfg.ablation.batch_size, 128);
-    assert_eq!(cfg.ablation.max_batch_rows, 4096);
+    assert_eq!(cfg.ablation.max_batch_rows, Some(4096));
     assert!(cfg.noise.enabled);
     assert_eq!(
         cfg.noise.scales.as_deref(),

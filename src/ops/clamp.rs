@@ -26,25 +26,51 @@ impl LevelClamp {
         let per_level = if self.expand { rows } else { rows / l };
         let row_len = units * inner;
         let out_dims = output_dims(dims, l, self.expand);
-        let mut out = vec![T::zero(); per_level * l * row_len];
-        if row_len > 0 {
-            out.par_chunks_mut(row_len)
+        let total = per_level * l * row_len;
+        // Every element is written below; skipping the zero fill saves a pass over the output.
+        let mut out: Vec<T> = Vec::with_capacity(total);
+        // Tasks of ~64 KiB of output: enough to split across threads, few enough that task
+        // overhead stays small next to the copying. (No task at all for zero-width rows.)
+        if let Some(rows_per_task) = 16384usize.checked_div(row_len) {
+            let rows_per_task = rows_per_task.max(1);
+            out.spare_capacity_mut()[..total]
+                .par_chunks_mut(row_len * rows_per_task)
                 .enumerate()
-                .for_each(|(row, dst)| {
-                    let level = row / per_level;
-                    let src_row = if self.expand { row % per_level } else { row };
-                    let src = &x[src_row * row_len..(src_row + 1) * row_len];
-                    let keep = &keep[level * units..(level + 1) * units];
-                    for u in 0..units {
-                        let d = &mut dst[u * inner..(u + 1) * inner];
-                        if keep[u] != 0 {
-                            d.copy_from_slice(&src[u * inner..(u + 1) * inner]);
+                .for_each(|(task, block)| {
+                    for (i, dst) in block.chunks_mut(row_len).enumerate() {
+                        let row = task * rows_per_task + i;
+                        let level = row / per_level;
+                        let src_row = if self.expand { row % per_level } else { row };
+                        let src = &x[src_row * row_len..(src_row + 1) * row_len];
+                        let keep = &keep[level * units..(level + 1) * units];
+                        if inner == 1 {
+                            // Dense activations: a branch-free select the compiler vectorizes.
+                            for (((d, &s), &k), &v) in dst.iter_mut().zip(src).zip(keep).zip(values)
+                            {
+                                d.write(if k != 0 { s } else { v });
+                            }
                         } else {
-                            d.fill(values[u]);
+                            for u in 0..units {
+                                let d = &mut dst[u * inner..(u + 1) * inner];
+                                if keep[u] != 0 {
+                                    for (d, &s) in
+                                        d.iter_mut().zip(&src[u * inner..(u + 1) * inner])
+                                    {
+                                        d.write(s);
+                                    }
+                                } else {
+                                    d.iter_mut().for_each(|d| {
+                                        d.write(values[u]);
+                                    });
+                                }
+                            }
                         }
                     }
                 });
         }
+        // SAFETY: the loop above wrote all `total` elements: the row blocks tile `0..total`
+        // and each row writes every one of its `row_len` elements.
+        unsafe { out.set_len(total) };
         Ok((T::to_cpu_storage_owned(out), Shape::from_dims(&out_dims)))
     }
 }

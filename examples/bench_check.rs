@@ -1,0 +1,136 @@
+//! Cost of one reliance check, batched versus one forward per level, against the matrix
+//! products any implementation must run. Prints one JSON line.
+//!
+//! MLP 784-256-256-10, 2000 samples, 17 fractions (i/16), 5 random orders, zero clamp.
+//! ```text
+//! cargo run --release --example bench_check [-- --reps 5]
+//! ```
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{linear, Linear, VarBuilder, VarMap};
+use candle_reliance::{
+    ablation_curve, AblationOrder, AblationSpec, Clamp, Probe, ProbeData, ProbeSet,
+};
+use std::time::Instant;
+
+struct Mlp {
+    l1: Linear,
+    l2: Linear,
+    l3: Linear,
+    p1: Probe,
+    p2: Probe,
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.p1.forward(&self.l1.forward(xs)?.relu()?)?;
+        let h = self.p2.forward(&self.l2.forward(&h)?.relu()?)?;
+        self.l3.forward(&h)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    f()?; // warm-up: allocations, thread pools
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+fn main() -> Result<()> {
+    let reps: usize = std::env::args()
+        .skip_while(|a| a != "--reps")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let (n, d_in, hidden, classes) = (2000, 784, 256, 10);
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let probes = ProbeSet::new();
+    let model = Mlp {
+        l1: linear(d_in, hidden, vb.pp("l1"))?,
+        l2: linear(hidden, hidden, vb.pp("l2"))?,
+        l3: linear(hidden, classes, vb.pp("l3"))?,
+        p1: probes.add("l1")?,
+        p2: probes.add("l2")?,
+    };
+    let xs = Tensor::rand(0f32, 1.0, (n, d_in), &dev)?;
+    let ys = model.forward(&xs)?.argmax(1)?;
+    let data = ProbeData::new(xs.clone(), ys)?;
+    let spec = AblationSpec::default()
+        .with_fractions((0..=16).map(|i| i as f64 / 16.0).collect())
+        .with_order(AblationOrder::Random {
+            repeats: 5,
+            seed: 0,
+        })
+        .with_clamp(Clamp::Zero);
+
+    let batched = time(reps, || ablation_curve(&model, &probes, &data, &spec))?;
+    let per_level = time(reps.min(3), || {
+        ablation_curve(&model, &probes, &data, &spec.clone().with_batched(false))
+    })?;
+
+    // The products no implementation can skip: the first layer once per sample, the later
+    // layers once per (distinct mask, sample). Nothing and everything ablated are shared by the
+    // orders: 5 · 15 + 2 masks.
+    let masks = 5 * 15 + 2;
+    let w1 = Tensor::rand(0f32, 1.0, (d_in, hidden), &dev)?;
+    let w2 = Tensor::rand(0f32, 1.0, (hidden, hidden), &dev)?;
+    let w3 = Tensor::rand(0f32, 1.0, (hidden, classes), &dev)?;
+    let h = Tensor::rand(0f32, 1.0, (masks * n, hidden), &dev)?;
+    let whole = time(reps, || {
+        xs.matmul(&w1)?;
+        h.matmul(&w2)?;
+        h.matmul(&w3)
+    })?;
+    // The same products in blocks of the rows the batched pass uses: faster on CPU, where the
+    // outputs then stay in cache. The baseline is the faster of the two.
+    let rows = candle_reliance::auto_batch_rows(&dev, hidden);
+    let blocked = time(reps, || {
+        xs.matmul(&w1)?;
+        for start in (0..masks * n).step_by(rows) {
+            let hb = h.narrow(0, start, rows.min(masks * n - start))?;
+            hb.matmul(&w2)?;
+            hb.matmul(&w3)?;
+        }
+        Ok(())
+    })?;
+    let matmul = whole.min(blocked);
+    // The model's own forward over the same rows (bias adds and ReLUs included, probes idle):
+    // what any implementation that runs the unmodified model pays.
+    let model_forward = time(reps, || {
+        model.l1.forward(&xs)?.relu()?;
+        for start in (0..masks * n).step_by(rows) {
+            let hb = h.narrow(0, start, rows.min(masks * n - start))?;
+            model.l3.forward(&model.l2.forward(&hb)?.relu()?)?;
+        }
+        Ok(())
+    })?;
+
+    println!(
+        "{{\"bench\":\"ablation_check\",\"model\":\"mlp-784-256-256-10\",\"samples\":{n},\"fractions\":17,\
+         \"orders\":5,\"clamp\":\"zero\",\"distinct_masks\":{masks},\"threads\":{threads},\"reps\":{reps},\
+         \"batched_s\":{batched:.4},\"per_level_s\":{per_level:.4},\"speedup\":{speedup:.2},\
+         \"batch_rows\":{rows},\"matmul_whole_s\":{whole:.4},\"matmul_blocked_s\":{blocked:.4},\"unavoidable_matmul_s\":{matmul:.4},\"batched_over_matmul\":{ratio:.3},\"model_forward_s\":{model_forward:.4},\"batched_over_model_forward\":{ratio_fwd:.3},\"target_batched_over_matmul\":1.5}}",
+        threads = rayon_threads(),
+        speedup = per_level / batched,
+        ratio = batched / matmul,
+        ratio_fwd = batched / model_forward,
+    );
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
