@@ -279,17 +279,7 @@ pub fn ablation_curve_with_stats(
         }
     }
     let device = data.xs().device().clone();
-    let values: Vec<Tensor> = stats
-        .probes
-        .iter()
-        .map(|p| match spec.clamp {
-            Clamp::Zero => Tensor::zeros(p.units, candle_core::DType::F32, &device),
-            Clamp::Mean => {
-                let m: Vec<f32> = p.mean.iter().map(|&v| v as f32).collect();
-                Tensor::from_vec(m, p.units, &device)
-            }
-        })
-        .collect::<Result<_>>()?;
+    let values = clamp_values(stats, spec.clamp, &device)?;
     let make_action = |range: std::ops::Range<usize>| -> Result<Action> {
         let keep = stats
             .probes
@@ -342,6 +332,77 @@ pub fn ablation_curve_with_stats(
         finite: stats.finite,
         batched: spec.batched && run.fallback.is_none(),
     })
+}
+
+/// Per probe, the value each unit is clamped to.
+fn clamp_values(
+    stats: &UnitStatistics,
+    clamp: Clamp,
+    device: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
+    stats
+        .probes
+        .iter()
+        .map(|p| match clamp {
+            Clamp::Zero => Tensor::zeros(p.units, candle_core::DType::F32, device),
+            Clamp::Mean => {
+                let m: Vec<f32> = p.mean.iter().map(|&v| v as f32).collect();
+                Tensor::from_vec(m, p.units, device)
+            }
+        })
+        .collect()
+}
+
+/// Accuracy on `data` with each given set of units clamped: entry `i` of the result is the
+/// accuracy with the global units `clamped[i]` clamped (an empty set is the unablated accuracy).
+/// All sets run batched like the curve. `stats` must come from [`unit_statistics`] on the same
+/// model and data; `max_batch_rows` as in [`AblationSpec`].
+///
+/// This is the primitive behind single-unit importance (one set per unit) and any custom
+/// ablation schedule.
+pub fn ablation_accuracies(
+    model: &impl Module,
+    probes: &ProbeSet,
+    data: &ProbeData,
+    stats: &UnitStatistics,
+    clamped: &[Vec<usize>],
+    clamp: Clamp,
+    max_batch_rows: Option<usize>,
+) -> Result<Vec<f64>> {
+    let total = stats.total_units();
+    if let Some(u) = clamped.iter().flatten().find(|&&u| u >= total) {
+        candle_core::bail!("ablation_accuracies: unit {u} is out of range (0..{total})");
+    }
+    if clamped.is_empty() {
+        return Ok(vec![]);
+    }
+    let device = data.xs().device().clone();
+    let values = clamp_values(stats, clamp, &device)?;
+    let make_action = |range: std::ops::Range<usize>| -> Result<Action> {
+        let keep = stats
+            .probes
+            .iter()
+            .map(|p| {
+                let mut k = vec![1u8; range.len() * p.units];
+                for (row, set) in clamped[range.clone()].iter().enumerate() {
+                    for &u in set {
+                        if (p.offset..p.offset + p.units).contains(&u) {
+                            k[row * p.units + u - p.offset] = 0;
+                        }
+                    }
+                }
+                Tensor::from_vec(k, (range.len(), p.units), &device)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Action::Clamp {
+            keep,
+            values: values.clone(),
+        })
+    };
+    let rows = max_batch_rows.unwrap_or_else(|| auto_batch_rows(&device, stats.widest_sample()));
+    let run = evaluate_levels(model, probes, data, clamped.len(), rows, true, &make_action)?;
+    let n = data.len() as f64;
+    Ok(run.correct.iter().map(|&c| c as f64 / n).collect())
 }
 
 fn orders(order: &AblationOrder, total: usize) -> Result<Vec<Vec<usize>>> {

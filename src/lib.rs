@@ -16,8 +16,8 @@ mod rng;
 mod stopping;
 
 pub use ablation::{
-    ablation_curve, ablation_curve_with_stats, auto_batch_rows, evenly_spaced_fractions,
-    AblationCurve, AblationOrder, AblationSpec, Clamp,
+    ablation_accuracies, ablation_curve, ablation_curve_with_stats, auto_batch_rows,
+    evenly_spaced_fractions, AblationCurve, AblationOrder, AblationSpec, Clamp,
 };
 pub use config::{
     AblationConfig, DataConfig, NoiseConfig, OutputConfig, RelianceConfig, RestoreBestConfig,

@@ -22,6 +22,10 @@ pub struct ProbeUnits {
     pub mean: Vec<f64>,
     /// Population standard deviation per unit, over the same values as `mean`.
     pub std: Vec<f64>,
+    /// Class-conditional mean activity: `class_mean[class][unit]` is the unit's mean over the
+    /// samples of that class (for a feature map, of its mean over positions); NaN for a class
+    /// with no samples.
+    pub class_mean: Vec<Vec<f64>>,
 }
 
 /// Per-unit statistics at every probe and the unablated accuracy, from one forward pass over the
@@ -38,6 +42,8 @@ pub struct UnitStatistics {
     pub finite: bool,
     /// Number of samples.
     pub samples: usize,
+    /// Samples per class label (`0..=max label`).
+    pub class_counts: Vec<u64>,
     /// Index of the probe the forward pass reaches first (it expands batched measurements).
     pub first_probe: usize,
 }
@@ -71,10 +77,24 @@ pub fn unit_statistics(
     }
     let guard = probes.begin(Action::Stats, 1, false)?;
     let n = data.len();
+    let label_classes = data
+        .label_values()
+        .iter()
+        .max()
+        .map_or(0, |&m| m as usize + 1);
+    let mut class_counts = vec![0u64; label_classes];
+    data.label_values()
+        .iter()
+        .for_each(|&l| class_counts[l as usize] += 1);
     let (mut correct, mut classes, mut finite, mut first_probe) = (0u64, 0usize, true, 0usize);
     for start in (0..n).step_by(batch_size) {
         let (xs, labels) = data.chunk(start, batch_size)?;
-        guard.start_forward(start, n)?;
+        let chunk_labels = &data.label_values()[start..start + xs.dim(0)?];
+        guard.start_forward_labelled(
+            start,
+            n,
+            Some(one_hot(chunk_labels, label_classes, xs.device())?),
+        )?;
         let logits = model.forward(&xs)?;
         guard.finish_forward()?;
         let (rows, c) = logits_dims(&logits)?;
@@ -113,6 +133,20 @@ pub fn unit_statistics(
             .map(|(q, m)| (q / c - m * m).max(0.0).sqrt())
             .collect();
         let positions = (s.count as usize / (n * s.units.max(1))).max(1);
+        let class_mean = (0..label_classes)
+            .map(|c| {
+                let k = class_counts[c];
+                (0..s.units)
+                    .map(|u| {
+                        if k == 0 {
+                            f64::NAN
+                        } else {
+                            s.class_sum[c * s.units + u] / k as f64
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
         out.push(ProbeUnits {
             name,
             offset,
@@ -120,6 +154,7 @@ pub fn unit_statistics(
             positions,
             mean,
             std,
+            class_mean,
         });
         offset += s.units;
     }
@@ -129,8 +164,18 @@ pub fn unit_statistics(
         classes,
         finite,
         samples: n,
+        class_counts,
         first_probe,
     })
+}
+
+fn one_hot(labels: &[u32], classes: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mut v = vec![0f64; labels.len() * classes];
+    labels
+        .iter()
+        .enumerate()
+        .for_each(|(i, &l)| v[i * classes + l as usize] = 1.0);
+    Tensor::from_vec(v, (labels.len(), classes), device)
 }
 
 fn logits_dims(logits: &Tensor) -> Result<(usize, usize)> {

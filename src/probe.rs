@@ -73,6 +73,9 @@ pub(crate) struct UnitSums {
     pub count: u64,
     pub sum: Vec<f64>,
     pub sum_sq: Vec<f64>,
+    /// Per class, per unit: sum over samples of the unit's activation (averaged over positions
+    /// for a feature map), laid out `[class · units + unit]`.
+    pub class_sum: Vec<f64>,
 }
 
 /// What the probes do during the current forward pass.
@@ -103,6 +106,8 @@ pub(crate) struct Pass {
     pub call_order: Vec<usize>,
     pub sample_offset: usize,
     pub total_samples: usize,
+    /// One-hot labels `(rows, classes)` f64 of the current chunk, for per-class sums.
+    pub one_hot: Option<Tensor>,
     // Accumulated over a pass:
     pub sums: Vec<Option<UnitSums>>,
 }
@@ -179,6 +184,7 @@ impl ProbeSet {
             call_order: Vec::with_capacity(n),
             sample_offset: 0,
             total_samples: 0,
+            one_hot: None,
             sums: vec![None; n],
         });
         self.shared.active.store(true, Ordering::Release);
@@ -201,7 +207,18 @@ pub(crate) struct PassGuard<'a> {
 impl PassGuard<'_> {
     /// Prepares for one forward pass over `samples` starting at `sample_offset` of `total`.
     pub fn start_forward(&self, sample_offset: usize, total: usize) -> Result<()> {
+        self.start_forward_labelled(sample_offset, total, None)
+    }
+
+    /// [`PassGuard::start_forward`] with the chunk's one-hot labels, for per-class sums.
+    pub fn start_forward_labelled(
+        &self,
+        sample_offset: usize,
+        total: usize,
+        one_hot: Option<Tensor>,
+    ) -> Result<()> {
         self.with(|p| {
+            p.one_hot = one_hot;
             p.seen.iter_mut().for_each(|s| *s = false);
             p.call_order.clear();
             p.rows_in = None;
@@ -308,7 +325,7 @@ impl Module for Probe {
         }
         match &pass.action {
             Action::Stats => {
-                record_sums(&mut pass.sums[i], xs)
+                record_sums(&mut pass.sums[i], xs, pass.one_hot.as_ref())
                     .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))?;
                 Ok(xs.clone())
             }
@@ -334,21 +351,38 @@ impl Module for Probe {
     }
 }
 
-fn record_sums(slot: &mut Option<UnitSums>, xs: &Tensor) -> Result<()> {
+fn record_sums(slot: &mut Option<UnitSums>, xs: &Tensor, one_hot: Option<&Tensor>) -> Result<()> {
     let (rows, units, inner) = rows_units_inner(xs.dims())?;
     let x = xs.to_dtype(DType::F64)?;
-    let (sum, sum_sq) = if xs.rank() == 2 {
-        (x.sum(0)?, x.sqr()?.sum(0)?)
+    let (sum, sum_sq, per_sample) = if xs.rank() == 2 {
+        (x.sum(0)?, x.sqr()?.sum(0)?, x)
     } else {
-        (x.sum((0, 2, 3))?, x.sqr()?.sum((0, 2, 3))?)
+        (x.sum((0, 2, 3))?, x.sqr()?.sum((0, 2, 3))?, x.mean((2, 3))?)
     };
     let (sum, sum_sq) = (sum.to_vec1::<f64>()?, sum_sq.to_vec1::<f64>()?);
+    // (classes, rows) · (rows, units): per-class sums in one product.
+    let class_sum = match one_hot {
+        Some(oh) => Some(
+            oh.t()?
+                .matmul(&per_sample)?
+                .flatten_all()?
+                .to_vec1::<f64>()?,
+        ),
+        None => None,
+    };
     let s = slot.get_or_insert_with(|| UnitSums {
         units,
         count: 0,
         sum: vec![0.0; units],
         sum_sq: vec![0.0; units],
+        class_sum: vec![0.0; class_sum.as_ref().map_or(0, |c| c.len())],
     });
+    if let Some(cs) = class_sum {
+        if cs.len() != s.class_sum.len() {
+            candle_core::bail!("class count changed between batches");
+        }
+        s.class_sum.iter_mut().zip(cs).for_each(|(a, b)| *a += b);
+    }
     if s.units != units {
         candle_core::bail!(
             "unit count changed between batches: {} then {units}",

@@ -435,3 +435,48 @@ fn idle_probe_is_the_identity_without_copy() -> Result<()> {
     assert!(probes.add(" ").is_err());
     Ok(())
 }
+
+#[test]
+fn class_conditional_means_by_hand() -> Result<()> {
+    let (probes, model, data) = one_probe_net()?;
+    let s = unit_statistics(&model, &probes, &data, 2)?;
+    assert_eq!(s.class_counts, vec![1, 3]);
+    // Class 0: sample 0 = (3, 1, 1). Class 1: samples (1,2,0), (2,0.1,3), (1,1.5,2).
+    let want = [[3.0, 1.0, 1.0], [4.0 / 3.0, 3.6 / 3.0, 5.0 / 3.0]];
+    for (got, want) in s.probes[0].class_mean.iter().zip(want) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ablation_accuracies_match_the_curve_and_single_units() -> Result<()> {
+    let (probes, model, data) = one_probe_net()?;
+    let stats = unit_statistics(&model, &probes, &data, 4)?;
+    // The curve's sets for order [2, 0, 1], and a single unit worked by hand:
+    // unit 1 zeroed: (3.01,0.5) ok, (1.01,0) wrong, (2.01,1.5) wrong, (1.01,1) wrong -> 1/4.
+    let sets = vec![vec![], vec![2], vec![2, 0], vec![0, 1, 2], vec![1]];
+    let acc = candle_reliance::ablation_accuracies(
+        &model,
+        &probes,
+        &data,
+        &stats,
+        &sets,
+        Clamp::Zero,
+        None,
+    )?;
+    assert!(close(&acc, &[0.75, 0.75, 0.75, 0.25, 0.25]), "{acc:?}");
+    assert!(candle_reliance::ablation_accuracies(
+        &model,
+        &probes,
+        &data,
+        &stats,
+        &[vec![3]],
+        Clamp::Zero,
+        None
+    )
+    .is_err());
+    Ok(())
+}
