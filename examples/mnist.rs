@@ -104,9 +104,12 @@ fn main() -> Result<()> {
             .with_env_filter(filter)
             .init();
     } else {
+        // Colours only on a terminal, so that piped or redirected logs stay plain text.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_target(false)
+            .with_ansi(ansi)
             .init();
     }
     anyhow::ensure!(

@@ -25,7 +25,9 @@ pub enum Metric {
     /// Area under the mean ablation curve. It also grows with plain training accuracy.
     Auc,
     /// Area under the curve divided by the unablated training accuracy: the share of accuracy
-    /// the network keeps as units are ablated, with plain accuracy growth factored out.
+    /// the network keeps as units are ablated, with plain accuracy growth factored out. The
+    /// default: on noisy labels the raw AUC keeps rising with memorization while this falls
+    /// (see `docs/usage.md`, "Which metric").
     #[default]
     NormalizedAuc,
 }
