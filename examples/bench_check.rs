@@ -116,15 +116,29 @@ fn main() -> Result<()> {
         Ok(())
     })?;
 
+    // Idle probes: the same forward with and without the probe calls (probes are identities
+    // outside a measurement), interleaved so drift hits both alike.
+    let plain = |xs: &Tensor| -> Result<Tensor> {
+        let h = model.l1.forward(xs)?.relu()?;
+        model.l3.forward(&model.l2.forward(&h)?.relu()?)
+    };
+    let (mut with_probes, mut without) = (vec![], vec![]);
+    for _ in 0..reps.max(5) {
+        without.push(time(1, || plain(&xs))?);
+        with_probes.push(time(1, || model.forward(&xs))?);
+    }
+    let (idle, bare) = (median(with_probes), median(without));
+
     println!(
         "{{\"bench\":\"ablation_check\",\"model\":\"mlp-784-256-256-10\",\"samples\":{n},\"fractions\":17,\
          \"orders\":5,\"clamp\":\"zero\",\"distinct_masks\":{masks},\"threads\":{threads},\"reps\":{reps},\
          \"batched_s\":{batched:.4},\"per_level_s\":{per_level:.4},\"speedup\":{speedup:.2},\
-         \"batch_rows\":{rows},\"matmul_whole_s\":{whole:.4},\"matmul_blocked_s\":{blocked:.4},\"unavoidable_matmul_s\":{matmul:.4},\"batched_over_matmul\":{ratio:.3},\"model_forward_s\":{model_forward:.4},\"batched_over_model_forward\":{ratio_fwd:.3},\"target_batched_over_matmul\":1.5}}",
+         \"batch_rows\":{rows},\"matmul_whole_s\":{whole:.4},\"matmul_blocked_s\":{blocked:.4},\"unavoidable_matmul_s\":{matmul:.4},\"batched_over_matmul\":{ratio:.3},\"model_forward_s\":{model_forward:.4},\"batched_over_model_forward\":{ratio_fwd:.3},\"target_batched_over_matmul\":1.5,\"forward_idle_probes_s\":{idle:.5},\"forward_no_probes_s\":{bare:.5},\"idle_probe_ratio\":{idle_ratio:.3}}}",
         threads = rayon_threads(),
         speedup = per_level / batched,
         ratio = batched / matmul,
         ratio_fwd = batched / model_forward,
+        idle_ratio = idle / bare,
     );
     Ok(())
 }

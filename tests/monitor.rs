@@ -336,3 +336,73 @@ fn schedule_and_epoch_order() -> Result<()> {
     assert!(e.contains("epoch 8 reported after epoch 8"), "{e}");
     Ok(())
 }
+
+/// A writer that collects log output in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn every_check_logs_a_structured_event() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    // A global subscriber: a thread-local one races with the other tests of this binary over
+    // tracing's per-callsite interest cache. Events are told apart by thread (one per test).
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_thread_names(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("only this test sets a subscriber");
+    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
+    run(&mut monitor, &varmap, &net, 1, 10)?;
+    monitor.finish(&varmap)?;
+    let me = std::thread::current().name().unwrap().to_string();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["threadName"] == me.as_str())
+        .collect();
+    let checks: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["fields"]["message"] == "reliance check")
+        .collect();
+    assert_eq!(checks.len(), 6, "one event per check:\n{text}");
+    for (i, c) in checks.iter().enumerate() {
+        let f = &c["fields"];
+        assert_eq!(f["epoch"], i as u64 + 1);
+        assert_eq!(c["span"]["name"], "reliance_check", "{c}");
+        for key in [
+            "auc",
+            "auc_ci_low",
+            "auc_ci_high",
+            "accuracy_0",
+            "seconds",
+            "value",
+        ] {
+            assert!(f[key].is_number(), "{key} missing in {f}");
+        }
+        assert_eq!(f["decision"], if i == 5 { "stop" } else { "continue" });
+    }
+    assert!(checks[5]["fields"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("patience exhausted"));
+    assert!(events.iter().any(|e| e["fields"]["message"]
+        == "restored the weights of the best epoch"
+        && e["fields"]["best_epoch"] == 4));
+    Ok(())
+}
