@@ -126,6 +126,9 @@ pub struct AblationConfig {
     /// the device and the widest activation ([`crate::auto_batch_rows`]).
     #[serde(deserialize_with = "max_batch_rows_key")]
     pub max_batch_rows: Option<usize>,
+    /// Also record and log the mean class selectivity per probe at each check, computed from
+    /// the statistics pass the curve already makes (no extra forward). Default false.
+    pub selectivity: bool,
 }
 
 impl Default for AblationConfig {
@@ -138,6 +141,7 @@ impl Default for AblationConfig {
             seed: 0,
             batch_size: 512,
             max_batch_rows: None,
+            selectivity: false,
         }
     }
 }

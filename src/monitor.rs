@@ -224,6 +224,11 @@ impl RelianceMonitor {
         } else {
             None
         };
+        let selectivity = self
+            .config
+            .ablation
+            .selectivity
+            .then(|| crate::Selectivity::from_stats(&stats).means());
         let metric_kind = self.config.stopping.metric;
         let metric = match metric_kind {
             Metric::Auc => curve.auc,
@@ -277,7 +282,13 @@ impl RelianceMonitor {
             seconds,
             curve,
             noise,
+            selectivity,
         };
+        let selectivity_log = record
+            .selectivity
+            .as_ref()
+            .map(|s| serde_json::to_string(s).unwrap_or_default())
+            .unwrap_or_default();
         let [ci_lo, ci_hi] = record.auc_ci.unwrap_or([f64::NAN; 2]);
         tracing::info!(
             epoch,
@@ -290,6 +301,7 @@ impl RelianceMonitor {
             normalized_auc = record.normalized_auc,
             accuracy_0 = record.unablated_accuracy,
             noise_auc = record.noise_auc.unwrap_or(f64::NAN),
+            selectivity = %selectivity_log,
             improved,
             seconds,
             decision = %record.decision,

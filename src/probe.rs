@@ -93,6 +93,9 @@ pub(crate) enum Action {
         seed: u64,
         level_offset: usize,
     },
+    /// Record each probe's activation `(rows, U)` (a feature map averaged over positions), with
+    /// its autograd graph; pass activations through.
+    Capture,
 }
 
 pub(crate) struct Pass {
@@ -110,6 +113,8 @@ pub(crate) struct Pass {
     pub one_hot: Option<Tensor>,
     // Accumulated over a pass:
     pub sums: Vec<Option<UnitSums>>,
+    /// Per probe, the activation recorded by the last forward of a capture pass.
+    pub captured: Vec<Option<Tensor>>,
 }
 
 impl ProbeSet {
@@ -186,6 +191,7 @@ impl ProbeSet {
             total_samples: 0,
             one_hot: None,
             sums: vec![None; n],
+            captured: vec![None; n],
         });
         self.shared.active.store(true, Ordering::Release);
         Ok(PassGuard { set: self })
@@ -264,6 +270,14 @@ impl PassGuard<'_> {
         self.with(|p| Ok(p.call_order.clone()))
     }
 
+    /// Takes the activations recorded by the last forward of a capture pass.
+    pub fn take_captured(&self) -> Result<Vec<Option<Tensor>>> {
+        self.with(|p| {
+            let n = p.captured.len();
+            Ok(std::mem::replace(&mut p.captured, vec![None; n]))
+        })
+    }
+
     /// Takes the sums recorded by a statistics pass.
     pub fn take_sums(&self) -> Result<Vec<Option<UnitSums>>> {
         self.with(|p| Ok(std::mem::take(&mut p.sums)))
@@ -284,6 +298,63 @@ impl Drop for PassGuard<'_> {
         if let Ok(mut inner) = self.set.shared.inner.lock() {
             inner.pass = None;
         }
+    }
+}
+
+/// Records the activation at every probe during one forward pass, keeping the autograd graph,
+/// e.g. for [`crate::selectivity_regularizer`]. Created by [`ProbeSet::capture`]; the probes
+/// are back to identities once it is finished or dropped.
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use candle_reliance::ProbeSet;
+///
+/// let probes = ProbeSet::new();
+/// let p = probes.add("conv")?;
+/// // A (N, C, H, W) = (1, 2, 1, 2) feature map: channel means 1.5 and 0.
+/// let xs = Tensor::new(&[[[[1f32, 2.0]], [[0.0, 0.0]]]], &Device::Cpu)?;
+/// let cap = probes.capture()?;
+/// p.forward(&xs)?;
+/// let acts = cap.finish()?;
+/// assert_eq!(acts[0].to_vec2::<f32>()?, vec![vec![1.5, 0.0]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub struct Capture<'a> {
+    guard: PassGuard<'a>,
+}
+
+impl std::fmt::Debug for Capture<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture").finish_non_exhaustive()
+    }
+}
+
+impl ProbeSet {
+    /// Starts recording: during the next forward pass every probe keeps its activation, `(N, U)`
+    /// for a dense layer and `(N, C)` (averaged over positions) for a feature map, without
+    /// detaching it. Run exactly one forward, then call [`Capture::finish`]. Fails while a
+    /// measurement runs on this set.
+    pub fn capture(&self) -> Result<Capture<'_>> {
+        Ok(Capture {
+            guard: self.begin(Action::Capture, 1, false)?,
+        })
+    }
+}
+
+impl Capture<'_> {
+    /// Ends the recording and returns one activation per probe, in the order the probes were
+    /// added. Fails when a probe was not reached by the forward pass.
+    pub fn finish(self) -> Result<Vec<Tensor>> {
+        self.guard.finish_forward()?;
+        let names = self.guard.set.names();
+        self.guard
+            .take_captured()?
+            .into_iter()
+            .zip(names)
+            .map(|(t, name)| {
+                t.ok_or_else(|| candle_core::Error::Msg(format!("probe `{name}` recorded nothing")))
+            })
+            .collect()
     }
 }
 
@@ -346,6 +417,14 @@ impl Module for Probe {
                 };
                 level_noise(xs, &std[i], op)
                     .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))
+            }
+            Action::Capture => {
+                pass.captured[i] = Some(if xs.rank() == 4 {
+                    xs.mean((2, 3))?
+                } else {
+                    xs.clone()
+                });
+                Ok(xs.clone())
             }
         }
     }

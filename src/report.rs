@@ -41,6 +41,10 @@ pub struct CheckRecord {
     pub curve: AblationCurve,
     /// The full noise curve, when enabled.
     pub noise: Option<NoiseCurve>,
+    /// Mean class selectivity per probe (in the order the probes were added), when
+    /// `ablation.selectivity` is on; absent in history files written without it.
+    #[serde(default)]
+    pub selectivity: Option<Vec<f64>>,
 }
 
 /// Reads a history file written by the monitor (one [`CheckRecord`] per line); errors name the

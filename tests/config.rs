@@ -56,6 +56,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(d.ablation.seed, 0);
     assert_eq!(d.ablation.batch_size, 512);
     assert_eq!(d.ablation.max_batch_rows, None);
+    assert!(!d.ablation.selectivity);
     assert!(!d.noise.enabled);
     assert_eq!(d.noise.scales, None);
     assert_eq!(d.noise.repeats, 2);
@@ -428,6 +429,7 @@ ablation:
   seed: 11
   batch_size: 128
   max_batch_rows: 4096
+  selectivity: true
 noise:
   enabled: true
   scales: [0.01, 0.1, 1.0, 10.0]
@@ -465,6 +467,7 @@ fn a_file_setting_every_key_round_trips() {
     assert_eq!(cfg.ablation.seed, 11);
     assert_eq!(cfg.ablation.batch_size, 128);
     assert_eq!(cfg.ablation.max_batch_rows, Some(4096));
+    assert!(cfg.ablation.selectivity);
     assert!(cfg.noise.enabled);
     assert_eq!(
         cfg.noise.scales.as_deref(),

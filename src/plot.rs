@@ -1,0 +1,526 @@
+//! Plots as self-contained SVG: line and scatter charts with an optional second y axis and
+//! vertical markers, enough to show ablation curves, metric histories and their stops. Plain SVG
+//! text, no fonts or native libraries needed; any browser or image viewer shows it.
+//!
+//! ```
+//! use candle_reliance::plot::{Plot, Series};
+//!
+//! let svg = Plot::new("Ablation curve")
+//!     .x_label("fraction ablated")
+//!     .y_label("training accuracy")
+//!     .series(Series::line("epoch 5", vec![(0.0, 1.0), (0.5, 0.8), (1.0, 0.1)]))
+//!     .to_svg();
+//! assert!(svg.starts_with("<svg") && svg.contains("epoch 5"));
+//! ```
+
+use crate::report::CheckRecord;
+use candle_core::Result;
+use std::fmt::Write as _;
+use std::path::Path;
+
+const PALETTE: [&str; 10] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
+
+/// How a series is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// Connected line.
+    Line,
+    /// Points only (a scatter plot).
+    Points,
+    /// Line with a point at each value.
+    LinePoints,
+}
+
+/// One named series of `(x, y)` values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Legend text.
+    pub label: String,
+    /// The values; non-finite ones are skipped.
+    pub points: Vec<(f64, f64)>,
+    /// How it is drawn.
+    pub mark: Mark,
+    /// Drawn against the right-hand axis.
+    pub right_axis: bool,
+    /// Dashed line.
+    pub dashed: bool,
+    /// Colour (CSS); `None` takes the next palette colour.
+    pub color: Option<String>,
+}
+
+impl Series {
+    fn new(label: impl Into<String>, points: Vec<(f64, f64)>, mark: Mark) -> Self {
+        Self {
+            label: label.into(),
+            points,
+            mark,
+            right_axis: false,
+            dashed: false,
+            color: None,
+        }
+    }
+    /// A line.
+    pub fn line(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self::new(label, points, Mark::Line)
+    }
+    /// Points only.
+    pub fn points(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self::new(label, points, Mark::Points)
+    }
+    /// A line with points.
+    pub fn line_points(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self::new(label, points, Mark::LinePoints)
+    }
+    /// Draws against the right-hand axis.
+    pub fn on_right_axis(mut self) -> Self {
+        self.right_axis = true;
+        self
+    }
+    /// Dashed line.
+    pub fn dashed(mut self) -> Self {
+        self.dashed = true;
+        self
+    }
+    /// Sets the colour.
+    pub fn with_color(mut self, color: impl Into<String>) -> Self {
+        self.color = Some(color.into());
+        self
+    }
+}
+
+/// A vertical line at `x`, labelled (e.g. where a method stopped).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Marker {
+    /// Position on the x axis.
+    pub x: f64,
+    /// Text next to the line.
+    pub label: String,
+    /// Colour (CSS).
+    pub color: String,
+}
+
+/// A chart. Build with the `with`-style methods, then [`Plot::to_svg`] or [`Plot::save`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plot {
+    title: String,
+    x_label: String,
+    y_label: String,
+    y2_label: String,
+    log_x: bool,
+    series: Vec<Series>,
+    markers: Vec<Marker>,
+}
+
+impl Plot {
+    /// An empty chart with a title.
+    pub fn new(title: impl Into<String>) -> Self {
+        Self {
+            title: title.into(),
+            ..Default::default()
+        }
+    }
+    /// Sets the x-axis label.
+    pub fn x_label(mut self, s: impl Into<String>) -> Self {
+        self.x_label = s.into();
+        self
+    }
+    /// Sets the left y-axis label.
+    pub fn y_label(mut self, s: impl Into<String>) -> Self {
+        self.y_label = s.into();
+        self
+    }
+    /// Sets the right y-axis label (used by series on the right axis).
+    pub fn y2_label(mut self, s: impl Into<String>) -> Self {
+        self.y2_label = s.into();
+        self
+    }
+    /// Logarithmic x axis (positive x only).
+    pub fn log_x(mut self) -> Self {
+        self.log_x = true;
+        self
+    }
+    /// Adds a series.
+    pub fn series(mut self, s: Series) -> Self {
+        self.series.push(s);
+        self
+    }
+    /// Adds a vertical marker.
+    pub fn marker(mut self, x: f64, label: impl Into<String>, color: impl Into<String>) -> Self {
+        self.markers.push(Marker {
+            x,
+            label: label.into(),
+            color: color.into(),
+        });
+        self
+    }
+    /// The series added so far.
+    pub fn series_list(&self) -> &[Series] {
+        &self.series
+    }
+
+    /// Writes the SVG to `path` (creating its folder).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        crate::report::ensure_parent(path)?;
+        std::fs::write(path, self.to_svg()).map_err(|e| crate::report::io_err("write", path, e))
+    }
+
+    /// The chart as an SVG document.
+    pub fn to_svg(&self) -> String {
+        let (w, h) = (760.0, 440.0);
+        let right = if self.series.iter().any(|s| s.right_axis) {
+            70.0
+        } else {
+            20.0
+        };
+        let (l, t, r, b) = (70.0, 40.0, w - right - 170.0, h - 55.0);
+        let tx = |x: f64| if self.log_x { x.log10() } else { x };
+        let finite = |s: &Series| -> Vec<(f64, f64)> {
+            s.points
+                .iter()
+                .map(|&(x, y)| (tx(x), y))
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect()
+        };
+        let xs: Vec<f64> = self
+            .series
+            .iter()
+            .flat_map(|s| finite(s).into_iter().map(|p| p.0))
+            .chain(
+                self.markers
+                    .iter()
+                    .map(|m| tx(m.x))
+                    .filter(|x| x.is_finite()),
+            )
+            .collect();
+        let ys = |right_axis: bool| -> Vec<f64> {
+            self.series
+                .iter()
+                .filter(|s| s.right_axis == right_axis)
+                .flat_map(|s| finite(s).into_iter().map(|p| p.1))
+                .collect()
+        };
+        let (x0, x1, xticks) = nice_range(&xs);
+        let (y0, y1, yticks) = nice_range(&ys(false));
+        let (z0, z1, zticks) = nice_range(&ys(true));
+        let px = |x: f64| l + (x - x0) / (x1 - x0) * (r - l);
+        let py = |y: f64, right_axis: bool| {
+            let (lo, hi) = if right_axis { (z0, z1) } else { (y0, y1) };
+            b - (y - lo) / (hi - lo) * (b - t)
+        };
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+            (l + r) / 2.0,
+            esc(&self.title)
+        );
+        // Grid and ticks.
+        for &v in &xticks {
+            let x = px(v);
+            let text = if self.log_x {
+                fmt_num(10f64.powf(v))
+            } else {
+                fmt_num(v)
+            };
+            let _ = write!(
+                s,
+                r##"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{b}" stroke="#eee"/>"##
+            );
+            let _ = write!(
+                s,
+                r#"<text x="{x:.1}" y="{}" text-anchor="middle">{text}</text>"#,
+                b + 16.0
+            );
+        }
+        for &v in &yticks {
+            let y = py(v, false);
+            let _ = write!(
+                s,
+                r##"<line x1="{l}" y1="{y:.1}" x2="{r}" y2="{y:.1}" stroke="#eee"/>"##
+            );
+            let _ = write!(
+                s,
+                r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                l - 6.0,
+                y + 4.0,
+                fmt_num(v)
+            );
+        }
+        if self.series.iter().any(|s| s.right_axis) {
+            for &v in &zticks {
+                let y = py(v, true);
+                let _ = write!(
+                    s,
+                    r#"<text x="{}" y="{:.1}">{}</text>"#,
+                    r + 6.0,
+                    y + 4.0,
+                    fmt_num(v)
+                );
+            }
+            let _ = write!(
+                s,
+                r#"<text transform="translate({},{}) rotate(90)" text-anchor="middle">{}</text>"#,
+                r + 55.0,
+                (t + b) / 2.0,
+                esc(&self.y2_label)
+            );
+        }
+        let _ = write!(
+            s,
+            r##"<rect x="{l}" y="{t}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
+            r - l,
+            b - t
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            (l + r) / 2.0,
+            h - 15.0,
+            esc(&self.x_label)
+        );
+        let _ = write!(
+            s,
+            r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
+            (t + b) / 2.0,
+            esc(&self.y_label)
+        );
+        // Markers.
+        for m in &self.markers {
+            let x = px(tx(m.x));
+            if x.is_finite() {
+                let _ = write!(
+                    s,
+                    r#"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{b}" stroke="{c}" stroke-dasharray="2,3"/><text x="{:.1}" y="{:.1}" fill="{c}" font-size="11" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
+                    x - 3.0,
+                    b - 4.0,
+                    x - 3.0,
+                    b - 4.0,
+                    esc(&m.label),
+                    c = esc(&m.color)
+                );
+            }
+        }
+        // Series and legend.
+        for (i, ser) in self.series.iter().enumerate() {
+            let color = ser
+                .color
+                .clone()
+                .unwrap_or_else(|| PALETTE[i % PALETTE.len()].to_string());
+            let pts = finite(ser);
+            let dash = if ser.dashed {
+                r#" stroke-dasharray="6,4""#
+            } else {
+                ""
+            };
+            let _ = write!(s, r#"<g class="series" data-label="{}">"#, esc(&ser.label));
+            if ser.mark != Mark::Points && pts.len() > 1 {
+                let path: Vec<String> = pts
+                    .iter()
+                    .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y, ser.right_axis)))
+                    .collect();
+                let _ = write!(
+                    s,
+                    r#"<polyline fill="none" stroke="{color}" stroke-width="1.8"{dash} points="{}"/>"#,
+                    path.join(" ")
+                );
+            }
+            if ser.mark != Mark::Line {
+                for &(x, y) in &pts {
+                    let _ = write!(
+                        s,
+                        r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                        px(x),
+                        py(y, ser.right_axis)
+                    );
+                }
+            }
+            s.push_str("</g>");
+            let ly = t + 8.0 + 16.0 * i as f64;
+            let _ = write!(
+                s,
+                r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/><text x="{}" y="{}">{}{}</text>"#,
+                r + right + 5.0,
+                r + right + 25.0,
+                r + right + 30.0,
+                ly + 4.0,
+                esc(&ser.label),
+                if ser.right_axis { " (right)" } else { "" }
+            );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn fmt_num(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let a = v.abs();
+    if !(1e-3..1e5).contains(&a) {
+        format!("{v:.1e}")
+    } else {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// A range covering `values` with round tick marks (about 5–10).
+fn nice_range(values: &[f64]) -> (f64, f64, Vec<f64>) {
+    let (mut lo, mut hi) = values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() || !hi.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        let pad = if lo.abs() > 1e-12 {
+            lo.abs() * 0.1
+        } else {
+            1.0
+        };
+        (lo, hi) = (lo - pad, hi + pad);
+    }
+    let raw = (hi - lo) / 6.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let (lo, hi) = ((lo / step).floor() * step, (hi / step).ceil() * step);
+    let n = ((hi - lo) / step).round() as usize;
+    (lo, hi, (0..=n).map(|i| lo + i as f64 * step).collect())
+}
+
+/// Two charts from a monitor history: the metric, raw AUC and unablated accuracy against epoch
+/// (with the best epoch marked), and the ablation curves of every check.
+pub fn history_plots(history: &[CheckRecord]) -> (Plot, Plot) {
+    let metric_name = history
+        .first()
+        .map_or("metric", |r| r.metric_name.as_str())
+        .to_string();
+    let by_epoch = |f: fn(&CheckRecord) -> f64| {
+        history
+            .iter()
+            .map(|r| (r.epoch as f64, f(r)))
+            .collect::<Vec<_>>()
+    };
+    let mut trend = Plot::new("Reliance checks")
+        .x_label("epoch")
+        .y_label("value")
+        .series(Series::line_points(
+            format!("{metric_name} (smoothed)"),
+            by_epoch(|r| r.smoothed),
+        ))
+        .series(Series::line_points("ablation AUC", by_epoch(|r| r.auc)).dashed())
+        .series(
+            Series::line_points("training accuracy", by_epoch(|r| r.unablated_accuracy)).dashed(),
+        );
+    if let Some(best) = history.iter().rfind(|r| r.improved) {
+        trend = trend.marker(
+            best.epoch as f64,
+            format!("best epoch {}", best.epoch),
+            "#2ca02c",
+        );
+    }
+    if let Some(stop) = history.iter().find(|r| r.decision == "stop") {
+        trend = trend.marker(stop.epoch as f64, "stop", "#d62728");
+    }
+    let mut curves = Plot::new("Cumulative ablation curves")
+        .x_label("fraction of units ablated")
+        .y_label("training accuracy");
+    for r in history {
+        let pts = r
+            .curve
+            .fractions
+            .iter()
+            .copied()
+            .zip(r.curve.accuracy.iter().copied())
+            .collect();
+        curves = curves.series(Series::line(format!("epoch {}", r.epoch), pts));
+    }
+    (trend, curves)
+}
+
+/// Writes the two [`history_plots`] of a history file next to it as `NAME.trend.svg` and
+/// `NAME.curves.svg`; returns their paths.
+pub fn plot_history_file(
+    path: impl AsRef<Path>,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let path = path.as_ref();
+    let history = crate::report::read_history(path)?;
+    let (trend, curves) = history_plots(&history);
+    let with = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let (a, b) = (with(".trend.svg"), with(".curves.svg"));
+    trend.save(&a)?;
+    curves.save(&b)?;
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nice_ranges_cover_the_data_with_round_ticks() {
+        let (lo, hi, ticks) = nice_range(&[0.13, 0.92]);
+        assert!(lo <= 0.13 && hi >= 0.92, "{lo} {hi}");
+        assert_eq!(ticks.first(), Some(&lo));
+        assert!((ticks.last().unwrap() - hi).abs() < 1e-9);
+        assert!((4..=11).contains(&ticks.len()), "{ticks:?}");
+        let (lo, hi, _) = nice_range(&[]);
+        assert_eq!((lo, hi), (0.0, 1.0));
+        let (lo, hi, _) = nice_range(&[2.0, 2.0]);
+        assert!(lo < 2.0 && hi > 2.0);
+    }
+
+    #[test]
+    fn svg_has_one_group_per_series_and_the_points() {
+        let svg = Plot::new("t <&>")
+            .series(Series::line(
+                "a",
+                vec![(0.0, 1.0), (1.0, 2.0), (2.0, f64::NAN)],
+            ))
+            .series(Series::points("b", vec![(0.5, 1.5)]).on_right_axis())
+            .marker(1.0, "stop", "red")
+            .to_svg();
+        assert_eq!(svg.matches(r#"<g class="series""#).count(), 2);
+        assert!(svg.contains(r#"data-label="a""#) && svg.contains(r#"data-label="b""#));
+        assert!(svg.contains("t &lt;&amp;&gt;"));
+        // Line "a" has 2 finite points; "b" one circle.
+        let poly = svg.split("<polyline").nth(1).unwrap();
+        let pts = poly
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert_eq!(pts.split(' ').count(), 2);
+        assert_eq!(svg.matches("<circle").count(), 1);
+        assert!(svg.contains(">stop</text>"));
+    }
+}
