@@ -1,0 +1,204 @@
+//! Shared pieces of the evaluation examples: the shipped MNIST data, a seeded MLP with probes,
+//! a training epoch, test evaluation and a small seeded RNG. (Each example uses only some.)
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
+// `ModuleT` for candle-nn's Dropout.
+use candle_nn::{linear, loss, Dropout, Linear, Optimizer, VarBuilder, VarMap};
+use candle_reliance::mnist::{load_mnist_dir, Mnist};
+use candle_reliance::{Probe, ProbeSet};
+
+/// The 10 000 shipped digits: 8 000 for training, the last 2 000 as the test set.
+pub fn mnist() -> Result<Mnist> {
+    load_mnist_dir(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/data"),
+        2000,
+        &Device::Cpu,
+    )
+}
+
+/// SplitMix64: seeded and stable, for initialization, shuffling and label noise.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Re-initializes every variable from `seed` (candle's CPU initializers cannot be seeded):
+/// weights of a layer with fan-in `f` uniform in ±1/√f, as candle's default Linear init.
+pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
+    let vars = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut rng = Rng(seed);
+    for name in names {
+        let var = &vars[name];
+        let dims = var.dims().to_vec();
+        // weight (out, in, ...): fan-in is everything after dim 0; bias (out,): use its layer's
+        // weight fan-in when known, else 1.
+        let fan_in = if dims.len() > 1 {
+            dims[1..].iter().product::<usize>()
+        } else {
+            let w = name.replace(".bias", ".weight");
+            vars.get(&w).map_or(1, |w| w.dims()[1..].iter().product())
+        };
+        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        var.set(&Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// MLP 784 → hidden … → 10 with ReLU, a probe after every hidden activation and optional
+/// dropout after each probe (training only).
+pub struct Mlp {
+    pub layers: Vec<Linear>,
+    pub probes: Vec<Probe>,
+    pub dropout: Option<Dropout>,
+}
+
+impl Mlp {
+    pub fn new(
+        varmap: &VarMap,
+        hidden: &[usize],
+        dropout: f32,
+        probes: &ProbeSet,
+        seed: u64,
+    ) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+        let mut dims = vec![784];
+        dims.extend_from_slice(hidden);
+        dims.push(10);
+        let layers = dims
+            .windows(2)
+            .enumerate()
+            .map(|(i, d)| linear(d[0], d[1], vb.pp(format!("fc{}", i + 1))))
+            .collect::<Result<Vec<_>>>()?;
+        let probes = (0..hidden.len())
+            .map(|i| probes.add(format!("fc{}", i + 1)))
+            .collect::<Result<_>>()?;
+        seeded_init(varmap, seed)?;
+        Ok(Self {
+            layers,
+            probes,
+            dropout: (dropout > 0.0).then(|| Dropout::new(dropout)),
+        })
+    }
+}
+
+impl Mlp {
+    /// Forward pass; dropout is active only when `train`.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = xs.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if let Some(p) = self.probes.get(i) {
+                h = p.forward(&h.relu()?)?;
+                if let Some(d) = &self.dropout {
+                    h = d.forward_t(&h, train)?;
+                }
+            }
+        }
+        Ok(h)
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, false)
+    }
+}
+
+/// One epoch of minibatch training in a seeded order; `forward_train` is the model's forward in
+/// training mode. Returns the mean training loss.
+pub fn train_epoch(
+    forward_train: impl Fn(&Tensor) -> Result<Tensor>,
+    opt: &mut impl Optimizer,
+    xs: &Tensor,
+    ys: &Tensor,
+    batch: usize,
+    rng: &mut Rng,
+) -> Result<f64> {
+    let n = xs.dim(0)?;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    rng.shuffle(&mut order);
+    let (mut sum, mut count) = (0.0, 0);
+    for b in order.chunks(batch) {
+        let idx = Tensor::new(b, xs.device())?;
+        let logits = forward_train(&xs.index_select(&idx, 0)?)?;
+        let l = loss::cross_entropy(&logits, &ys.index_select(&idx, 0)?)?;
+        opt.backward_step(&l)?;
+        sum += l.to_scalar::<f32>()? as f64;
+        count += 1;
+    }
+    Ok(sum / count as f64)
+}
+
+/// Mean cross-entropy and accuracy of `model` on `(xs, ys)`.
+pub fn evaluate(model: &impl Module, xs: &Tensor, ys: &Tensor) -> Result<(f64, f64)> {
+    let n = xs.dim(0)?;
+    let (mut loss_sum, mut correct) = (0.0, 0.0);
+    for start in (0..n).step_by(2000) {
+        let len = 2000.min(n - start);
+        let (x, y) = (xs.narrow(0, start, len)?, ys.narrow(0, start, len)?);
+        let logits = model.forward(&x)?;
+        loss_sum += loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * len as f64;
+        correct += logits
+            .argmax(D::Minus1)?
+            .eq(&y)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok((loss_sum / n as f64, correct / n as f64))
+}
+
+/// Mean and sample standard deviation.
+pub fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+/// Output folder of the evaluation examples (`results/` unless `RESULTS_DIR` says otherwise).
+pub fn results_dir() -> std::path::PathBuf {
+    std::env::var_os("RESULTS_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"))
+        })
+}
+
+/// `--name value` from the command line, parsed, or the default.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let flag = format!("--{name}");
+    std::env::args()
+        .skip_while(|a| *a != flag)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
