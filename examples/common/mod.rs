@@ -184,7 +184,7 @@ pub fn mean_sd(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-/// Output folder of the evaluation examples (`results/` unless `RESULTS_DIR` says otherwise).
+/// Output folder of the evaluation examples (`docs/results/` unless `RESULTS_DIR` says otherwise).
 pub fn results_dir() -> std::path::PathBuf {
     std::env::var_os("RESULTS_DIR")
         .map(Into::into)
