@@ -203,6 +203,15 @@ fn main() -> Result<()> {
     // (3) Put the best epoch's weights back.
     let best = monitor.finish(&varmap)?;
     let (test_loss, test_acc) = evaluate(&model, &mnist.test.images, &mnist.test.labels)?;
+    if let Some(history) = &monitor.config().output.history_file {
+        let (trend, curves) = candle_reliance::plot::plot_history_file(history)?;
+        println!(
+            "history: {} (plots: {}, {})",
+            history.display(),
+            trend.display(),
+            curves.display()
+        );
+    }
     let best = best.map_or("none (no check ran)".to_string(), |e| e.to_string());
     println!(
         "trained {last_epoch} epochs; restored epoch {best} (peak reliance metric); \

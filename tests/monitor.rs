@@ -187,6 +187,23 @@ fn stops_after_the_peak_and_restores_its_weights_bit_exact() -> Result<()> {
     );
     assert_eq!(hist[5].decision, "stop");
     assert_eq!(hist[3].curve.fractions.len(), 9);
+
+    // Plots of the history: one curve per check, and the trend with the best epoch marked.
+    let (trend, curves) = candle_reliance::plot::plot_history_file(dir.path().join("hist.jsonl"))?;
+    let curves = std::fs::read_to_string(curves).unwrap();
+    for epoch in 1..=6 {
+        assert!(
+            curves.contains(&format!(r#"data-label="epoch {epoch}""#)),
+            "epoch {epoch}"
+        );
+    }
+    assert_eq!(curves.matches("<polyline").count(), 6);
+    let trend = std::fs::read_to_string(trend).unwrap();
+    assert!(
+        trend.contains(r#"data-label="auc (smoothed)""#)
+            && trend.contains(r#"data-label="ablation AUC""#)
+    );
+    assert!(trend.contains(">best epoch 4</text>") && trend.contains(">stop</text>"));
     Ok(())
 }
 
