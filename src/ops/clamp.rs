@@ -117,6 +117,52 @@ impl CustomOp3 for LevelClamp {
             ),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, Geometry};
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        let dims = l1.shape().dims();
+        let g = Geometry::new(dims, self.levels, self.expand)?;
+        let keep = match &s2.slice {
+            S::U8(k) => (k, l2),
+            _ => candle_core::bail!("{}: keep mask must be u8", self.name()),
+        };
+        let dev = &s1.device;
+        let (name, expand) = (self.name(), self.expand);
+        let out = match (&s1.slice, &s3.slice) {
+            (S::F32(x), S::F32(v)) => {
+                cuda::level_clamp(dev, name, g, expand, (x, l1), keep, (v, l3))
+            }
+            (S::F64(x), S::F64(v)) => {
+                cuda::level_clamp(dev, name, g, expand, (x, l1), keep, (v, l3))
+            }
+            (S::BF16(x), S::BF16(v)) => {
+                cuda::level_clamp(dev, name, g, expand, (x, l1), keep, (v, l3))
+            }
+            (S::F16(x), S::F16(v)) => {
+                cuda::level_clamp(dev, name, g, expand, (x, l1), keep, (v, l3))
+            }
+            _ => candle_core::bail!(
+                "{}: unsupported dtypes {:?} / {:?}",
+                self.name(),
+                s1.dtype(),
+                s3.dtype()
+            ),
+        }?;
+        Ok((
+            out,
+            Shape::from_dims(&output_dims(dims, self.levels, expand)),
+        ))
+    }
 }
 
 /// Clamps the units whose `keep` entry is 0 to `values`, one mask row per level.

@@ -10,6 +10,8 @@
 //! `L·M` rows and apply the level's setting to the rows of that level.
 
 mod clamp;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod noise;
 
 #[doc(inline)]
@@ -17,7 +19,41 @@ pub use crate::rng::counter_normal;
 pub(crate) use clamp::level_clamp;
 pub(crate) use noise::{level_noise, LevelNoise};
 
-use candle_core::{Layout, Result};
+use candle_core::{Layout, Result, Tensor};
+
+/// The level clamp op on any device, for the device-equivalence tests; not part of the API.
+#[doc(hidden)]
+pub fn level_clamp_for_tests(
+    x: &Tensor,
+    keep: &Tensor,
+    values: &Tensor,
+    expand: bool,
+) -> Result<Tensor> {
+    level_clamp(x, keep, values, expand)
+}
+
+/// The level noise op on any device, for the device-equivalence tests; not part of the API.
+/// `offsets` is `(level_offset, sample_offset, total_samples)`.
+#[doc(hidden)]
+pub fn level_noise_for_tests(
+    x: &Tensor,
+    std: &Tensor,
+    expand: bool,
+    seed: u64,
+    offsets: (usize, usize, usize),
+) -> Result<Tensor> {
+    let (levels, _) = std.dims2()?;
+    let (level_offset, sample_offset, total_samples) = offsets;
+    let op = LevelNoise {
+        levels,
+        expand,
+        seed,
+        level_offset,
+        sample_offset,
+        total_samples,
+    };
+    level_noise(x, std, op)
+}
 
 /// `(rows, units, inner)` of a rank-2 or rank-4 activation.
 pub(crate) fn rows_units_inner(dims: &[usize]) -> Result<(usize, usize, usize)> {

@@ -82,6 +82,43 @@ impl CustomOp2 for LevelNoise {
             _ => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), s1.dtype()),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{self, Geometry, NoiseCounter};
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        let dims = l1.shape().dims();
+        let g = Geometry::new(dims, self.levels, self.expand)?;
+        let std = match &s2.slice {
+            S::F32(s) => (s, l2),
+            _ => candle_core::bail!("{}: std must be f32", self.name()),
+        };
+        let counter = NoiseCounter {
+            seed: self.seed,
+            level_offset: self.level_offset as u64,
+            sample_offset: self.sample_offset as u64,
+            total_samples: self.total_samples as u64,
+        };
+        let dev = &s1.device;
+        let (name, expand) = (self.name(), self.expand);
+        let out = match &s1.slice {
+            S::F32(x) => cuda::level_noise(dev, name, g, expand, counter, (x, l1), std),
+            S::F64(x) => cuda::level_noise(dev, name, g, expand, counter, (x, l1), std),
+            S::BF16(x) => cuda::level_noise(dev, name, g, expand, counter, (x, l1), std),
+            S::F16(x) => cuda::level_noise(dev, name, g, expand, counter, (x, l1), std),
+            _ => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), s1.dtype()),
+        }?;
+        Ok((
+            out,
+            Shape::from_dims(&output_dims(dims, self.levels, expand)),
+        ))
+    }
 }
 
 /// Adds `std[l, u] · N(0, 1)` noise per level; see [`LevelNoise`] for the indexing.
