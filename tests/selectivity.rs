@@ -1,19 +1,18 @@
 //! Class selectivity, mutual information, single-unit importance, Spearman correlation, ordered
 //! ablation and the selectivity regularizer against hand-worked small tables and networks.
 
-use candle_core::{DType, Device, Module, Result, Tensor, Var};
+mod common;
+
+use candle_core::{DType, Module, Result, Tensor, Var};
 use candle_reliance::{
     ablation_curve, class_selectivity, incoming_l1, mutual_information, mutual_information_bits,
     quantile_bins, read_history, selectivity_regularizer, spearman, unit_activity, unit_importance,
     unit_statistics, AblationOrder, AblationSpec, CheckRecord, Clamp, ProbeData, ProbeSet,
     RelianceConfig, RelianceMonitor, Selectivity, WeightLayout,
 };
+use common::{dev, one_probe_net};
 
 const TOL: f64 = 1e-9;
-
-fn dev() -> Device {
-    Device::Cpu
-}
 
 fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < tol)
@@ -159,30 +158,6 @@ fn mutual_information_of_a_hand_worked_table_with_ties() -> Result<()> {
     let two = mutual_information_bits(&[1.0, 3.0, 0.0, 0.0, 0.0, 0.0], &[0, 0, 1, 1, 3, 3], 2);
     assert!((two - (h - 2.0 / 3.0)).abs() < TOL, "{two}");
     Ok(())
-}
-
-/// One probe on 3 units `h = relu(x)`; logits = h·W + b with W = [[1,0],[0,1],[0,0.5]],
-/// b = (0.01, 0) (the network of tests/ablation.rs).
-fn one_probe_net() -> Result<(ProbeSet, impl Module, ProbeData)> {
-    let probes = ProbeSet::new();
-    let p = probes.add("h")?;
-    let w = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [0.0, 0.5]], &dev())?;
-    let b = Tensor::new(&[0.01f32, 0.0], &dev())?;
-    let model = move |xs: &Tensor| -> Result<Tensor> {
-        let h = p.forward(&xs.relu()?)?;
-        h.matmul(&w)?.broadcast_add(&b)
-    };
-    let xs = Tensor::new(
-        &[
-            [3f32, 1.0, 1.0],
-            [1.0, 2.0, 0.0],
-            [2.0, 0.1, 3.0],
-            [1.0, 1.5, 2.0],
-        ],
-        &dev(),
-    )?;
-    let ys = Tensor::new(&[0u32, 1, 1, 1], &dev())?;
-    Ok((probes, model, ProbeData::new(xs, ys)?))
 }
 
 #[test]

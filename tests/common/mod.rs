@@ -1,0 +1,34 @@
+//! Fixtures shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_reliance::{ProbeData, ProbeSet};
+
+pub fn dev() -> Device {
+    Device::Cpu
+}
+
+/// One probe on 3 units `h = relu(x)`; logits = h·W + b with
+/// W = [[1,0],[0,1],[0,0.5]], b = (0.01, 0): unit 0 votes for class 0, units 1 and 2 for class 1,
+/// and the bias breaks the all-zero tie towards class 0.
+pub fn one_probe_net() -> Result<(ProbeSet, impl Module, ProbeData)> {
+    let probes = ProbeSet::new();
+    let p = probes.add("h")?;
+    let w = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [0.0, 0.5]], &dev())?;
+    let b = Tensor::new(&[0.01f32, 0.0], &dev())?;
+    let model = move |xs: &Tensor| -> Result<Tensor> {
+        let h = p.forward(&xs.relu()?)?;
+        h.matmul(&w)?.broadcast_add(&b)
+    };
+    let xs = Tensor::new(
+        &[
+            [3f32, 1.0, 1.0],
+            [1.0, 2.0, 0.0],
+            [2.0, 0.1, 3.0],
+            [1.0, 1.5, 2.0],
+        ],
+        &dev(),
+    )?;
+    let ys = Tensor::new(&[0u32, 1, 1, 1], &dev())?;
+    Ok((probes, model, ProbeData::new(xs, ys)?))
+}
