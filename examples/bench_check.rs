@@ -6,28 +6,13 @@
 //! cargo run --release --example bench_check [-- --reps 5]
 //! ```
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder, VarMap};
-use candle_reliance::{
-    ablation_curve, AblationOrder, AblationSpec, Clamp, Probe, ProbeData, ProbeSet,
-};
+#[path = "common/mod.rs"]
+mod common;
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::VarMap;
+use candle_reliance::{ablation_curve, AblationOrder, AblationSpec, Clamp, ProbeData, ProbeSet};
 use std::time::Instant;
-
-struct Mlp {
-    l1: Linear,
-    l2: Linear,
-    l3: Linear,
-    p1: Probe,
-    p2: Probe,
-}
-
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.p1.forward(&self.l1.forward(xs)?.relu()?)?;
-        let h = self.p2.forward(&self.l2.forward(&h)?.relu()?)?;
-        self.l3.forward(&h)
-    }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -46,23 +31,12 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let reps: usize = std::env::args()
-        .skip_while(|a| a != "--reps")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let reps: usize = common::arg("reps", 5);
     let (n, d_in, hidden, classes) = (2000, 784, 256, 10);
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let probes = ProbeSet::new();
-    let model = Mlp {
-        l1: linear(d_in, hidden, vb.pp("l1"))?,
-        l2: linear(hidden, hidden, vb.pp("l2"))?,
-        l3: linear(hidden, classes, vb.pp("l3"))?,
-        p1: probes.add("l1")?,
-        p2: probes.add("l2")?,
-    };
+    let model = common::Mlp::new(&varmap, &[hidden, hidden], 0.0, &probes, 0)?;
     let xs = Tensor::rand(0f32, 1.0, (n, d_in), &dev)?;
     let ys = model.forward(&xs)?.argmax(1)?;
     let data = ProbeData::new(xs.clone(), ys)?;
@@ -108,10 +82,10 @@ fn main() -> Result<()> {
     // The model's own forward over the same rows (bias adds and ReLUs included, probes idle):
     // what any implementation that runs the unmodified model pays.
     let model_forward = time(reps, || {
-        model.l1.forward(&xs)?.relu()?;
+        model.layers[0].forward(&xs)?.relu()?;
         for start in (0..masks * n).step_by(rows) {
             let hb = h.narrow(0, start, rows.min(masks * n - start))?;
-            model.l3.forward(&model.l2.forward(&hb)?.relu()?)?;
+            model.layers[2].forward(&model.layers[1].forward(&hb)?.relu()?)?;
         }
         Ok(())
     })?;
@@ -119,8 +93,8 @@ fn main() -> Result<()> {
     // Idle probes: the same forward with and without the probe calls (probes are identities
     // outside a measurement), interleaved so drift hits both alike.
     let plain = |xs: &Tensor| -> Result<Tensor> {
-        let h = model.l1.forward(xs)?.relu()?;
-        model.l3.forward(&model.l2.forward(&h)?.relu()?)
+        let h = model.layers[0].forward(xs)?.relu()?;
+        model.layers[2].forward(&model.layers[1].forward(&h)?.relu()?)
     };
     let (mut with_probes, mut without) = (vec![], vec![]);
     for _ in 0..reps.max(5) {

@@ -2,45 +2,25 @@
 //! corrupted labels relies more on single directions (lower ablation AUC) than one trained on
 //! clean labels — the paper's central observation (Morcos et al. 2018, Fig. 1).
 
+#[path = "../examples/common/mod.rs"]
+mod common;
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, loss, AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{loss, AdamW, Optimizer, ParamsAdamW, VarMap};
 use candle_reliance::mnist::load_mnist_dir;
 use candle_reliance::{
-    ablation_curve, corrupt_labels, AblationOrder, AblationSpec, Probe, ProbeData, ProbeSet,
+    ablation_curve, corrupt_labels, AblationOrder, AblationSpec, ProbeData, ProbeSet,
 };
-
-struct Mlp {
-    l1: Linear,
-    l2: Linear,
-    l3: Linear,
-    p1: Probe,
-    p2: Probe,
-}
-
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.p1.forward(&self.l1.forward(xs)?.relu()?)?;
-        let h = self.p2.forward(&self.l2.forward(&h)?.relu()?)?;
-        self.l3.forward(&h)
-    }
-}
+use common::Mlp;
 
 const SAMPLES: usize = 1000;
 
 /// Trains a 784-128-128-10 MLP on `ys` until it fits them (or the epoch budget ends) and
 /// returns it with its probes and its training accuracy.
 fn train(xs: &Tensor, ys: &Tensor, epochs: usize) -> Result<(Mlp, ProbeSet, f64)> {
-    let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let probes = ProbeSet::new();
-    let model = Mlp {
-        l1: linear(784, 128, vb.pp("l1"))?,
-        l2: linear(128, 128, vb.pp("l2"))?,
-        l3: linear(128, 10, vb.pp("l3"))?,
-        p1: probes.add("l1")?,
-        p2: probes.add("l2")?,
-    };
+    let model = Mlp::new(&varmap, &[128, 128], 0.0, &probes, 3)?;
     let mut opt = AdamW::new(
         varmap.all_vars(),
         ParamsAdamW {
