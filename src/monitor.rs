@@ -43,7 +43,7 @@ pub struct MonitorState {
 }
 
 /// Measures the ablation AUC on a fixed training subset every `check_every` epochs and signals
-/// a stop when reliance on single directions rises. See the [module docs](self) for the loop.
+/// a stop when reliance on single directions rises. See the [crate docs](crate) for the loop.
 pub struct RelianceMonitor {
     config: RelianceConfig,
     probes: ProbeSet,

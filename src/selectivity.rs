@@ -91,7 +91,8 @@ pub struct ProbeSelectivity {
     pub mean: f64,
 }
 
-/// Class selectivity of every probed unit; see the [module docs](self) for the definition.
+/// Class selectivity of every probed unit: `(μ_max − μ_−max) / (μ_max + μ_−max + ε)` per unit, see
+/// [`selectivity_index`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Selectivity {
     /// One entry per probe, in the order the probes were added.
