@@ -293,19 +293,15 @@ impl Plot {
             (t + b) / 2.0,
             esc(&self.y_label)
         );
-        // Markers.
+        // Markers: a dotted line each, named in the legend (labels on the chart overlap when
+        // markers are close).
         for m in &self.markers {
             let x = px(tx(m.x));
             if x.is_finite() {
                 let _ = write!(
                     s,
-                    r#"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{b}" stroke="{c}" stroke-dasharray="2,3"/><text x="{:.1}" y="{:.1}" fill="{c}" font-size="11" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
-                    x - 3.0,
-                    b - 4.0,
-                    x - 3.0,
-                    b - 4.0,
-                    esc(&m.label),
-                    c = esc(&m.color)
+                    r#"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{b}" stroke="{}" stroke-width="1.5" stroke-dasharray="2,3"/>"#,
+                    esc(&m.color)
                 );
             }
         }
@@ -354,6 +350,19 @@ impl Plot {
                 ly + 4.0,
                 esc(&ser.label),
                 if ser.right_axis { " (right)" } else { "" }
+            );
+        }
+        for (j, m) in self.markers.iter().enumerate() {
+            let ly = t + 8.0 + 16.0 * (self.series.len() + j) as f64;
+            let _ = write!(
+                s,
+                r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="1.5" stroke-dasharray="2,3"/><text x="{}" y="{}">{}</text>"#,
+                r + right + 5.0,
+                r + right + 25.0,
+                r + right + 30.0,
+                ly + 4.0,
+                esc(&m.label),
+                c = esc(&m.color)
             );
         }
         s.push_str("</svg>\n");
