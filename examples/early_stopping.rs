@@ -8,8 +8,6 @@
 //! After the monitor stops, the run goes on to the last epoch (for the all-epochs and oracle
 //! baselines) and keeps measuring the normalized AUC for the plot; `--trace-after-stop 0` skips
 //! that. The check share of wall time counts only the checks up to the stop.
-//! ```text
-//! ```
 
 #[path = "common/mod.rs"]
 mod common;
