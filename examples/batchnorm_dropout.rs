@@ -24,8 +24,8 @@ mod common;
 
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{
-    batch_norm, conv2d, linear, AdamW, BatchNorm, BatchNormConfig, Conv2d, Linear, Optimizer,
-    ParamsAdamW, VarBuilder, VarMap,
+    batch_norm, conv2d, linear, AdamW, BatchNorm, BatchNormConfig, Conv2d, Linear, VarBuilder,
+    VarMap,
 };
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::{
@@ -103,7 +103,7 @@ impl Module for Cnn {
     }
 }
 
-fn adamw(varmap: &VarMap, lr: f64) -> Result<AdamW> {
+fn trainable_adamw(varmap: &VarMap, lr: f64) -> Result<AdamW> {
     // Batch norm's running statistics are variables too, but not trained ones.
     let vars = varmap
         .data()
@@ -113,14 +113,7 @@ fn adamw(varmap: &VarMap, lr: f64) -> Result<AdamW> {
         .filter(|(name, _)| !name.contains("running_"))
         .map(|(_, v)| v.clone())
         .collect();
-    AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )
+    common::adamw(vars, lr)
 }
 
 /// The smallest fraction at which the mean curve is more than 5% below the unablated accuracy.
@@ -182,7 +175,7 @@ fn main() -> Result<()> {
             let varmap = VarMap::new();
             let probes = ProbeSet::new();
             let model = Cnn::new(&varmap, with_bn, &probes, seed)?;
-            let mut opt = adamw(&varmap, 1e-3)?;
+            let mut opt = trainable_adamw(&varmap, 1e-3)?;
             let mut rng = Rng(seed ^ 0xABCD);
             for _ in 0..cnn_epochs {
                 train_epoch(
@@ -275,7 +268,7 @@ fn main() -> Result<()> {
                 let varmap = VarMap::new();
                 let probes = ProbeSet::new();
                 let model = Mlp::new(&varmap, &[512, 512], p as f32, &probes, seed)?;
-                let mut opt = adamw(&varmap, 1e-3)?;
+                let mut opt = trainable_adamw(&varmap, 1e-3)?;
                 let mut rng = Rng(seed ^ 0xABCD);
                 let (mut epochs_run, mut train_acc) = (0, 0.0);
                 while epochs_run < max_epochs && train_acc < 0.95 {

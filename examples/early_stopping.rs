@@ -13,7 +13,7 @@
 mod common;
 
 use candle_core::{Device, Result, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::VarMap;
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::{corrupt_labels, ProbeData, ProbeSet, RelianceConfig, RelianceMonitor};
 use common::*;
@@ -31,17 +31,6 @@ struct Run {
     check_s: f64,
 }
 
-fn opt(varmap: &VarMap, lr: f64) -> Result<AdamW> {
-    AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )
-}
-
 /// Full training split, reliance monitor at its default configuration (training data only).
 fn reliance_run(
     x: &Tensor,
@@ -55,7 +44,7 @@ fn reliance_run(
     let varmap = VarMap::new();
     let probes = ProbeSet::new();
     let model = Mlp::new(&varmap, &[hidden, hidden], 0.0, &probes, seed)?;
-    let mut opt = opt(&varmap, lr)?;
+    let mut opt = adamw(varmap.all_vars(), lr)?;
     let config = RelianceConfig::default();
     let spec = config.ablation.spec();
     let mut monitor = RelianceMonitor::new(
@@ -124,7 +113,7 @@ fn val_loss_run(
     let (vx, vy) = (x.narrow(0, cut, n - cut)?, y.narrow(0, cut, n - cut)?);
     let varmap = VarMap::new();
     let model = Mlp::new(&varmap, &[hidden, hidden], 0.0, &ProbeSet::new(), seed)?;
-    let mut opt = opt(&varmap, lr)?;
+    let mut opt = adamw(varmap.all_vars(), lr)?;
     let mut rng = Rng(seed ^ 0xABCD);
     let (mut best, mut best_epoch, mut wait) = (f64::INFINITY, 0, 0);
     let (mut best_test, mut stop) = ((0.0, 0.0), epochs);

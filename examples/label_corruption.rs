@@ -11,7 +11,7 @@
 mod common;
 
 use candle_core::{Device, Result, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::VarMap;
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::{
     ablation_curve_with_stats, corrupt_labels, noise_curve_with_stats, unit_statistics,
@@ -56,14 +56,7 @@ fn main() -> Result<()> {
             let varmap = VarMap::new();
             let probes = ProbeSet::new();
             let model = Mlp::new(&varmap, &[hidden, hidden], 0.0, &probes, seed)?;
-            let mut opt = AdamW::new(
-                varmap.all_vars(),
-                ParamsAdamW {
-                    lr: 1e-3,
-                    weight_decay: 0.0,
-                    ..Default::default()
-                },
-            )?;
+            let mut opt = adamw(varmap.all_vars(), 1e-3)?;
             let mut rng = Rng(seed ^ 0x5EED);
             let (mut epochs, mut train_acc) = (0, 0.0);
             while epochs < max_epochs && train_acc < 0.99 {

@@ -14,7 +14,7 @@
 mod common;
 
 use candle_core::{Device, Result, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::VarMap;
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::{
     ablation_curve, corrupt_labels, spearman, AblationSpec, ProbeData, ProbeSet,
@@ -63,14 +63,7 @@ fn main() -> Result<()> {
                     let varmap = VarMap::new();
                     let probes = ProbeSet::new();
                     let model = Mlp::new(&varmap, &[hidden, hidden], 0.0, &probes, seed)?;
-                    let mut opt = AdamW::new(
-                        varmap.all_vars(),
-                        ParamsAdamW {
-                            lr,
-                            weight_decay: 0.0,
-                            ..Default::default()
-                        },
-                    )?;
+                    let mut opt = adamw(varmap.all_vars(), lr)?;
                     let mut rng = Rng(seed ^ 0xABCD);
                     for _ in 0..epochs {
                         train_epoch(

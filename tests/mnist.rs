@@ -6,12 +6,12 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{loss, AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::{loss, Optimizer, VarMap};
 use candle_reliance::mnist::load_mnist_dir;
 use candle_reliance::{
     ablation_curve, corrupt_labels, AblationOrder, AblationSpec, ProbeData, ProbeSet,
 };
-use common::Mlp;
+use common::{adamw, Mlp};
 
 const SAMPLES: usize = 1000;
 
@@ -21,14 +21,7 @@ fn train(xs: &Tensor, ys: &Tensor, epochs: usize) -> Result<(Mlp, ProbeSet, f64)
     let varmap = VarMap::new();
     let probes = ProbeSet::new();
     let model = Mlp::new(&varmap, &[128, 128], 0.0, &probes, 3)?;
-    let mut opt = AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr: 2e-3,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(varmap.all_vars(), 2e-3)?;
     let mut acc = 0.0;
     for _ in 0..epochs {
         for start in (0..SAMPLES).step_by(100) {

@@ -128,6 +128,18 @@ impl Module for Mlp {
     }
 }
 
+/// AdamW without weight decay (the evaluation's optimizer) over `vars`.
+pub fn adamw(vars: Vec<candle_core::Var>, lr: f64) -> Result<candle_nn::AdamW> {
+    candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )
+}
+
 /// One epoch of minibatch training in a seeded order; `forward_train` is the model's forward in
 /// training mode. Returns the mean training loss.
 pub fn train_epoch(
