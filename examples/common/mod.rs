@@ -201,7 +201,7 @@ pub fn results_dir() -> std::path::PathBuf {
     std::env::var_os("RESULTS_DIR")
         .map(Into::into)
         .unwrap_or_else(|| {
-            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results"))
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/results"))
         })
 }
 
