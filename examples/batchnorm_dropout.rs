@@ -30,7 +30,7 @@ use candle_nn::{
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::{
     ablation_curve, class_selectivity, corrupt_labels, evenly_spaced_fractions, AblationCurve,
-    AblationSpec, Probe, ProbeData, ProbeSet,
+    AblationSpec, Clamp, Probe, ProbeData, ProbeSet,
 };
 use common::*;
 use std::time::Instant;
@@ -152,6 +152,8 @@ fn main() -> Result<()> {
     let max_epochs: usize = arg("max-epochs", 40);
     let seeds: u64 = arg("seeds", 1);
     let subset: usize = arg("subset", 1000);
+    // `--mlp 0` runs only the CNN part.
+    let run_mlp: usize = arg("mlp", 1);
     let out = results_dir().join("batchnorm_dropout");
     let data = mnist()?;
     let test = (&data.test.images, &data.test.labels);
@@ -163,7 +165,7 @@ fn main() -> Result<()> {
     );
     let cnn_probe_data = ProbeData::new(cx.clone(), cy.clone())?.subset(subset, 7)?;
     let cnn_spec = AblationSpec::default().with_fractions(evenly_spaced_fractions(cnn_levels));
-    let mut cnn_rows: Vec<(bool, [f64; 5])> = vec![];
+    let mut cnn_rows: Vec<(bool, [f64; 6])> = vec![];
     let mut cnn_plot = Plot::new(format!(
         "CNN on {cnn_train} MNIST digits, {cnn_epochs} epochs: feature-map ablation"
     ))
@@ -193,17 +195,26 @@ fn main() -> Result<()> {
             let t1 = Instant::now();
             let curve = ablation_curve(&model, &probes, &cnn_probe_data, &cnn_spec)?;
             let ablation_s = t1.elapsed().as_secs_f64();
+            // Mean clamp too: it does not shift the next layer's input mean, which separates
+            // "batch norm amplifies a zeroed map" from "the network relies on single maps".
+            let curve_mean = ablation_curve(
+                &model,
+                &probes,
+                &cnn_probe_data,
+                &cnn_spec.clone().with_clamp(Clamp::Mean),
+            )?;
             let sel = class_selectivity(&model, &probes, &cnn_probe_data, 256)?;
             let means = sel.means();
             println!(
                 "{{\"experiment\":\"batchnorm_dropout\",\"part\":\"cnn\",\"batch_norm\":{with_bn},\"seed\":{seed},\
                  \"train_samples\":{cnn_train},\"epochs\":{cnn_epochs},\"train_acc\":{train_acc:.4},\
                  \"test_acc\":{test_acc:.4},\"test_loss\":{test_loss:.4},\"ablation_auc\":{:.4},\
-                 \"normalized_auc\":{:.4},\"ablation_unablated_acc\":{:.4},\"mean_selectivity\":{:.4},\
+                 \"normalized_auc\":{:.4},\"ablation_auc_mean_clamp\":{:.4},\"ablation_unablated_acc\":{:.4},\"mean_selectivity\":{:.4},\
                  \"selectivity_conv1\":{:.4},\"selectivity_conv2\":{:.4},\"fractions\":{},\"curve\":{},\
                  \"train_s\":{train_s:.1},\"ablation_s\":{ablation_s:.1}}}",
                 curve.auc,
                 curve.normalized_auc,
+                curve_mean.auc,
                 curve.unablated_accuracy,
                 sel.mean(),
                 means[0],
@@ -232,6 +243,7 @@ fn main() -> Result<()> {
                     curve.normalized_auc,
                     sel.mean(),
                     train_acc,
+                    curve_mean.auc,
                 ],
             ));
         }
@@ -255,7 +267,12 @@ fn main() -> Result<()> {
     let mlp_spec = AblationSpec::default().with_fractions(fractions);
     let dropouts = [0.0, 0.1, 0.2, 0.3];
     let mut mlp_rows = vec![];
-    for (labels_name, ys) in [("clean", &clean), ("random", &random)] {
+    let label_sets = if run_mlp == 1 {
+        vec![("clean", &clean), ("random", &random)]
+    } else {
+        vec![]
+    };
+    for (labels_name, ys) in label_sets {
         let probe_data = ProbeData::new(mx.clone(), ys.clone())?;
         let mut plot = Plot::new(format!(
             "MLP 2 × 512 on {mlp_train} MNIST digits, {labels_name} labels"
@@ -330,11 +347,11 @@ fn main() -> Result<()> {
     );
     println!();
     println!(
-        "| CNN | seeds | train acc | test acc | ablation AUC | normalized AUC | mean class selectivity |"
+        "| CNN | seeds | train acc | test acc | ablation AUC | normalized AUC | AUC, mean clamp | mean class selectivity |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for with_bn in [false, true] {
-        let rows: Vec<&[f64; 5]> = cnn_rows
+        let rows: Vec<&[f64; 6]> = cnn_rows
             .iter()
             .filter(|r| r.0 == with_bn)
             .map(|r| &r.1)
@@ -344,7 +361,7 @@ fn main() -> Result<()> {
             format!("{m:.d$} ± {s:.d$}")
         };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             if with_bn {
                 "batch norm"
             } else {
@@ -355,6 +372,7 @@ fn main() -> Result<()> {
             f(0, 4),
             f(1, 4),
             f(2, 4),
+            f(5, 4),
             f(3, 4)
         );
     }
