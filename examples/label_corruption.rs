@@ -72,9 +72,9 @@ fn main() -> Result<()> {
             let noise = noise_curve_with_stats(&model, &probes, &probe_data, &noise_spec, &stats)?;
             println!(
                 "{{\"experiment\":\"label_corruption\",\"corruption\":{p},\"seed\":{seed},\"epochs\":{epochs},\"train_acc\":{train_acc:.4},\
-                 \"test_acc\":{test_acc:.4},\"auc_zero\":{:.4},\"auc_zero_ci\":{:?},\"normalized_auc_zero\":{:.4},\"auc_mean\":{:.4},\
+                 \"test_acc\":{test_acc:.4},\"auc_zero\":{:.4},\"auc_zero_ci\":{},\"normalized_auc_zero\":{:.4},\"auc_mean\":{:.4},\
                  \"noise_auc\":{:.4},\"curve_zero\":{:?},\"curve_mean\":{:?},\"noise_curve\":{:?}}}",
-                zero.auc, zero.auc_ci, zero.normalized_auc, mean.auc, noise.auc, zero.accuracy, mean.accuracy, noise.accuracy
+                zero.auc, serde_json::to_string(&zero.auc_ci).unwrap_or_default(), zero.normalized_auc, mean.auc, noise.auc, zero.accuracy, mean.accuracy, noise.accuracy
             );
             rows.push((
                 p,
