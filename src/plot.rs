@@ -170,13 +170,22 @@ impl Plot {
 
     /// The chart as an SVG document.
     pub fn to_svg(&self) -> String {
-        let (w, h) = (760.0, 440.0);
+        // The legend column grows with its longest entry (about 6.5 px a character at 12 px).
+        let longest = self
+            .series
+            .iter()
+            .map(|s| s.label.chars().count() + if s.right_axis { 8 } else { 0 })
+            .chain(self.markers.iter().map(|m| m.label.chars().count()))
+            .max()
+            .unwrap_or(0);
+        let legend = (longest as f64 * 6.5 + 45.0).max(170.0);
+        let (w, h) = (590.0 + legend, 440.0);
         let right = if self.series.iter().any(|s| s.right_axis) {
             70.0
         } else {
             20.0
         };
-        let (l, t, r, b) = (70.0, 40.0, w - right - 170.0, h - 55.0);
+        let (l, t, r, b) = (70.0, 40.0, w - right - legend, h - 55.0);
         let tx = |x: f64| if self.log_x { x.log10() } else { x };
         let finite = |s: &Series| -> Vec<(f64, f64)> {
             s.points
@@ -504,6 +513,26 @@ mod tests {
         assert_eq!((lo, hi), (0.0, 1.0));
         let (lo, hi, _) = nice_range(&[2.0, 2.0]);
         assert!(lo < 2.0 && hi > 2.0);
+    }
+
+    #[test]
+    fn the_canvas_widens_for_long_legend_entries() {
+        let width = |label: &str| -> f64 {
+            let svg = Plot::new("t")
+                .series(Series::line(label, vec![(0.0, 1.0), (1.0, 2.0)]))
+                .to_svg();
+            svg.split("width=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(width("short"), 760.0);
+        // 60 characters need about 60 · 6.5 px after the legend's 45 px of line and margin.
+        assert!(width(&"x".repeat(60)) >= 590.0 + 60.0 * 6.5 + 45.0 - 1e-9);
     }
 
     #[test]
