@@ -275,7 +275,9 @@ pub(crate) fn evaluate_levels(
     let chunk = max_rows.min(n);
     let guard = probes.begin(make_action(0..levels.min(1))?, 1, false)?;
     for level in 0..levels {
-        guard.set_action(make_action(level..level + 1)?, 1, false)?;
+        if level > 0 {
+            guard.set_action(make_action(level..level + 1)?, 1, false)?;
+        }
         for start in (0..n).step_by(chunk) {
             let (xs, labels) = data.chunk(start, chunk)?;
             guard.start_forward(start, n)?;
