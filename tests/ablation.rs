@@ -455,3 +455,17 @@ fn ablation_accuracies_match_the_curve_and_single_units() -> Result<()> {
     .is_err());
     Ok(())
 }
+
+#[test]
+fn probe_data_rejects_infinite_inputs_but_not_large_ones() -> Result<()> {
+    let labels = Tensor::new(&[0u32, 1], &dev())?;
+    for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+        let xs = Tensor::new(&[[1f32, 2.0], [bad, 0.0]], &dev())?;
+        let e = ProbeData::new(xs, labels.clone()).unwrap_err().to_string();
+        assert!(e.contains("NaN or infinite"), "{bad}: {e}");
+    }
+    // Large finite values are fine (their squares would overflow f32).
+    let xs = Tensor::new(&[[3e38f32, -3e38], [1.0, 0.0]], &dev())?;
+    assert!(ProbeData::new(xs, labels).is_ok());
+    Ok(())
+}
