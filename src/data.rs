@@ -50,7 +50,7 @@ impl ProbeData {
             // x − x is 0 for every finite x and NaN for NaN and ±inf: one reduction on the
             // tensor's own device instead of a copy of the whole set to the host.
             let x = xs.to_dtype(DType::F32)?;
-            let finite = (&x - &x)?.sum_all()?.to_scalar::<f32>()?.is_finite();
+            let finite = x.sub(&x)?.sum_all()?.to_scalar::<f32>()?.is_finite();
             if !finite {
                 candle_core::bail!("probe data: inputs contain NaN or infinite values");
             }
