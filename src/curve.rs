@@ -10,8 +10,11 @@ use statrs::distribution::{ContinuousCDF, StudentsT};
 /// // A curve falling linearly from 1 to 0 over [0, 1] has area 1/2.
 /// assert_eq!(candle_reliance::trapezoid_auc(&[0.0, 0.5, 1.0], &[1.0, 0.5, 0.0]), 0.5);
 /// ```
+/// Returns NaN when `x` and `y` differ in length (no curve to integrate).
 pub fn trapezoid_auc(x: &[f64], y: &[f64]) -> f64 {
-    assert_eq!(x.len(), y.len(), "trapezoid_auc: x and y differ in length");
+    if x.len() != y.len() {
+        return f64::NAN;
+    }
     x.windows(2)
         .zip(y.windows(2))
         .map(|(x, y)| (x[1] - x[0]) * (y[0] + y[1]) / 2.0)
@@ -71,6 +74,7 @@ mod tests {
         let auc = trapezoid_auc(&[0.0, 0.25, 0.5, 1.0], &[1.0, 1.0, 0.5, 0.1]);
         assert!((auc - 0.5875).abs() < 1e-12, "{auc}");
         assert_eq!(trapezoid_auc(&[0.3], &[1.0]), 0.0);
+        assert!(trapezoid_auc(&[0.0, 1.0], &[1.0]).is_nan());
     }
 
     #[test]
