@@ -23,7 +23,7 @@
 //! ```
 
 use crate::curve::summarize;
-use crate::measure::{evaluate_levels, unit_statistics, UnitStatistics};
+use crate::measure::{evaluate_levels, unit_statistics, LevelRun, ProbeUnits, UnitStatistics};
 use crate::probe::{Action, ProbeSet};
 use crate::ProbeData;
 use candle_core::{Module, Result, Tensor};
@@ -335,38 +335,22 @@ pub fn ablation_curve_with_stats(
             };
         }
     }
-    let device = data.xs().device().clone();
-    let values = clamp_values(stats, spec.clamp, &device)?;
-    let make_action = |range: std::ops::Range<usize>| -> Result<Action> {
-        let keep = stats
-            .probes
-            .iter()
-            .map(|p| {
-                let mut k = Vec::with_capacity(range.len() * p.units);
-                for &(r, cut) in &masks[range.clone()] {
-                    k.extend(
-                        ranks[r][p.offset..p.offset + p.units]
-                            .iter()
-                            .map(|&rank| u8::from(rank >= cut)),
-                    );
-                }
-                Tensor::from_vec(k, (range.len(), p.units), &device)
-            })
-            .collect::<Result<_>>()?;
-        Ok(Action::Clamp {
-            keep,
-            values: values.clone(),
-        })
-    };
-    let run = evaluate_levels(
+    let run = evaluate_clamped(
         model,
         probes,
         data,
+        stats,
         masks.len(),
-        spec.max_batch_rows
-            .unwrap_or_else(|| auto_batch_rows(data.xs().device(), stats.widest_sample())),
+        spec.clamp,
+        spec.max_batch_rows,
         spec.batched,
-        &make_action,
+        |level, p, keep| {
+            let (r, cut) = masks[level];
+            let ranks = &ranks[r][p.offset..p.offset + p.units];
+            keep.iter_mut()
+                .zip(ranks)
+                .for_each(|(k, &rank)| *k = u8::from(rank >= cut));
+        },
     )?;
     let n = data.len() as f64;
     let per_order: Vec<Vec<f64>> = index
@@ -410,6 +394,43 @@ fn clamp_values(
         .collect()
 }
 
+/// Runs `levels` clamp settings; `fill_keep(level, probe, row)` writes the probe's keep row
+/// (non-zero keeps a unit) for one level. Shared by the curve and [`ablation_accuracies`].
+#[allow(clippy::too_many_arguments)]
+fn evaluate_clamped(
+    model: &impl Module,
+    probes: &ProbeSet,
+    data: &ProbeData,
+    stats: &UnitStatistics,
+    levels: usize,
+    clamp: Clamp,
+    max_batch_rows: Option<usize>,
+    batched: bool,
+    fill_keep: impl Fn(usize, &ProbeUnits, &mut [u8]),
+) -> Result<LevelRun> {
+    let device = data.xs().device().clone();
+    let values = clamp_values(stats, clamp, &device)?;
+    let make_action = |range: std::ops::Range<usize>| -> Result<Action> {
+        let keep = stats
+            .probes
+            .iter()
+            .map(|p| {
+                let mut k = vec![0u8; range.len() * p.units];
+                for (row, level) in range.clone().enumerate() {
+                    fill_keep(level, p, &mut k[row * p.units..(row + 1) * p.units]);
+                }
+                Tensor::from_vec(k, (range.len(), p.units), &device)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Action::Clamp {
+            keep,
+            values: values.clone(),
+        })
+    };
+    let rows = max_batch_rows.unwrap_or_else(|| auto_batch_rows(&device, stats.widest_sample()));
+    evaluate_levels(model, probes, data, levels, rows, batched, &make_action)
+}
+
 /// Accuracy on `data` with each given set of units clamped: entry `i` of the result is the
 /// accuracy with the global units `clamped[i]` clamped (an empty set is the unablated accuracy).
 /// All sets run batched like the curve. `stats` must come from [`unit_statistics`] on the same
@@ -433,31 +454,24 @@ pub fn ablation_accuracies(
     if clamped.is_empty() {
         return Ok(vec![]);
     }
-    let device = data.xs().device().clone();
-    let values = clamp_values(stats, clamp, &device)?;
-    let make_action = |range: std::ops::Range<usize>| -> Result<Action> {
-        let keep = stats
-            .probes
-            .iter()
-            .map(|p| {
-                let mut k = vec![1u8; range.len() * p.units];
-                for (row, set) in clamped[range.clone()].iter().enumerate() {
-                    for &u in set {
-                        if (p.offset..p.offset + p.units).contains(&u) {
-                            k[row * p.units + u - p.offset] = 0;
-                        }
-                    }
+    let run = evaluate_clamped(
+        model,
+        probes,
+        data,
+        stats,
+        clamped.len(),
+        clamp,
+        max_batch_rows,
+        true,
+        |level, p, keep| {
+            keep.fill(1);
+            for &u in &clamped[level] {
+                if (p.offset..p.offset + p.units).contains(&u) {
+                    keep[u - p.offset] = 0;
                 }
-                Tensor::from_vec(k, (range.len(), p.units), &device)
-            })
-            .collect::<Result<_>>()?;
-        Ok(Action::Clamp {
-            keep,
-            values: values.clone(),
-        })
-    };
-    let rows = max_batch_rows.unwrap_or_else(|| auto_batch_rows(&device, stats.widest_sample()));
-    let run = evaluate_levels(model, probes, data, clamped.len(), rows, true, &make_action)?;
+            }
+        },
+    )?;
     let n = data.len() as f64;
     Ok(run.correct.iter().map(|&c| c as f64 / n).collect())
 }
