@@ -93,7 +93,7 @@ pub fn unit_statistics(
         guard.start_forward_labelled(
             start,
             n,
-            Some(one_hot(chunk_labels, label_classes, xs.device())?),
+            Some((Tensor::new(chunk_labels, xs.device())?, label_classes)),
         )?;
         let logits = model.forward(&xs)?;
         guard.finish_forward()?;
@@ -167,15 +167,6 @@ pub fn unit_statistics(
         class_counts,
         first_probe,
     })
-}
-
-fn one_hot(labels: &[u32], classes: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let mut v = vec![0f64; labels.len() * classes];
-    labels
-        .iter()
-        .enumerate()
-        .for_each(|(i, &l)| v[i * classes + l as usize] = 1.0);
-    Tensor::from_vec(v, (labels.len(), classes), device)
 }
 
 fn logits_dims(logits: &Tensor) -> Result<(usize, usize)> {

@@ -109,8 +109,8 @@ pub(crate) struct Pass {
     pub call_order: Vec<usize>,
     pub sample_offset: usize,
     pub total_samples: usize,
-    /// One-hot labels `(rows, classes)` f64 of the current chunk, for per-class sums.
-    pub one_hot: Option<Tensor>,
+    /// Labels `(rows,)` u32 of the current chunk and the class count, for per-class sums.
+    pub labels: Option<(Tensor, usize)>,
     // Accumulated over a pass:
     pub sums: Vec<Option<UnitSums>>,
     /// Per probe, the activation recorded by the last forward of a capture pass.
@@ -189,7 +189,7 @@ impl ProbeSet {
             call_order: Vec::with_capacity(n),
             sample_offset: 0,
             total_samples: 0,
-            one_hot: None,
+            labels: None,
             sums: vec![None; n],
             captured: vec![None; n],
         });
@@ -216,15 +216,16 @@ impl PassGuard<'_> {
         self.start_forward_labelled(sample_offset, total, None)
     }
 
-    /// [`PassGuard::start_forward`] with the chunk's one-hot labels, for per-class sums.
+    /// [`PassGuard::start_forward`] with the chunk's labels `(rows,)` u32 and the class count,
+    /// for per-class sums.
     pub fn start_forward_labelled(
         &self,
         sample_offset: usize,
         total: usize,
-        one_hot: Option<Tensor>,
+        labels: Option<(Tensor, usize)>,
     ) -> Result<()> {
         self.with(|p| {
-            p.one_hot = one_hot;
+            p.labels = labels;
             p.seen.iter_mut().for_each(|s| *s = false);
             p.call_order.clear();
             p.rows_in = None;
@@ -396,7 +397,7 @@ impl Module for Probe {
         }
         match &pass.action {
             Action::Stats => {
-                record_sums(&mut pass.sums[i], xs, pass.one_hot.as_ref())
+                record_sums(&mut pass.sums[i], xs, pass.labels.as_ref())
                     .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))?;
                 Ok(xs.clone())
             }
@@ -430,25 +431,28 @@ impl Module for Probe {
     }
 }
 
-fn record_sums(slot: &mut Option<UnitSums>, xs: &Tensor, one_hot: Option<&Tensor>) -> Result<()> {
+fn record_sums(
+    slot: &mut Option<UnitSums>,
+    xs: &Tensor,
+    labels: Option<&(Tensor, usize)>,
+) -> Result<()> {
     let (rows, units, inner) = rows_units_inner(xs.dims())?;
-    let x = xs.to_dtype(DType::F64)?;
-    let (sum, sum_sq, per_sample) = if xs.rank() == 2 {
-        (x.sum(0)?, x.sqr()?.sum(0)?, x)
-    } else {
-        (x.sum((0, 2, 3))?, x.sqr()?.sum((0, 2, 3))?, x.mean((2, 3))?)
+    // One pass over the activation (one kernel on CUDA): sums, sums of squares, class sums.
+    let (labels, classes) = match labels {
+        Some((l, c)) => (l.clone(), *c),
+        None => (Tensor::zeros(rows, DType::U32, xs.device())?, 0),
     };
-    let (sum, sum_sq) = (sum.to_vec1::<f64>()?, sum_sq.to_vec1::<f64>()?);
-    // (classes, rows) · (rows, units): per-class sums in one product.
-    let class_sum = match one_hot {
-        Some(oh) => Some(
-            oh.t()?
-                .matmul(&per_sample)?
-                .flatten_all()?
-                .to_vec1::<f64>()?,
-        ),
-        None => None,
-    };
+    let sums = crate::ops::unit_sums(xs, &labels, classes)?.to_vec2::<f64>()?;
+    let (sum, sum_sq) = (&sums[0], &sums[1]);
+    // Per-class sums of the per-sample values: a feature map's sample value is its mean over
+    // positions.
+    let class_sum = (classes > 0).then(|| {
+        sums[2..]
+            .iter()
+            .flatten()
+            .map(|v| v / inner as f64)
+            .collect::<Vec<f64>>()
+    });
     let s = slot.get_or_insert_with(|| UnitSums {
         units,
         count: 0,

@@ -5,7 +5,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests};
+use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests, unit_sums_for_tests};
 use candle_reliance::{
     ablation_curve, noise_curve, AblationOrder, AblationSpec, Clamp, NoiseSpec, Probe, ProbeData,
     ProbeSet,
@@ -183,6 +183,51 @@ fn level_noise_matches_cpu_within_tolerance() -> Result<()> {
         }
     }
     println!("{cases} noise cases within tolerance");
+    Ok(())
+}
+
+#[test]
+fn unit_sums_match_cpu() -> Result<()> {
+    let Some(gpu) = cuda() else { return Ok(()) };
+    // Dense and map shapes; 3001 rows split over many blocks of grid.y, 1031 units over several
+    // blocks of grid.x, maps of 300 positions (more than a block's 256 threads), empty batches.
+    let shapes: &[&[usize]] = &[
+        &[37, 129],
+        &[3001, 300],
+        &[17, 1031],
+        &[5, 7, 3, 5],
+        &[9, 5, 15, 20],
+        &[1, 1],
+        &[0, 129],
+        &[0, 7, 3, 5],
+    ];
+    let mut cases = 0;
+    for (si, shape) in shapes.iter().enumerate() {
+        for classes in [0usize, 10] {
+            for &dtype in DTYPES {
+                let n: usize = shape.iter().product();
+                let seed = (si * 10 + classes) as u64;
+                let x = Tensor::from_vec(values(n, seed), *shape, &Device::Cpu)?.to_dtype(dtype)?;
+                // Labels 0..12: some outside 0..classes, which add to no class row.
+                let labels: Vec<u32> = (0..shape[0] as u32).map(|r| (r * 7 + 3) % 13).collect();
+                let labels = Tensor::from_vec(labels, shape[0], &Device::Cpu)?;
+                let want = unit_sums_for_tests(&x, &labels, classes)?;
+                let got =
+                    unit_sums_for_tests(&x.to_device(&gpu)?, &labels.to_device(&gpu)?, classes)?;
+                let what = format!("unit sums {shape:?} classes={classes} {dtype:?}");
+                assert_eq!(got.dims(), want.dims(), "{what}");
+                assert_eq!(got.dtype(), DType::F64, "{what}");
+                // f64 sums of the same values in another order (atomics): rounding only.
+                let tol = 1e-12 * (n.max(1) as f64);
+                let (g, w) = (to_f64(&got)?, to_f64(&want)?);
+                for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+                    assert!((a - b).abs() <= tol, "{what}: element {i}: {a} vs {b}");
+                }
+                cases += 1;
+            }
+        }
+    }
+    println!("{cases} unit-sum cases agree");
     Ok(())
 }
 

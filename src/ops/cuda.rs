@@ -13,10 +13,14 @@ pub(crate) const CLAMP_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/clamp
 /// `kernels/noise.cu` compiled to PTX by build.rs.
 pub(crate) const NOISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/noise.ptx"));
 
+/// `kernels/stats.cu` compiled to PTX by build.rs.
+pub(crate) const STATS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/stats.ptx"));
+
 /// Names under which candle caches the loaded modules, per device. Unique to this crate so they
 /// cannot collide with another library's custom modules.
 const CLAMP_MODULE: &str = "candle_reliance::clamp";
 const NOISE_MODULE: &str = "candle_reliance::noise";
+const STATS_MODULE: &str = "candle_reliance::stats";
 
 /// Threads per block; the kernels are grid-stride loops, so any grid covers any size.
 const BLOCK: u32 = 256;
@@ -171,6 +175,88 @@ pub(crate) fn level_noise<T: CudaDType + DeviceRepr + WithDType>(
         );
         // SAFETY: as for `level_clamp`; `std` has `levels · units` elements.
         unsafe { b.launch(launch_config(g.total)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Threads per block of the statistics kernels (`STATS_THREADS` in kernels/stats.cu).
+const STATS_BLOCK: u32 = 256;
+/// Blocks a statistics launch aims for: enough to fill a GPU several times over. Row splits
+/// beyond it only add atomics.
+const STATS_TARGET_BLOCKS: usize = 1024;
+/// The hardware limit of `gridDim.y` (and our cap on `gridDim.x`; the kernels stride over it).
+const GRID_LIMIT: usize = 65535;
+
+/// Launches `unit_sums_{dense,maps}_<dtype>` and, when `classes > 0`, `class_sums_*`
+/// (kernels/stats.cu) into one zeroed `(2 + classes, units)` f64 output: the op `UnitSums`.
+pub(crate) fn unit_sums<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    op: &str,
+    (rows, units, inner): (usize, usize, usize),
+    classes: usize,
+    (x, lx): (&CudaSlice<T>, &Layout),
+    (labels, ll): (&CudaSlice<u32>, &Layout),
+) -> Result<CudaStorage> {
+    let mut out = dev.alloc_zeros::<f64>(((2 + classes) * units).max(1))?;
+    if rows > 0 && units > 0 && inner > 0 {
+        let x = contiguous_view(x, lx, op)?;
+        let labels = contiguous_view(labels, ll, op)?;
+        let dense = inner == 1;
+        // Dense: one thread per column; maps: one block per unit. grid.y splits the rows.
+        let grid_x = if dense {
+            units.div_ceil(STATS_BLOCK as usize)
+        } else {
+            units
+        }
+        .min(GRID_LIMIT);
+        let grid_y = (STATS_TARGET_BLOCKS / grid_x).clamp(1, rows.min(GRID_LIMIT));
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x as u32, grid_y as u32, 1),
+            block_dim: (STATS_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let shape = if dense { "dense" } else { "maps" };
+        let (mut sums, mut rest) = out.split_at_mut(units);
+        let (mut sums_sq, mut class_sums) = rest.split_at_mut(units);
+        let func = dev.get_or_load_custom_func(
+            &kernel_name::<T>(&format!("unit_sums_{shape}")),
+            STATS_MODULE,
+            STATS_PTX,
+        )?;
+        // Scalar arguments live here: the builder keeps references to them until the launch.
+        let (rows_arg, units_arg, inner_arg, classes_arg) =
+            (rows as u64, units as u64, inner as u64, classes as u64);
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&mut sums);
+        b.arg(&mut sums_sq);
+        b.arg(&rows_arg);
+        b.arg(&units_arg);
+        if !dense {
+            b.arg(&inner_arg);
+        }
+        // SAFETY: the arguments match the kernel's signature; `x` covers rows · units · inner
+        // elements and `sums`/`sums_sq` hold `units` each (checked by the op's wrapper).
+        unsafe { b.launch(cfg) }.w()?;
+        if classes > 0 {
+            let func = dev.get_or_load_custom_func(
+                &kernel_name::<T>(&format!("class_sums_{shape}")),
+                STATS_MODULE,
+                STATS_PTX,
+            )?;
+            let mut b = func.builder();
+            b.arg(&x);
+            b.arg(&labels);
+            b.arg(&mut class_sums);
+            b.arg(&rows_arg);
+            b.arg(&units_arg);
+            if !dense {
+                b.arg(&inner_arg);
+            }
+            b.arg(&classes_arg);
+            // SAFETY: as above; `labels` has `rows` elements and `class_sums` classes · units.
+            unsafe { b.launch(cfg) }.w()?;
+        }
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

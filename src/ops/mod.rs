@@ -13,11 +13,13 @@ mod clamp;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod noise;
+mod stats;
 
 #[doc(inline)]
 pub use crate::rng::counter_normal;
 pub(crate) use clamp::level_clamp;
 pub(crate) use noise::{level_noise, LevelNoise};
+pub(crate) use stats::unit_sums;
 
 use candle_core::{Layout, Result, Tensor};
 
@@ -53,6 +55,13 @@ pub fn level_noise_for_tests(
         total_samples,
     };
     level_noise(x, std, op)
+}
+
+/// The statistics pass's per-unit sums on any device, for the device-equivalence tests; not
+/// part of the API. Returns `(2 + classes, units)` f64: sums, sums of squares, class sums.
+#[doc(hidden)]
+pub fn unit_sums_for_tests(x: &Tensor, labels: &Tensor, classes: usize) -> Result<Tensor> {
+    unit_sums(x, labels, classes)
 }
 
 /// `(rows, units, inner)` of a rank-2 or rank-4 activation.
