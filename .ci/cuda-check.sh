@@ -62,6 +62,15 @@ for cu in "${kernels[@]}"; do
     grep -q '^\.version 9\.0$' "$out" || { echo "cuda-check: $out is not PTX ISA 9.0" >&2; exit 1; }
     echo "cuda-check: $cu -> $out ($(grep -c '^\.visible \.entry' "$out") kernels)"
 done
+
+# The clamp and noise kernels' source run on the host against the CPU ops (kernels/README.md,
+# "Host emulation"): index arithmetic and the noise generator, without a GPU.
+t_emu=$(date +%s)
+g++ -std=c++17 -O2 -ffp-contract=off -Wall -Wextra -Werror -I"$CUDA/include" \
+    -o target/cuda/kernel-emu kernels/emu/emulate.cpp
+CANDLE_RELIANCE_KERNEL_EMU="$PWD/target/cuda/kernel-emu" \
+    cargo test --test kernel_emulation -- --nocapture
+echo "cuda-check: kernel emulation ok ($(($(date +%s) - t_emu)) s)"
 t_ptx=$(date +%s)
 
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR_CUDA:-target/cuda}" \
