@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build check of the `cuda` feature on a machine without a GPU: installs the pinned CUDA 13.0
-# compiler from PyPI into a cache folder (once), compiles every kernels/*.cu to PTX with warnings
-# as errors, and runs `cargo check --features cuda --all-targets` in its own target dir.
+# compiler from PyPI into a cache folder (once, .ci/cuda-toolkit.sh), compiles every kernels/*.cu
+# to PTX with warnings as errors, runs the clamp and noise kernels under the host emulation
+# against the CPU ops (kernels/emu, tests/kernel_emulation.rs), and runs
+# `cargo check --features cuda --all-targets` in its own target dir.
 #
 #   bash .ci/cuda-check.sh            # cache in $CUDA_PIP_DIR (default: ~/.cache/candle-reliance/cuda-13.0.88)
 #
@@ -10,45 +12,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-# CUDA 13.0 Update 1 (nvcc V13.0.88). The GPUs' driver is CUDA 13.0: PTX from a newer nvcc
-# does not load there, so these pins move only with the driver.
-PKGS=(
-    nvidia-cuda-nvcc==13.0.88
-    nvidia-cuda-runtime==13.0.88
-    nvidia-cuda-cccl==13.0.85
-    nvidia-cuda-crt==13.0.88
-    nvidia-nvvm==13.0.88
-)
-DIR="${CUDA_PIP_DIR:-$HOME/.cache/candle-reliance/cuda-13.0.88}"
-CUDA="$DIR/nvidia/cu13"
-STAMP="$DIR/.installed"
-WANT="${PKGS[*]}"
-
 start=$(date +%s)
-if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" || ! -x "$CUDA/bin/nvcc" ]]; then
-    echo "cuda-check: installing ${PKGS[*]} into $DIR"
-    rm -rf "$DIR"
-    mkdir -p "$DIR"
-    PIP=(python3 -m pip)
-    "${PIP[@]}" --version >/dev/null
-    "${PIP[@]}" install --quiet --disable-pip-version-check --no-deps --target "$DIR" "${PKGS[@]}"
-    echo "$WANT" >"$STAMP"
-else
-    echo "cuda-check: using cached toolkit in $DIR"
-fi
-
-# The layout the wheels give (checked, so a changed layout fails here and not later).
-for f in bin/nvcc bin/ptxas bin/cudafe++ nvvm/bin/cicc nvvm/libdevice/libdevice.10.bc \
-    include/cuda_runtime.h include/cuda_fp16.h include/cuda_bf16.h include/crt/host_config.h \
-    include/cccl/cuda/std/version lib/libcudart.so.13; do
-    [[ -e "$CUDA/$f" ]] || { echo "cuda-check: missing $CUDA/$f" >&2; exit 1; }
-done
-
-export PATH="$CUDA/bin:$PATH"
-export CUDA_HOME="$CUDA"
-export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
-nvcc --version | tail -2
-nvcc --version | grep -q "release 13.0," || { echo "cuda-check: nvcc is not 13.0" >&2; exit 1; }
+# shellcheck source=.ci/cuda-toolkit.sh
+source .ci/cuda-toolkit.sh
 
 ptx_dir="target/cuda/ptx"
 mkdir -p "$ptx_dir"

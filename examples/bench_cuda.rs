@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear, loss, AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use candle_reliance::mnist::load_split;
-use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests};
+use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests, unit_sums_for_tests};
 use candle_reliance::{
     ablation_curve, noise_curve, AblationOrder, AblationSpec, NoiseSpec, Probe, ProbeData, ProbeSet,
 };
@@ -60,6 +60,10 @@ fn bandwidth(dev: &Device, reps: usize) -> Result<serde_json::Value> {
     let noise_s = time(dev, reps, || {
         level_noise_for_tests(&x, &std, true, 7, (0, 0, rows))
     })?;
+    // The statistics pass over the expanded-size activation, with 10 classes.
+    let labels: Vec<u32> = (0..(levels * rows) as u32).map(|r| r % 10).collect();
+    let labels = Tensor::from_vec(labels, levels * rows, dev)?;
+    let sums_s = time(dev, reps, || unit_sums_for_tests(&big, &labels, 10))?;
     let gbps = |bytes: f64, s: f64| bytes / s / 1e9;
     Ok(json!({
         "output_mib": out_bytes / (1 << 20) as f64,
@@ -70,6 +74,8 @@ fn bandwidth(dev: &Device, reps: usize) -> Result<serde_json::Value> {
         "clamp_expand": {"ms": clamp_s * 1e3, "gbps": gbps(out_bytes + in_bytes, clamp_s)},
         "clamp": {"ms": clamp_inplace_s * 1e3, "gbps": gbps(2.0 * out_bytes, clamp_inplace_s)},
         "noise_expand": {"ms": noise_s * 1e3, "gbps": gbps(out_bytes + in_bytes, noise_s)},
+        // Reads the activation once; the output is tiny.
+        "unit_sums": {"ms": sums_s * 1e3, "gbps": gbps(out_bytes, sums_s)},
     }))
 }
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU check of the `cuda` feature, for a machine with an NVIDIA GPU and the CUDA 13.0 libraries
-# but no Rust and no network. Runs two binaries built elsewhere (see docs/cuda.md, "Building what
-# the GPU machine runs") and prints a short table:
+# but no Rust and no network. Runs two binaries built elsewhere by scripts/build-gpu-bins.sh (see
+# docs/cuda.md, "Building what the GPU machine runs") and prints a short table:
 #
-#   target/cuda-bin/cuda_tests    the tests/cuda.rs test binary (CUDA vs CPU, bit-exact clamp)
-#   target/cuda-bin/bench_cuda    examples/bench_cuda.rs (bandwidth + MNIST MLP GPU vs CPU)
+#   target/cuda-bin/cuda_tests.xz    the tests/cuda.rs test binary (CUDA vs CPU, bit-exact clamp)
+#   target/cuda-bin/bench_cuda.xz    examples/bench_cuda.rs (bandwidth + MNIST MLP GPU vs CPU)
 #
 #   bash scripts/gpu-check.sh [BIN_DIR]
 #
@@ -12,11 +12,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${1:-target/cuda-bin}"
-TESTS="$BIN/cuda_tests"
-BENCH="$BIN/bench_cuda"
-for b in "$TESTS" "$BENCH"; do
-    [[ -x "$b" ]] || { echo "gpu-check: missing executable $b (see docs/cuda.md)" >&2; exit 1; }
+# scripts/build-gpu-bins.sh leaves them xz-compressed (to fit what a run can carry): unpack.
+UNPACKED=/tmp/candle-reliance-gpu-bin
+mkdir -p "$UNPACKED"
+for name in cuda_tests bench_cuda; do
+    if [[ -f "$BIN/$name.xz" ]]; then
+        python3 -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as f, open(sys.argv[2], "wb") as g:
+    shutil.copyfileobj(f, g)' "$BIN/$name.xz" "$UNPACKED/$name"
+        chmod +x "$UNPACKED/$name"
+    elif [[ -f "$BIN/$name" ]]; then
+        cp "$BIN/$name" "$UNPACKED/$name"
+    else
+        echo "gpu-check: missing $BIN/$name.xz (build it with scripts/build-gpu-bins.sh)" >&2
+        exit 1
+    fi
 done
+TESTS="$UNPACKED/cuda_tests"
+BENCH="$UNPACKED/bench_cuda"
 
 # Libraries the binaries link (cudarc's dynamic linking): libcuda.so.1 (driver), and
 # libcudart/libcublas/libcublasLt/libnvrtc .so.13 and libcurand.so.10 from a CUDA 13 toolkit,
@@ -87,8 +100,8 @@ if not bench_ok:
     print(f"{'bench_cuda':34} {'FAIL':>24}"); sys.exit(0)
 r = json.load(open("/tmp/gpu-check-bench.json"))
 bw, m = r["bandwidth"], r["mnist"]
-print(f"{'op (256 MiB f32 output)':34} {'ms':>10} {'GB/s':>13}")
-for k in ["d2d_copy", "clamp_expand", "clamp", "noise_expand"]:
+print(f"{'op (256 MiB f32 activations)':34} {'ms':>10} {'GB/s':>13}")
+for k in ["d2d_copy", "clamp_expand", "clamp", "noise_expand", "unit_sums"]:
     print(f"{k:34} {bw[k]['ms']:>10.3f} {bw[k]['gbps']:>13.0f}")
 print(f"{'cupy copy (reference)':34} {'':>10} {cupy:>13}")
 print(f"{'clamp_expand / d2d_copy':34} {bw['clamp_expand']['gbps'] / bw['d2d_copy']['gbps']:>24.2f}")
