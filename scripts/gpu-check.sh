@@ -35,7 +35,8 @@ BENCH="$UNPACKED/bench_cuda"
 # libcudart/libcublas/libcublasLt/libnvrtc .so.13 and libcurand.so.10 from a CUDA 13 toolkit,
 # or from the nvidia-* wheels that PyTorch/CuPy install.
 extra=()
-for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64; do
+for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 \
+    /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
     [[ -d "$d" ]] && extra+=("$d")
 done
 if command -v python3 >/dev/null; then
@@ -59,7 +60,9 @@ for b in "$TESTS" "$BENCH"; do
         exit 1
     fi
 done
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "== libraries"
+ldd "$TESTS" | grep -E "libcuda|libcublas|libcurand|libcudart|libnvrtc" || true
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "gpu-check: nvidia-smi not available"
 
 status=0
 echo "== tests/cuda.rs"
