@@ -29,13 +29,15 @@ for cu in "${kernels[@]}"; do
     echo "cuda-check: $cu -> $out ($(grep -c '^\.visible \.entry' "$out") kernels)"
 done
 
-# The clamp and noise kernels' source run on the host against the CPU ops (kernels/README.md,
-# "Host emulation"): index arithmetic and the noise generator, without a GPU.
+# The kernels' source run on the host against the CPU ops (kernels/README.md, "Host
+# emulation"), without a GPU: clamp and noise one thread at a time (index arithmetic, the noise
+# generator), stats with the threads of each block run concurrently as coroutines (barriers,
+# warp shuffles, shared memory, f64 atomics; several thread schedules).
 t_emu=$(date +%s)
 g++ -std=c++17 -O2 -ffp-contract=off -Wall -Wextra -Werror -I"$CUDA/include" \
     -o target/cuda/kernel-emu kernels/emu/emulate.cpp
 CANDLE_RELIANCE_KERNEL_EMU="$PWD/target/cuda/kernel-emu" \
-    cargo test --test kernel_emulation -- --nocapture
+    cargo test --test kernel_emulation --test kernel_emulation_stats -- --nocapture
 echo "cuda-check: kernel emulation ok ($(($(date +%s) - t_emu)) s)"
 t_ptx=$(date +%s)
 
