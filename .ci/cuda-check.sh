@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build check of the `cuda` feature on a machine without a GPU: installs the pinned CUDA 13.0
 # compiler from PyPI into a cache folder (once, .ci/cuda-toolkit.sh), compiles every kernels/*.cu
-# to PTX with warnings as errors, runs the clamp and noise kernels under the host emulation
-# against the CPU ops (kernels/emu, tests/kernel_emulation.rs), and runs
+# to PTX with warnings as errors, runs the kernels' source under the host emulation against the
+# CPU ops (kernels/emu, tests/kernel_emulation*.rs), and runs
 # `cargo check --features cuda --all-targets` in its own target dir.
 #
 #   bash .ci/cuda-check.sh            # cache in $CUDA_PIP_DIR (default: ~/.cache/candle-reliance/cuda-13.0.88)

@@ -1,0 +1,73 @@
+//! The host kernel emulator (`kernels/emu/emulate.cpp`) as the emulation tests call it.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub const ENV: &str = "CANDLE_RELIANCE_KERNEL_EMU";
+
+/// The emulator named by [`ENV`], or `None` (after printing "skipped: ...") when it is unset.
+pub fn emulator() -> Option<PathBuf> {
+    match std::env::var_os(ENV) {
+        None => {
+            println!(
+                "skipped: {ENV} is not set (build kernels/emu/emulate.cpp, see kernels/README.md)"
+            );
+            None
+        }
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "{ENV}={} is not a file", p.display());
+            Some(p)
+        }
+    }
+}
+
+/// Runs the emulator with `args`, `input` on its stdin; its stdout. Panics if it fails.
+pub fn call(emu: &Path, args: &[String], input: Vec<u8>) -> Vec<u8> {
+    let mut child = Command::new(emu)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", emu.display()));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().expect("emulator output");
+    assert!(
+        out.status.success(),
+        "kernel-emu {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    writer
+        .join()
+        .expect("stdin writer")
+        .expect("write to emulator");
+    out.stdout
+}
+
+/// xorshift64*: the tests' own random numbers.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
