@@ -113,6 +113,9 @@ for d in ["cuda", "cpu"]:
     x = m[d]
     print(f"  {d:5} acc {x['train_accuracy']:.4f}  ablation AUC {x['ablation_auc']:.4f} ({x['ablation_s']:.2f} s)"
           f"  noise AUC {x['noise_auc']:.4f} ({x['noise_s']:.2f} s)  batched {x['batched']}")
+c = m["cuda"]
+print(f"  GPU check (ablation + noise curves) / one training epoch of {m['epoch_s']:.2f} s: "
+      f"{(c['ablation_s'] + c['noise_s']) / m['epoch_s']:.2f}")
 print(f"  max |Δ accuracy|: ablation {m['max_abs_diff_ablation']:.4f}, noise {m['max_abs_diff_noise']:.4f}"
       f"  -> {'ok' if m['ok'] else 'FAIL'}")
 if not m["ok"]:
