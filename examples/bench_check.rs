@@ -11,7 +11,9 @@ mod common;
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::VarMap;
-use candle_reliance::{ablation_curve, AblationOrder, AblationSpec, Clamp, ProbeData, ProbeSet};
+use candle_reliance::{
+    ablation_curve, unit_statistics, AblationOrder, AblationSpec, Clamp, ProbeData, ProbeSet,
+};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -49,6 +51,10 @@ fn main() -> Result<()> {
         .with_clamp(Clamp::Zero);
 
     let batched = time(reps, || ablation_curve(&model, &probes, &data, &spec))?;
+    // The statistics pass inside every curve: unit counts, means, the unablated accuracy.
+    let stats = time(reps, || {
+        unit_statistics(&model, &probes, &data, spec.batch_size)
+    })?;
     let per_level = time(reps.min(3), || {
         ablation_curve(&model, &probes, &data, &spec.clone().with_batched(false))
     })?;
@@ -106,7 +112,7 @@ fn main() -> Result<()> {
     println!(
         "{{\"bench\":\"ablation_check\",\"model\":\"mlp-784-256-256-10\",\"samples\":{n},\"fractions\":17,\
          \"orders\":5,\"clamp\":\"zero\",\"distinct_masks\":{masks},\"threads\":{threads},\"reps\":{reps},\
-         \"batched_s\":{batched:.4},\"per_level_s\":{per_level:.4},\"speedup\":{speedup:.2},\
+         \"batched_s\":{batched:.4},\"stats_pass_s\":{stats:.4},\"per_level_s\":{per_level:.4},\"speedup\":{speedup:.2},\
          \"batch_rows\":{rows},\"matmul_whole_s\":{whole:.4},\"matmul_blocked_s\":{blocked:.4},\"unavoidable_matmul_s\":{matmul:.4},\"batched_over_matmul\":{ratio:.3},\"model_forward_s\":{model_forward:.4},\"batched_over_model_forward\":{ratio_fwd:.3},\"target_batched_over_matmul\":1.5,\"forward_idle_probes_s\":{idle:.5},\"forward_no_probes_s\":{bare:.5},\"idle_probe_ratio\":{idle_ratio:.3}}}",
         threads = rayon_threads(),
         speedup = per_level / batched,
