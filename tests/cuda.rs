@@ -231,6 +231,54 @@ fn unit_sums_match_cpu() -> Result<()> {
     Ok(())
 }
 
+/// Transposed (non-contiguous) and offset (starting inside a larger storage) inputs on the GPU:
+/// the wrappers copy the former, and `cuda_fwd` reads the latter from its offset.
+#[test]
+fn views_on_cuda_match_cpu() -> Result<()> {
+    let Some(gpu) = cuda() else { return Ok(()) };
+    let (rows, units, levels) = (23usize, 37usize, 3usize);
+    let x = Tensor::from_vec(values(rows * units, 91), (rows, units), &Device::Cpu)?;
+    let keep = Tensor::from_vec(bits01(levels * units, 92), (levels, units), &Device::Cpu)?;
+    let vals = Tensor::from_vec(values(units, 93), units, &Device::Cpu)?;
+    let std = Tensor::from_vec(values(levels * units, 94), (levels, units), &Device::Cpu)?.abs()?;
+    let labels: Vec<u32> = (0..rows as u32).map(|r| r % 4).collect();
+    let labels = Tensor::from_vec(labels, rows, &Device::Cpu)?;
+    let want_clamp = to_f64(&level_clamp_for_tests(&x, &keep, &vals, true)?)?;
+    let want_noise = to_f64(&level_noise_for_tests(&x, &std, true, 5, (0, 0, rows))?)?;
+    let want_sums = to_f64(&unit_sums_for_tests(&x, &labels, 4)?)?;
+    let xg = x.to_device(&gpu)?;
+    let pad = Tensor::zeros((5, units), DType::F32, &gpu)?;
+    let lpad = Tensor::zeros(5, DType::U32, &gpu)?;
+    let labels_g = Tensor::cat(&[&lpad, &labels.to_device(&gpu)?], 0)?.narrow(0, 5, rows)?;
+    for (name, v) in [
+        ("transposed", xg.t()?.contiguous()?.t()?),
+        ("offset", Tensor::cat(&[&pad, &xg], 0)?.narrow(0, 5, rows)?),
+    ] {
+        let clamp =
+            level_clamp_for_tests(&v, &keep.to_device(&gpu)?, &vals.to_device(&gpu)?, true)?;
+        let got = to_f64(&clamp)?;
+        assert!(
+            got.iter()
+                .zip(&want_clamp)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "clamp, {name} input"
+        );
+        let noise = level_noise_for_tests(&v, &std.to_device(&gpu)?, true, 5, (0, 0, rows))?;
+        for (a, b) in to_f64(&noise)?.iter().zip(&want_noise) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "noise, {name} input: {a} vs {b}"
+            );
+        }
+        let sums = to_f64(&unit_sums_for_tests(&v, &labels_g, 4)?)?;
+        for (a, b) in sums.iter().zip(&want_sums) {
+            assert!((a - b).abs() <= 1e-9, "unit sums, {name} input: {a} vs {b}");
+        }
+    }
+    println!("transposed and offset inputs agree with the CPU");
+    Ok(())
+}
+
 /// MLP 20-33-17-5 with fixed weights, built on CPU and copied, so both devices run the same net.
 struct Mlp {
     w: Vec<(Tensor, Tensor)>,
