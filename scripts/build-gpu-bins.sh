@@ -69,7 +69,9 @@ for b in "$OUT/cuda_tests" "$OUT/bench_cuda"; do
         echo "build-gpu-bins: $b has an rpath: $(readelf -d "$b" | grep -E 'R(UN)?PATH')" >&2
         exit 1
     fi
-    echo "build-gpu-bins: $b: $(du -h "$b" | cut -f1), needs $needed"
+    # The GPU machine's C library must be at least this new (built here, run there).
+    glibc=$(objdump -T "$b" | grep -oE 'GLIBC_[0-9.]+' | sort -uV | tail -1)
+    echo "build-gpu-bins: $b: $(du -h "$b" | cut -f1), needs $needed(newest symbol version $glibc)"
 done
 # Smoke test against the stubs, whose cuInit reports "no device": the binaries load (every
 # symbol resolves) and the tests take their no-device path.
