@@ -3,8 +3,7 @@
 //! `kernels/emu/emulate.cpp` (mode `stats`) runs the threads of each block concurrently, as
 //! coroutines, with `__syncthreads`, warp shuffles, shared memory and f64 atomics emulated (see
 //! `kernels/README.md`, "Host emulation"). It zeroes one `(2 + classes, units)` f64 buffer and
-//! launches `unit_sums_*` and, for `classes > 0`, `class_sums_*` into it as `src/ops/cuda.rs`
-//! (`unit_sums`) does. These tests compare every output element with the CPU op
+//! launches `unit_stats_*` into it as `src/ops/cuda.rs` (`unit_sums`) does. These tests compare every output element with the CPU op
 //! `UnitSums` (`unit_sums_for_tests`) over dense and convolutional shapes, sorted and unsorted
 //! labels (some out of range), all four dtypes, several grids (the launcher's and grids smaller
 //! and larger than the work) and four thread schedules. Set `CANDLE_RELIANCE_KERNEL_EMU` to the

@@ -37,9 +37,8 @@
 //   kernel-emu stats dtype=f32|f64|f16|bf16 rows=R units=U inner=I classes=C grid=GX grid_y=GY
 //                    [block=256] [shape=auto|dense|maps] [sched=rr|low|high|random] [seed=S]
 //       The statistics pass as src/ops/cuda.rs (`unit_sums`) launches it: one zeroed f64 buffer
-//       of (2 + C) x U elements; unit_sums_<shape>_<dtype> adds into rows 0 (sum) and 1
-//       (sum_sq), then, if C > 0, class_sums_<shape>_<dtype> into rows 2.. (class sums), both
-//       with grid (GX, GY) of 1-D blocks. shape=auto (default) takes the dense kernels when I = 1,
+//       of (2 + C) x U elements; unit_stats_<shape>_<dtype> adds into rows 0 (sum), 1 (sum_sq)
+//       and 2.. (class sums), with grid (GX, GY) of 1-D blocks. shape=auto (default) takes the dense kernels when I = 1,
 //       as the launcher does; maps needs block a multiple of 32, at most 256. sched is the
 //       block scheduler's policy (default rr); seed drives the random one. stdin: R*U*I elements
 //       of x, then R u32 labels. stdout: the (2 + C) * U f64. Input guards as for run; the
@@ -527,10 +526,8 @@ template <typename T> struct Entries;
         static constexpr auto clamp_expand = level_clamp_expand_##SUFFIX; \
         static constexpr auto noise = level_noise_##SUFFIX;               \
         static constexpr auto noise_expand = level_noise_expand_##SUFFIX; \
-        static constexpr auto unit_dense = unit_sums_dense_##SUFFIX;      \
-        static constexpr auto unit_maps = unit_sums_maps_##SUFFIX;        \
-        static constexpr auto class_dense = class_sums_dense_##SUFFIX;    \
-        static constexpr auto class_maps = class_sums_maps_##SUFFIX;      \
+        static constexpr auto stats_dense = unit_stats_dense_##SUFFIX;    \
+        static constexpr auto stats_maps = unit_stats_maps_##SUFFIX;      \
     };
 EMU_ENTRIES(float, f32)
 EMU_ENTRIES(double, f64)
@@ -680,8 +677,7 @@ int run_noise(const Args& a, bool expand, const std::vector<unsigned char>& in) 
 }
 
 // The statistics pass as src/ops/cuda.rs (`unit_sums`) launches it: one zeroed f64 buffer of
-// (2 + classes) x units; unit_sums_* adds into rows 0 (sum) and 1 (sum_sq), then, when
-// classes > 0, class_sums_* into rows 2.. (class_sums), with the same launch configuration.
+// (2 + classes) x units; unit_stats_* adds into rows 0 (sum), 1 (sum_sq) and 2.. (class_sums).
 template <typename T>
 int run_stats(const Args& a, const std::vector<unsigned char>& in) {
     const uint64_t rows = a.u64("rows"), units = a.u64("units"), inner = a.u64("inner"),
@@ -735,19 +731,13 @@ int run_stats(const Args& a, const std::vector<unsigned char>& in) {
     double* class_sums = sum + 2 * units;
     const uint32_t gx = (uint32_t)grid, gy = (uint32_t)grid_y, b = (uint32_t)block;
     if (dense) {
-        launch_blocks(gx, gy, b, policy, seed,
-                      [&] { Entries<T>::unit_dense(xp, sum, sum_sq, rows, units); });
-        if (classes > 0)
-            launch_blocks(gx, gy, b, policy, seed + 1, [&] {
-                Entries<T>::class_dense(xp, lp, class_sums, rows, units, classes);
-            });
+        launch_blocks(gx, gy, b, policy, seed, [&] {
+            Entries<T>::stats_dense(xp, lp, sum, sum_sq, class_sums, rows, units, classes);
+        });
     } else {
-        launch_blocks(gx, gy, b, policy, seed,
-                      [&] { Entries<T>::unit_maps(xp, sum, sum_sq, rows, units, inner); });
-        if (classes > 0)
-            launch_blocks(gx, gy, b, policy, seed + 1, [&] {
-                Entries<T>::class_maps(xp, lp, class_sums, rows, units, inner, classes);
-            });
+        launch_blocks(gx, gy, b, policy, seed, [&] {
+            Entries<T>::stats_maps(xp, lp, sum, sum_sq, class_sums, rows, units, inner, classes);
+        });
     }
     if (!out.guards_intact()) fail(1, "%s", "a thread wrote outside the output");
     write_all(sum, out.n * sizeof(double));

@@ -187,8 +187,8 @@ const STATS_TARGET_BLOCKS: usize = 1024;
 /// The hardware limit of `gridDim.y` (and our cap on `gridDim.x`; the kernels stride over it).
 const GRID_LIMIT: usize = 65535;
 
-/// Launches `unit_sums_{dense,maps}_<dtype>` and, when `classes > 0`, `class_sums_*`
-/// (kernels/stats.cu) into one zeroed `(2 + classes, units)` f64 output: the op `UnitSums`.
+/// Launches `unit_stats_{dense,maps}_<dtype>` (kernels/stats.cu) into one zeroed
+/// `(2 + classes, units)` f64 output: the op `UnitSums`, in one pass over `x`.
 pub(crate) fn unit_sums<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     op: &str,
@@ -215,48 +215,33 @@ pub(crate) fn unit_sums<T: CudaDType + DeviceRepr + WithDType>(
             block_dim: (STATS_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let shape = if dense { "dense" } else { "maps" };
+        let root = if dense {
+            "unit_stats_dense"
+        } else {
+            "unit_stats_maps"
+        };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), STATS_MODULE, STATS_PTX)?;
         let (mut sums, mut rest) = out.split_at_mut(units);
         let (mut sums_sq, mut class_sums) = rest.split_at_mut(units);
-        let func = dev.get_or_load_custom_func(
-            &kernel_name::<T>(&format!("unit_sums_{shape}")),
-            STATS_MODULE,
-            STATS_PTX,
-        )?;
         // Scalar arguments live here: the builder keeps references to them until the launch.
         let (rows_arg, units_arg, inner_arg, classes_arg) =
             (rows as u64, units as u64, inner as u64, classes as u64);
         let mut b = func.builder();
         b.arg(&x);
+        b.arg(&labels);
         b.arg(&mut sums);
         b.arg(&mut sums_sq);
+        b.arg(&mut class_sums);
         b.arg(&rows_arg);
         b.arg(&units_arg);
         if !dense {
             b.arg(&inner_arg);
         }
+        b.arg(&classes_arg);
         // SAFETY: the arguments match the kernel's signature; `x` covers rows · units · inner
-        // elements and `sums`/`sums_sq` hold `units` each (checked by the op's wrapper).
+        // elements, `labels` rows, and the three views of `out` hold units, units and
+        // classes · units elements (checked by the op's wrapper).
         unsafe { b.launch(cfg) }.w()?;
-        if classes > 0 {
-            let func = dev.get_or_load_custom_func(
-                &kernel_name::<T>(&format!("class_sums_{shape}")),
-                STATS_MODULE,
-                STATS_PTX,
-            )?;
-            let mut b = func.builder();
-            b.arg(&x);
-            b.arg(&labels);
-            b.arg(&mut class_sums);
-            b.arg(&rows_arg);
-            b.arg(&units_arg);
-            if !dense {
-                b.arg(&inner_arg);
-            }
-            b.arg(&classes_arg);
-            // SAFETY: as above; `labels` has `rows` elements and `class_sums` classes · units.
-            unsafe { b.launch(cfg) }.w()?;
-        }
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
