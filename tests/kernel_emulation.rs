@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests};
 mod emulation;
 
-use emulation::{call, emulator, Rng};
+use emulation::{call, emulator, suffix, Rng, DTYPES};
 
 fn bytes(t: &Tensor) -> Result<Vec<u8>> {
     let mut v = Vec::new();
@@ -137,18 +137,6 @@ const SHAPES: &[&[usize]] = &[
     &[3, 1, 1, 1023],
 ];
 const LEVELS: &[usize] = &[1, 3, 4];
-const DTYPES: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
-
-fn suffix(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "f32",
-        DType::F64 => "f64",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => unreachable!(),
-    }
-}
-
 /// A value of width `w` bytes whose bits are random but neither ±0 nor all ones (the
 /// emulator's never-written pattern).
 fn random_bits(rng: &mut Rng, w: usize) -> u64 {

@@ -22,19 +22,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_reliance::ops::unit_sums_for_tests;
 mod emulation;
 
-use emulation::{call, emulator, Rng};
-
-const DTYPES: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
-
-fn suffix(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "f32",
-        DType::F64 => "f64",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => unreachable!(),
-    }
-}
+use emulation::{call, emulator, suffix, Rng, DTYPES};
 
 /// Threads per block (`STATS_BLOCK` in src/ops/cuda.rs, `STATS_THREADS` in kernels/stats.cu).
 const BLOCK: usize = 256;

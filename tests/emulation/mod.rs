@@ -1,6 +1,7 @@
 //! The host kernel emulator (`kernels/emu/emulate.cpp`) as the emulation tests call it.
 #![allow(dead_code)]
 
+use candle_core::DType;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -69,5 +70,19 @@ impl Rng {
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The element types every kernel is instantiated for.
+pub const DTYPES: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+
+/// The kernels' dtype suffix, as candle's `kernel_name` builds it.
+pub fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => unreachable!(),
     }
 }
