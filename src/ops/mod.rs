@@ -9,6 +9,22 @@
 //! pass reaches *expands* its input from `M` rows to `L·M` rows, level-major; later probes see
 //! `L·M` rows and apply the level's setting to the rows of that level.
 
+/// Evaluates `$body` with `$x` bound to the data of a float storage — `$data` is a
+/// `CpuStorage` or a `CudaStorageSlice` (`$kind`), whose variants share their names — so that
+/// the body is compiled once per float dtype; any other dtype (`$dtype`) is an error naming
+/// `$op`.
+macro_rules! with_float_data {
+    ($data:expr, $kind:ident, $op:expr, $dtype:expr, |$x:ident| $body:expr) => {
+        match $data {
+            $kind::F32($x) => $body,
+            $kind::F64($x) => $body,
+            $kind::BF16($x) => $body,
+            $kind::F16($x) => $body,
+            _ => candle_core::bail!("{}: unsupported dtype {:?}", $op, $dtype),
+        }
+    };
+}
+
 mod clamp;
 #[cfg(feature = "cuda")]
 mod cuda;

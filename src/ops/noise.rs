@@ -110,13 +110,9 @@ impl CustomOp2 for LevelNoise {
             _ => candle_core::bail!("{}: std must be f32", self.name()),
         };
         let dims = l1.shape().dims();
-        match s1 {
-            CpuStorage::F32(x) => self.run(contiguous(x, l1, self.name())?, dims, std),
-            CpuStorage::F64(x) => self.run(contiguous(x, l1, self.name())?, dims, std),
-            CpuStorage::BF16(x) => self.run(contiguous(x, l1, self.name())?, dims, std),
-            CpuStorage::F16(x) => self.run(contiguous(x, l1, self.name())?, dims, std),
-            _ => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), s1.dtype()),
-        }
+        with_float_data!(s1, CpuStorage, self.name(), s1.dtype(), |x| {
+            self.run(contiguous(x, l1, self.name())?, dims, std)
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -143,13 +139,9 @@ impl CustomOp2 for LevelNoise {
         };
         let dev = &s1.device;
         let (name, expand) = (self.name(), self.expand);
-        let out = match &s1.slice {
-            S::F32(x) => cuda::level_noise(dev, name, g, expand, counter, (x, l1), std),
-            S::F64(x) => cuda::level_noise(dev, name, g, expand, counter, (x, l1), std),
-            S::BF16(x) => cuda::level_noise(dev, name, g, expand, counter, (x, l1), std),
-            S::F16(x) => cuda::level_noise(dev, name, g, expand, counter, (x, l1), std),
-            _ => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), s1.dtype()),
-        }?;
+        let out = with_float_data!(&s1.slice, S, name, s1.dtype(), |x| {
+            cuda::level_noise(dev, name, g, expand, counter, (x, l1), std)
+        })?;
         Ok((
             out,
             Shape::from_dims(&output_dims(dims, self.levels, expand)),

@@ -81,13 +81,9 @@ impl CustomOp2 for UnitSums {
             _ => candle_core::bail!("{}: labels must be u32", self.name()),
         };
         let dims = l1.shape().dims();
-        let out = match s1 {
-            CpuStorage::F32(x) => self.run(contiguous(x, l1, self.name())?, dims, labels),
-            CpuStorage::F64(x) => self.run(contiguous(x, l1, self.name())?, dims, labels),
-            CpuStorage::BF16(x) => self.run(contiguous(x, l1, self.name())?, dims, labels),
-            CpuStorage::F16(x) => self.run(contiguous(x, l1, self.name())?, dims, labels),
-            s => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
-        };
+        let out = with_float_data!(s1, CpuStorage, self.name(), s1.dtype(), |x| {
+            self.run(contiguous(x, l1, self.name())?, dims, labels)
+        });
         let (_, units, _) = rows_units_inner(dims)?;
         Ok((
             CpuStorage::F64(out),
@@ -112,13 +108,9 @@ impl CustomOp2 for UnitSums {
             _ => candle_core::bail!("{}: labels must be u32", self.name()),
         };
         let (dev, name, classes) = (&s1.device, self.name(), self.classes);
-        let out = match &s1.slice {
-            S::F32(x) => cuda::unit_sums(dev, name, riu, classes, (x, l1), labels),
-            S::F64(x) => cuda::unit_sums(dev, name, riu, classes, (x, l1), labels),
-            S::BF16(x) => cuda::unit_sums(dev, name, riu, classes, (x, l1), labels),
-            S::F16(x) => cuda::unit_sums(dev, name, riu, classes, (x, l1), labels),
-            _ => candle_core::bail!("{}: unsupported dtype {:?}", name, s1.dtype()),
-        }?;
+        let out = with_float_data!(&s1.slice, S, name, s1.dtype(), |x| {
+            cuda::unit_sums(dev, name, riu, classes, (x, l1), labels)
+        })?;
         Ok((out, Shape::from_dims(&[2 + classes, riu.1])))
     }
 }
