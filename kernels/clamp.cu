@@ -19,15 +19,12 @@ __device__ __forceinline__ void level_clamp_body(const T* __restrict__ x,
                                                  const T* __restrict__ values,
                                                  T* __restrict__ out, I n, I row_len, I units,
                                                  I inner, I per_level) {
-    const typename Div<I>::type by_row(row_len), by_level(per_level), by_inner(inner);
+    const LevelIndex<I> index(row_len, per_level, inner);
     const I stride = (I)grid_stride();
     for (I idx = (I)grid_start(); idx < n; idx += stride) {
-        const I row = by_row.div(idx);
-        const I col = idx - row * row_len;
-        const I level = by_level.div(row);
-        const I u = by_inner.div(col);
-        const I src_row = EXPAND ? row - level * per_level : row;
-        out[idx] = keep[level * units + u] ? x[src_row * row_len + col] : values[u];
+        const LevelPos<I> p = index.at(idx);
+        const I src_row = EXPAND ? p.m : p.row;
+        out[idx] = keep[p.level * units + p.u] ? x[src_row * row_len + p.col] : values[p.u];
     }
 }
 

@@ -58,6 +58,30 @@ template <> struct Div<uint64_t> { typedef DivU64 type; };
 // Indices below this use the 32-bit path.
 #define FAST_INDEX_LIMIT (1ull << 31)
 
+// Position of output element `idx` of a level op, whose output is (levels, per_level, units,
+// inner) flattened with rows of row_len = units * inner: row, column, level, row within the
+// level (m) and unit. Shared by the clamp and noise kernels.
+template <typename I> struct LevelPos {
+    I row, col, level, m, u;
+};
+
+template <typename I> struct LevelIndex {
+    typename Div<I>::type by_row, by_level, by_inner;
+    I row_len, per_level;
+    __device__ __forceinline__ LevelIndex(I row_len_, I per_level_, I inner)
+        : by_row(row_len_), by_level(per_level_), by_inner(inner), row_len(row_len_),
+          per_level(per_level_) {}
+    __device__ __forceinline__ LevelPos<I> at(I idx) const {
+        LevelPos<I> p;
+        p.row = by_row.div(idx);
+        p.col = idx - p.row * row_len;
+        p.level = by_level.div(p.row);
+        p.m = p.row - p.level * per_level;
+        p.u = by_inner.div(p.col);
+        return p;
+    }
+};
+
 __device__ __forceinline__ uint64_t grid_start() {
     return (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
 }

@@ -40,20 +40,16 @@ __device__ __forceinline__ void level_noise_body(const T* __restrict__ x,
                                                  I inner, I per_level, uint64_t seed,
                                                  uint64_t level_offset, uint64_t sample_offset,
                                                  uint64_t total_samples) {
-    const typename Div<I>::type by_row(row_len), by_level(per_level), by_inner(inner);
+    const LevelIndex<I> index(row_len, per_level, inner);
     const I stride = (I)grid_stride();
     for (I idx = (I)grid_start(); idx < n; idx += stride) {
-        const I row = by_row.div(idx);
-        const I col = idx - row * row_len;
-        const I level = by_level.div(row);
-        const I m = row - level * per_level;
-        const I u = by_inner.div(col);
-        const I src_row = EXPAND ? m : row;
-        const uint64_t global_row =
-            ((uint64_t)level_offset + (uint64_t)level) * total_samples + sample_offset + (uint64_t)m;
-        const float z = counter_normal(seed, global_row * (uint64_t)row_len + (uint64_t)col);
-        const float noise = __fmul_rn(std_[level * units + u], z);
-        out[idx] = from_double<T>(to_double(x[src_row * row_len + col]) + (double)noise);
+        const LevelPos<I> p = index.at(idx);
+        const I src_row = EXPAND ? p.m : p.row;
+        const uint64_t global_row = ((uint64_t)level_offset + (uint64_t)p.level) * total_samples +
+                                    sample_offset + (uint64_t)p.m;
+        const float z = counter_normal(seed, global_row * (uint64_t)row_len + (uint64_t)p.col);
+        const float noise = __fmul_rn(std_[p.level * units + p.u], z);
+        out[idx] = from_double<T>(to_double(x[src_row * row_len + p.col]) + (double)noise);
     }
 }
 
