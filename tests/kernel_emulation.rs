@@ -19,7 +19,9 @@
 //!   CUDA conversions `__double2half`/`__double2bfloat16` compute.
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests};
+use candle_reliance::ops::{
+    level_clamp_for_tests, level_geometry_for_tests, level_launch_for_tests, level_noise_for_tests,
+};
 mod emulation;
 
 use emulation::{call, emulator, suffix, Rng, DTYPES};
@@ -37,29 +39,21 @@ fn elem(b: &[u8], w: usize, i: usize) -> u64 {
     u64::from_le_bytes(x)
 }
 
-/// Kernel arguments for an activation of shape `dims` (the input's shape when expanding),
-/// as `src/ops/cuda.rs` (`Geometry`) passes them.
+/// Kernel arguments for a level op over an input of shape `dims`: the launcher's own
+/// (`Geometry` in src/ops/launch.rs, which src/ops/cuda.rs passes).
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: usize,
-    row_len: usize,
-    units: usize,
-    inner: usize,
-    per_level: usize,
+struct Geometry(candle_reliance::ops::Geometry);
+
+impl std::ops::Deref for Geometry {
+    type Target = candle_reliance::ops::Geometry;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Geometry {
-    fn new(dims: &[usize], levels: usize) -> Self {
-        let (per_level, units) = (dims[0], dims[1]);
-        let inner: usize = dims[2..].iter().product();
-        let row_len = units * inner;
-        Self {
-            n: levels * per_level * row_len,
-            row_len,
-            units,
-            inner,
-            per_level,
-        }
+    fn new(dims: &[usize], levels: usize, expand: bool) -> Result<Self> {
+        Ok(Self(level_geometry_for_tests(dims, levels, expand)?))
     }
 
     /// `(level, row within level, unit, inner)` of output element `i`, for messages.
@@ -81,7 +75,7 @@ impl Geometry {
             format!("block={}", launch.block),
             format!("index={}", launch.index),
             format!("order={}", launch.order),
-            format!("n={}", self.n),
+            format!("n={}", self.total),
             format!("row_len={}", self.row_len),
             format!("units={}", self.units),
             format!("inner={}", self.inner),
@@ -110,8 +104,9 @@ fn launches(n: usize) -> Vec<Launch> {
         index,
         order,
     };
+    let (block, grid) = level_launch_for_tests(n);
     vec![
-        l(n.div_ceil(256).clamp(1, 1 << 16), 256, "auto", "forward"),
+        l(grid, block, "auto", "forward"),
         l(1, 1, "64", "forward"),
         l(3, 7, "32", "reverse"),
         l(2, 32, "auto", "reverse"),
@@ -222,8 +217,9 @@ fn level_clamp_kernels_match_the_cpu_op_bit_for_bit() -> Result<()> {
         for &levels in LEVELS {
             for expand in [true, false] {
                 for &dtype in DTYPES {
-                    let g = Geometry::new(dims, levels);
-                    let x = random_tensor_bits(&mut rng, &input_dims(dims, levels, expand), dtype)?;
+                    let x_dims = input_dims(dims, levels, expand);
+                    let g = Geometry::new(&x_dims, levels, expand)?;
+                    let x = random_tensor_bits(&mut rng, &x_dims, dtype)?;
                     // Zero clamps; any other byte keeps (the CPU op's `k != 0`).
                     let keep: Vec<u8> = (0..levels * g.units)
                         .map(|_| [0, 0, 0, 1, 1, 2, 255][rng.below(7) as usize])
@@ -235,7 +231,7 @@ fn level_clamp_kernels_match_the_cpu_op_bit_for_bit() -> Result<()> {
                     input.extend_from_slice(&keep);
                     input.extend_from_slice(&bytes(&values)?);
                     let kernel = kernel_name("clamp", expand, dtype);
-                    for launch in launches(g.n) {
+                    for launch in launches(g.total) {
                         let mut args = g.args(&kernel, x.elem_count(), &launch);
                         args.push(format!("keep_len={}", keep.len()));
                         args.push(format!("values_len={}", g.units));
@@ -243,7 +239,7 @@ fn level_clamp_kernels_match_the_cpu_op_bit_for_bit() -> Result<()> {
                         let what = format!("{kernel} {dims:?} levels={levels} {launch:?}");
                         assert_same_bits(&got, &want, dtype.size_in_bytes(), &g, &what);
                         runs += 1;
-                        elements += g.n;
+                        elements += g.total;
                     }
                 }
             }
@@ -383,8 +379,9 @@ fn level_noise_kernels_match_the_cpu_op() -> Result<()> {
         for &levels in LEVELS {
             for expand in [true, false] {
                 for &dtype in DTYPES {
-                    let g = Geometry::new(dims, levels);
-                    let x = noise_input(&mut rng, &input_dims(dims, levels, expand), dtype)?;
+                    let x_dims = input_dims(dims, levels, expand);
+                    let g = Geometry::new(&x_dims, levels, expand)?;
+                    let x = noise_input(&mut rng, &x_dims, dtype)?;
                     let std = noise_std(&mut rng, levels, g.units)?;
                     let seed = rng.next();
                     // A lone call, a chunk inside a larger measurement, and counters past 2^32
@@ -414,7 +411,7 @@ fn level_noise_kernels_match_the_cpu_op() -> Result<()> {
                     let mut input = bytes(&x)?;
                     input.extend_from_slice(&bytes(&std)?);
                     let kernel = kernel_name("noise", expand, dtype);
-                    for launch in launches(g.n) {
+                    for launch in launches(g.total) {
                         let mut args = g.args(&kernel, x.elem_count(), &launch);
                         args.push(format!("std_len={}", levels * g.units));
                         args.push(format!("seed={seed}"));
@@ -427,7 +424,7 @@ fn level_noise_kernels_match_the_cpu_op() -> Result<()> {
                         );
                         assert_same_bits(&got, &want, w, &g, &what);
                         runs += 1;
-                        elements += g.n;
+                        elements += g.total;
                     }
                     if matches!(dtype, DType::F16 | DType::BF16) {
                         // The CPU op rounds once, correctly, too.
@@ -438,7 +435,7 @@ fn level_noise_kernels_match_the_cpu_op() -> Result<()> {
                             &g,
                             &format!("CPU op {dtype:?} {dims:?} levels={levels} {offsets:?}"),
                         );
-                        narrow[usize::from(dtype == DType::BF16)] += g.n;
+                        narrow[usize::from(dtype == DType::BF16)] += g.total;
                     }
                 }
             }

@@ -19,36 +19,23 @@
 //! too). An output whose `n` is 0 (a class without rows) must be exactly 0.
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_reliance::ops::unit_sums_for_tests;
+use candle_reliance::ops::{unit_sums_for_tests, unit_sums_launch_for_tests};
 mod emulation;
 
 use emulation::{call, emulator, suffix, Rng, DTYPES};
 
-/// Threads per block (`STATS_BLOCK` in src/ops/cuda.rs, `STATS_THREADS` in kernels/stats.cu).
-const BLOCK: usize = 256;
-/// `STATS_TARGET_BLOCKS` and `GRID_LIMIT` in src/ops/cuda.rs.
-const TARGET_BLOCKS: usize = 1024;
-const GRID_LIMIT: usize = 65535;
-
-/// `(grid.x, grid.y)` as src/ops/cuda.rs (`unit_sums`) computes it.
-fn launcher_grid(rows: usize, units: usize, inner: usize) -> (usize, usize) {
-    let grid_x = if inner == 1 {
-        units.div_ceil(BLOCK)
-    } else {
-        units
-    }
-    .min(GRID_LIMIT);
-    let grid_y = (TARGET_BLOCKS / grid_x).clamp(1, rows.min(GRID_LIMIT));
-    (grid_x, grid_y)
+/// Threads per block and `(grid.x, grid.y)` of the launch src/ops/cuda.rs (`unit_sums`) makes.
+fn launcher(rows: usize, units: usize, inner: usize) -> (usize, (usize, usize)) {
+    unit_sums_launch_for_tests(rows, units, inner)
 }
 
 /// The grids each case runs: the launcher's, one block for everything, small odd grids (many
 /// grid-stride iterations over columns or units and rows), one larger than the work (idle
 /// blocks) and the launcher's columns with a different row split.
 fn grids(rows: usize, units: usize, inner: usize) -> Vec<(usize, usize)> {
-    let (gx, gy) = launcher_grid(rows, units, inner);
+    let (block, (gx, gy)) = launcher(rows, units, inner);
     let columns = if inner == 1 {
-        units.div_ceil(BLOCK)
+        units.div_ceil(block)
     } else {
         units
     };
@@ -190,6 +177,7 @@ fn run_kernels(dtype: DType, shapes: impl Fn(&[usize]) -> bool) -> Result<()> {
             x.write_bytes(&mut stdin)?;
             stdin.extend(l.iter().flat_map(|v| v.to_le_bytes()));
             inputs += 1;
+            let (block, _) = launcher(rows, units, inner);
             for (gx, gy) in grids(rows, units, inner) {
                 let sched = SCHEDULES[schedule % SCHEDULES.len()];
                 schedule += 1;
@@ -202,7 +190,7 @@ fn run_kernels(dtype: DType, shapes: impl Fn(&[usize]) -> bool) -> Result<()> {
                     format!("classes={classes}"),
                     format!("grid={gx}"),
                     format!("grid_y={gy}"),
-                    format!("block={BLOCK}"),
+                    format!("block={block}"),
                     format!("sched={sched}"),
                     format!("seed={}", rng.next()),
                 ];

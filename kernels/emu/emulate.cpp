@@ -564,7 +564,8 @@ Launch parse_launch(const Args& a, bool expand, uint64_t x_len) {
     l.units = a.u64("units");
     l.inner = a.u64("inner");
     l.per_level = a.u64("per_level");
-    // The geometry src/ops/cuda.rs launches with (`Geometry`): n > 0 whole rows of whole levels.
+    // The geometry src/ops/cuda.rs launches with (`Geometry`, src/ops/launch.rs): n > 0 whole
+    // rows of whole levels.
     if (l.n == 0 || l.units == 0 || l.inner == 0 || l.per_level == 0 ||
         l.row_len != l.units * l.inner || l.n % (l.per_level * l.row_len) != 0)
         fail(2, "%s", "inconsistent geometry: need n = levels*per_level*units*inner > 0");

@@ -1,7 +1,8 @@
 //! CUDA plumbing for the probe ops: the PTX that build.rs compiles from `kernels/`, module and
 //! kernel names, and the launches. See `kernels/README.md` and `docs/cuda.md`.
 
-use super::rows_units_inner;
+pub(crate) use super::launch::Geometry;
+use super::launch::{level_grid, stats_grid, LEVEL_BLOCK, STATS_BLOCK};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -22,16 +23,10 @@ const CLAMP_MODULE: &str = "candle_reliance::clamp";
 const NOISE_MODULE: &str = "candle_reliance::noise";
 const STATS_MODULE: &str = "candle_reliance::stats";
 
-/// Threads per block; the kernels are grid-stride loops, so any grid covers any size.
-const BLOCK: u32 = 256;
-/// Enough blocks to fill any current GPU many times over; larger launches loop inside.
-const MAX_BLOCKS: usize = 1 << 16;
-
 fn launch_config(elements: usize) -> LaunchConfig {
-    let blocks = elements.div_ceil(BLOCK as usize).clamp(1, MAX_BLOCKS);
     LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (BLOCK, 1, 1),
+        grid_dim: (level_grid(elements) as u32, 1, 1),
+        block_dim: (LEVEL_BLOCK as u32, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -45,36 +40,6 @@ pub(crate) fn contiguous_view<'a, T>(
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(slice.slice(a..b)),
         None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
-/// Output geometry shared by both ops, in the kernels' terms.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Geometry {
-    /// Output elements: `levels · per_level · row_len`.
-    pub total: usize,
-    pub row_len: usize,
-    pub units: usize,
-    pub inner: usize,
-    /// Rows per level (the input's rows when expanding).
-    pub per_level: usize,
-}
-
-impl Geometry {
-    pub(crate) fn new(dims: &[usize], levels: usize, expand: bool) -> Result<Self> {
-        let (rows, units, inner) = rows_units_inner(dims)?;
-        if levels == 0 {
-            candle_core::bail!("level op: zero levels");
-        }
-        let per_level = if expand { rows } else { rows / levels };
-        let row_len = units * inner;
-        Ok(Self {
-            total: per_level * levels * row_len,
-            row_len,
-            units,
-            inner,
-            per_level,
-        })
     }
 }
 
@@ -179,14 +144,6 @@ pub(crate) fn level_noise<T: CudaDType + DeviceRepr + WithDType>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-/// Threads per block of the statistics kernels (`STATS_THREADS` in kernels/stats.cu).
-const STATS_BLOCK: u32 = 256;
-/// Blocks a statistics launch aims for: enough to fill a GPU several times over. Row splits
-/// beyond it only add atomics.
-const STATS_TARGET_BLOCKS: usize = 1024;
-/// The hardware limit of `gridDim.y` (and our cap on `gridDim.x`; the kernels stride over it).
-const GRID_LIMIT: usize = 65535;
-
 /// Launches `unit_stats_{dense,maps}_<dtype>` (kernels/stats.cu) into one zeroed
 /// `(2 + classes, units)` f64 output: the op `UnitSums`, in one pass over `x`.
 pub(crate) fn unit_sums<T: CudaDType + DeviceRepr + WithDType>(
@@ -202,17 +159,10 @@ pub(crate) fn unit_sums<T: CudaDType + DeviceRepr + WithDType>(
         let x = contiguous_view(x, lx, op)?;
         let labels = contiguous_view(labels, ll, op)?;
         let dense = inner == 1;
-        // Dense: one thread per column; maps: one block per unit. grid.y splits the rows.
-        let grid_x = if dense {
-            units.div_ceil(STATS_BLOCK as usize)
-        } else {
-            units
-        }
-        .min(GRID_LIMIT);
-        let grid_y = (STATS_TARGET_BLOCKS / grid_x).clamp(1, rows.min(GRID_LIMIT));
+        let (grid_x, grid_y) = stats_grid(rows, units, inner);
         let cfg = LaunchConfig {
             grid_dim: (grid_x as u32, grid_y as u32, 1),
-            block_dim: (STATS_BLOCK, 1, 1),
+            block_dim: (STATS_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let root = if dense {

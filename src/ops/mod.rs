@@ -28,12 +28,15 @@ macro_rules! with_float_data {
 mod clamp;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod launch;
 mod noise;
 mod stats;
 
 #[doc(inline)]
 pub use crate::rng::counter_normal;
 pub(crate) use clamp::level_clamp;
+#[doc(hidden)]
+pub use launch::Geometry;
 pub(crate) use noise::{level_noise, LevelNoise};
 pub(crate) use stats::unit_sums;
 
@@ -78,6 +81,31 @@ pub fn level_noise_for_tests(
 #[doc(hidden)]
 pub fn unit_sums_for_tests(x: &Tensor, labels: &Tensor, classes: usize) -> Result<Tensor> {
     unit_sums(x, labels, classes)
+}
+
+/// Geometry of a level clamp or noise launch over an input of shape `dims`, as the CUDA
+/// launcher passes it, for the host emulation of the kernels; not part of the API.
+#[doc(hidden)]
+pub fn level_geometry_for_tests(dims: &[usize], levels: usize, expand: bool) -> Result<Geometry> {
+    Geometry::new(dims, levels, expand)
+}
+
+/// Threads per block and `grid.x` of a level clamp or noise launch over `elements` output
+/// elements, for the host emulation of the kernels; not part of the API.
+#[doc(hidden)]
+pub fn level_launch_for_tests(elements: usize) -> (usize, usize) {
+    (launch::LEVEL_BLOCK, launch::level_grid(elements))
+}
+
+/// Threads per block and `(grid.x, grid.y)` of the statistics launch for an activation
+/// `(rows, units, inner)`, for the host emulation of the kernels; not part of the API.
+#[doc(hidden)]
+pub fn unit_sums_launch_for_tests(
+    rows: usize,
+    units: usize,
+    inner: usize,
+) -> (usize, (usize, usize)) {
+    (launch::STATS_BLOCK, launch::stats_grid(rows, units, inner))
 }
 
 /// `(rows, units, inner)` of a rank-2 or rank-4 activation.
