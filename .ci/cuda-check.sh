@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build check of the `cuda` feature on a machine without a GPU: installs the pinned CUDA 13.0
 # compiler from PyPI into a cache folder (once, .ci/cuda-toolkit.sh), compiles every kernels/*.cu
-# to PTX with warnings as errors, runs the kernels' source under the host emulation against the
-# CPU ops (kernels/emu, tests/kernel_emulation*.rs), and runs
+# to PTX with warnings as errors and assembles it with ptxas (no register spills), runs the
+# kernels' source under the host emulation against the CPU ops (kernels/emu,
+# tests/kernel_emulation*.rs), and runs
 # `cargo check --features cuda --all-targets` in its own target dir.
 #
 #   bash .ci/cuda-check.sh            # cache in $CUDA_PIP_DIR (default: ~/.cache/candle-reliance/cuda-13.0.88)
@@ -27,6 +28,20 @@ for cu in "${kernels[@]}"; do
         -o "$out" "$cu"
     grep -q '^\.version 9\.0$' "$out" || { echo "cuda-check: $out is not PTX ISA 9.0" >&2; exit 1; }
     echo "cuda-check: $cu -> $out ($(grep -c '^\.visible \.entry' "$out") kernels)"
+    # Assemble the PTX as the driver's JIT will on the GPU, so a kernel the driver would reject
+    # at load time fails here. A register spill in these small kernels is a regression: fail.
+    info=$(ptxas "-arch=sm_${CUDA_COMPUTE_CAP}" -O3 -Werror -v -o /dev/null "$out" 2>&1) || {
+        echo "$info" >&2
+        echo "cuda-check: ptxas rejected $out" >&2
+        exit 1
+    }
+    if grep -Eq '[1-9][0-9]* bytes spill (stores|loads)' <<<"$info"; then
+        echo "$info" >&2
+        echo "cuda-check: $out spills registers" >&2
+        exit 1
+    fi
+    regs=$(grep -o 'Used [0-9]* registers' <<<"$info" | awk '{print $2}' | sort -n | tail -1)
+    echo "cuda-check: ptxas sm_${CUDA_COMPUTE_CAP} ok for $out (at most $regs registers, no spills)"
 done
 
 # The kernels' source run on the host against the CPU ops (kernels/README.md, "Host
