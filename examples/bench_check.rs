@@ -11,6 +11,7 @@ mod common;
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::VarMap;
+use candle_reliance::ops::level_clamp_for_tests;
 use candle_reliance::{
     ablation_curve, unit_statistics, AblationOrder, AblationSpec, Clamp, ProbeData, ProbeSet,
 };
@@ -96,6 +97,46 @@ fn main() -> Result<()> {
         Ok(())
     })?;
 
+    // The second probe's clamp over the rows of one check, as the op does it (a new tensor per
+    // chunk), and as a plain in-place loop that writes only the clamped elements: what clamping
+    // the probe's input in place could save at most (docs/cuda.md, "Later probes").
+    let levels = 16;
+    let chunk = rows / levels * levels;
+    let chunks = (masks * n).div_ceil(chunk);
+    let keep_v: Vec<u8> = (0..levels * hidden)
+        .map(|i| u8::from(i.wrapping_mul(2_654_435_761) % 97 < 48))
+        .collect();
+    let keep = Tensor::from_vec(keep_v.clone(), (levels, hidden), &dev)?;
+    let zeros = Tensor::zeros(hidden, candle_core::DType::F32, &dev)?;
+    let hc = h.narrow(0, 0, chunk)?;
+    let later_clamp = time(reps, || {
+        for _ in 0..chunks {
+            level_clamp_for_tests(&hc, &keep, &zeros, false)?;
+        }
+        Ok(())
+    })?;
+    let mut buf = hc.flatten_all()?.to_vec1::<f32>()?;
+    let later_clamp_in_place = time(reps, || {
+        use rayon::prelude::*;
+        let per_level = chunk / levels;
+        for _ in 0..chunks {
+            buf.par_chunks_mut(hidden * 64)
+                .enumerate()
+                .for_each(|(t, block)| {
+                    for (i, row) in block.chunks_mut(hidden).enumerate() {
+                        let l = (t * 64 + i) / per_level;
+                        let k = &keep_v[l * hidden..(l + 1) * hidden];
+                        for (d, &k) in row.iter_mut().zip(k) {
+                            if k == 0 {
+                                *d = 0.0;
+                            }
+                        }
+                    }
+                });
+        }
+        Ok(std::hint::black_box(buf.len()))
+    })?;
+
     // Idle probes: the same forward with and without the probe calls (probes are identities
     // outside a measurement), interleaved so drift hits both alike.
     let plain = |xs: &Tensor| -> Result<Tensor> {
@@ -113,7 +154,7 @@ fn main() -> Result<()> {
         "{{\"bench\":\"ablation_check\",\"model\":\"mlp-784-256-256-10\",\"samples\":{n},\"fractions\":17,\
          \"orders\":5,\"clamp\":\"zero\",\"distinct_masks\":{masks},\"threads\":{threads},\"reps\":{reps},\
          \"batched_s\":{batched:.4},\"stats_pass_s\":{stats:.4},\"per_level_s\":{per_level:.4},\"speedup\":{speedup:.2},\
-         \"batch_rows\":{rows},\"matmul_whole_s\":{whole:.4},\"matmul_blocked_s\":{blocked:.4},\"unavoidable_matmul_s\":{matmul:.4},\"batched_over_matmul\":{ratio:.3},\"model_forward_s\":{model_forward:.4},\"batched_over_model_forward\":{ratio_fwd:.3},\"target_batched_over_matmul\":1.5,\"forward_idle_probes_s\":{idle:.5},\"forward_no_probes_s\":{bare:.5},\"idle_probe_ratio\":{idle_ratio:.3}}}",
+         \"batch_rows\":{rows},\"matmul_whole_s\":{whole:.4},\"matmul_blocked_s\":{blocked:.4},\"unavoidable_matmul_s\":{matmul:.4},\"batched_over_matmul\":{ratio:.3},\"model_forward_s\":{model_forward:.4},\"batched_over_model_forward\":{ratio_fwd:.3},\"target_batched_over_matmul\":1.5,\"forward_idle_probes_s\":{idle:.5},\"forward_no_probes_s\":{bare:.5},\"idle_probe_ratio\":{idle_ratio:.3},\"later_probe_clamp_s\":{later_clamp:.4},\"later_probe_clamp_in_place_s\":{later_clamp_in_place:.4}}}",
         threads = rayon_threads(),
         speedup = per_level / batched,
         ratio = batched / matmul,
