@@ -98,8 +98,9 @@ fn main() -> Result<()> {
     })?;
 
     // The second probe's clamp over the rows of one check, as the op does it (a new tensor per
-    // chunk), and as a plain in-place loop that writes only the clamped elements: what clamping
-    // the probe's input in place could save at most (docs/cuda.md, "Later probes").
+    // chunk), and as a loop that clamps a buffer in place by the same bit select (zero clamp:
+    // keep the bits or clear them): what clamping the probe's input in place could save
+    // (docs/cuda.md, "Later probes").
     let levels = 16;
     let chunk = rows / levels * levels;
     let chunks = (masks * n).div_ceil(chunk);
@@ -115,6 +116,10 @@ fn main() -> Result<()> {
         }
         Ok(())
     })?;
+    let masks_v: Vec<u32> = keep_v
+        .iter()
+        .map(|&k| if k != 0 { !0 } else { 0 })
+        .collect();
     let mut buf = hc.flatten_all()?.to_vec1::<f32>()?;
     let later_clamp_in_place = time(reps, || {
         use rayon::prelude::*;
@@ -125,11 +130,9 @@ fn main() -> Result<()> {
                 .for_each(|(t, block)| {
                     for (i, row) in block.chunks_mut(hidden).enumerate() {
                         let l = (t * 64 + i) / per_level;
-                        let k = &keep_v[l * hidden..(l + 1) * hidden];
-                        for (d, &k) in row.iter_mut().zip(k) {
-                            if k == 0 {
-                                *d = 0.0;
-                            }
+                        let m = &masks_v[l * hidden..(l + 1) * hidden];
+                        for (d, &m) in row.iter_mut().zip(m) {
+                            *d = f32::from_bits(d.to_bits() & m);
                         }
                     }
                 });
