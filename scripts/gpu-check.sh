@@ -8,7 +8,9 @@
 #
 #   bash scripts/gpu-check.sh [BIN_DIR]
 #
-# Exit status: non-zero if a binary is missing, cannot load its libraries, or a check fails.
+# Exit status: non-zero if a binary is missing, cannot load its libraries, or a check fails or
+# runs past GPU_CHECK_LIMIT_S seconds (default 240 per binary). With $OUT set, the raw test log
+# and bench JSON are copied there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${1:-target/cuda-bin}"
@@ -64,9 +66,12 @@ echo "== libraries"
 ldd "$TESTS" | grep -E "libcuda|libcublas|libcurand|libcudart|libnvrtc" || true
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "gpu-check: nvidia-smi not available"
 
+# A hung kernel must not use up a lent machine's time: each binary gets a time limit, and what
+# ran before it still reaches the table.
+LIMIT_S="${GPU_CHECK_LIMIT_S:-240}"
 status=0
 echo "== tests/cuda.rs"
-if "$TESTS" --test-threads=1 --nocapture 2>&1 | tee /tmp/gpu-check-tests.log; then
+if timeout "$LIMIT_S" "$TESTS" --test-threads=1 --nocapture 2>&1 | tee /tmp/gpu-check-tests.log; then
     tests_result="pass"
 else
     tests_result="FAIL"; status=1
@@ -74,7 +79,7 @@ fi
 grep -q "skipped: no CUDA device" /tmp/gpu-check-tests.log && { tests_result="SKIPPED (no device)"; status=1; }
 
 echo "== bench_cuda"
-if "$BENCH" --data data --reps 20 >/tmp/gpu-check-bench.json 2>/tmp/gpu-check-bench.err; then
+if timeout "$LIMIT_S" "$BENCH" --data data --reps 20 >/tmp/gpu-check-bench.json 2>/tmp/gpu-check-bench.err; then
     bench_ok=1
 else
     bench_ok=0; status=1; cat /tmp/gpu-check-bench.err >&2
@@ -122,4 +127,8 @@ print(f"  max |Δ accuracy|: ablation {m['max_abs_diff_ablation']:.4f}, noise {m
 if not m["ok"]:
     sys.exit(1)
 PY
+# On the lent machine, $OUT is the folder whose files come back: keep the raw logs there too.
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+    cp /tmp/gpu-check-tests.log /tmp/gpu-check-bench.json /tmp/gpu-check-bench.err "$OUT"/ 2>/dev/null || true
+fi
 exit $status
