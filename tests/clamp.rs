@@ -6,20 +6,9 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_reliance::ops::level_clamp_for_tests;
+mod common;
 
-/// xorshift64*: deterministic bits, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-const DTYPES: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+use common::{Rng, DTYPES};
 
 /// A tensor of `dims` whose elements are random bit patterns of `dtype`, and those bits.
 fn random_bits(rng: &mut Rng, dims: &[usize], dtype: DType) -> Result<(Tensor, Vec<u64>)> {
@@ -52,7 +41,7 @@ fn tensor_bits(t: &Tensor) -> Result<Vec<u64>> {
 
 #[test]
 fn level_clamp_matches_a_per_element_reference() -> Result<()> {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(1);
     // (rows per level, units, positions per unit); positions 0 = a dense (N, U) activation.
     // 16384 / units decides the op's rows per task: units 1, 7, 300, 16384 and 20000 give many,
     // a few, one and (rounded up) one row per task.

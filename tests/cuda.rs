@@ -4,12 +4,15 @@
 //! prints "skipped: no CUDA device" and passes. See docs/cuda.md.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests, unit_sums_for_tests};
 use candle_reliance::{
     ablation_curve, noise_curve, AblationOrder, AblationSpec, Clamp, NoiseSpec, Probe, ProbeData,
     ProbeSet,
 };
+use common::DTYPES;
 
 /// A value no input or output of these tests can hold (exact in every float dtype).
 const SENTINEL: f64 = -4096.0;
@@ -72,7 +75,6 @@ fn assert_no_sentinel(v: &[f64], what: &str) {
 /// Activation shapes: dense and convolutional, odd sizes, plus empty batches.
 const SHAPES: &[&[usize]] = &[&[37, 129], &[5, 7, 3, 5], &[1, 1], &[0, 129], &[0, 7, 3, 5]];
 const LEVELS: &[usize] = &[3, 4, 9];
-const DTYPES: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
 
 /// `(x, units)` for a case: `rows_in` rows of `shape`, an infinity at a clamped-or-kept spot.
 fn input(shape: &[usize], rows_in: usize, seed: u64) -> Result<(Tensor, usize)> {

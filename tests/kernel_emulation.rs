@@ -22,9 +22,11 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_reliance::ops::{
     level_clamp_for_tests, level_geometry_for_tests, level_launch_for_tests, level_noise_for_tests,
 };
+mod common;
 mod emulation;
 
-use emulation::{call, emulator, suffix, Rng, DTYPES};
+use common::{Rng, DTYPES};
+use emulation::{call, emulator, suffix};
 
 fn bytes(t: &Tensor) -> Result<Vec<u8>> {
     let mut v = Vec::new();
@@ -342,11 +344,7 @@ fn noise_input(rng: &mut Rng, dims: &[usize], dtype: DType) -> Result<Tensor> {
             } else {
                 mag
             };
-            if rng.next() & 1 == 0 {
-                mag
-            } else {
-                -mag
-            }
+            rng.with_random_sign(mag)
         })
         .collect();
     Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)

@@ -20,9 +20,11 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_reliance::ops::{unit_sums_for_tests, unit_sums_launch_for_tests};
+mod common;
 mod emulation;
 
-use emulation::{call, emulator, suffix, Rng, DTYPES};
+use common::{Rng, DTYPES};
+use emulation::{call, emulator, suffix};
 
 /// Threads per block and `(grid.x, grid.y)` of the launch src/ops/cuda.rs (`unit_sums`) makes.
 fn launcher(rows: usize, units: usize, inner: usize) -> (usize, (usize, usize)) {
@@ -106,11 +108,7 @@ fn input(rng: &mut Rng, dims: &[usize], dtype: DType) -> Result<Tensor> {
     let v: Vec<f64> = (0..n)
         .map(|_| {
             let mag = (-4.0 + 8.0 * rng.unit()).exp2();
-            if rng.next() & 1 == 0 {
-                mag
-            } else {
-                -mag
-            }
+            rng.with_random_sign(mag)
         })
         .collect();
     Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)

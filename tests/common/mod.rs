@@ -1,7 +1,7 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code)]
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_reliance::{ProbeData, ProbeSet};
 
 pub fn dev() -> Device {
@@ -32,3 +32,36 @@ pub fn one_probe_net() -> Result<(ProbeSet, impl Module, ProbeData)> {
     let ys = Tensor::new(&[0u32, 1, 1, 1], &dev())?;
     Ok((probes, model, ProbeData::new(xs, ys)?))
 }
+
+/// xorshift64*: the tests' own random numbers.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// `mag` with a random sign.
+    pub fn with_random_sign(&mut self, mag: f64) -> f64 {
+        if self.next() & 1 == 0 {
+            mag
+        } else {
+            -mag
+        }
+    }
+}
+
+/// The element types every kernel is instantiated for.
+pub const DTYPES: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];

@@ -51,31 +51,6 @@ pub fn call(emu: &Path, args: &[String], input: Vec<u8>) -> Vec<u8> {
     out.stdout
 }
 
-/// xorshift64*: the tests' own random numbers.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// The element types every kernel is instantiated for.
-pub const DTYPES: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
-
 /// The kernels' dtype suffix, as candle's `kernel_name` builds it.
 pub fn suffix(dtype: DType) -> &'static str {
     match dtype {
