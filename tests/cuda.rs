@@ -76,6 +76,34 @@ fn assert_no_sentinel(v: &[f64], what: &str) {
 const SHAPES: &[&[usize]] = &[&[37, 129], &[5, 7, 3, 5], &[1, 1], &[0, 129], &[0, 7, 3, 5]];
 const LEVELS: &[usize] = &[3, 4, 9];
 
+/// One case of the level-op tests: activation shape (`shape` its index in [`SHAPES`]), level
+/// count, expanding or not, and dtype.
+struct Case {
+    shape: usize,
+    dims: &'static [usize],
+    levels: usize,
+    expand: bool,
+    dtype: DType,
+}
+
+/// Every combination of [`SHAPES`], [`LEVELS`], expanding or not, and [`DTYPES`], in that
+/// nesting order.
+fn level_cases() -> impl Iterator<Item = Case> {
+    SHAPES.iter().enumerate().flat_map(|(shape, &dims)| {
+        LEVELS.iter().flat_map(move |&levels| {
+            [true, false].into_iter().flat_map(move |expand| {
+                DTYPES.iter().map(move |&dtype| Case {
+                    shape,
+                    dims,
+                    levels,
+                    expand,
+                    dtype,
+                })
+            })
+        })
+    })
+}
+
 /// `(x, units)` for a case: `rows_in` rows of `shape`, an infinity at a clamped-or-kept spot.
 fn input(shape: &[usize], rows_in: usize, seed: u64) -> Result<(Tensor, usize)> {
     let mut dims = shape.to_vec();
@@ -92,43 +120,44 @@ fn input(shape: &[usize], rows_in: usize, seed: u64) -> Result<(Tensor, usize)> 
 fn level_clamp_matches_cpu_bit_for_bit() -> Result<()> {
     let Some(gpu) = cuda() else { return Ok(()) };
     let mut cases = 0;
-    for (si, shape) in SHAPES.iter().enumerate() {
-        for &levels in LEVELS {
-            for expand in [true, false] {
-                for &dtype in DTYPES {
-                    let rows_in = if expand { shape[0] } else { shape[0] * levels };
-                    let seed = (si * 100 + levels * 10) as u64 + u64::from(expand);
-                    let (x, units) = input(shape, rows_in, seed)?;
-                    let x = x.to_dtype(dtype)?;
-                    let keep = Tensor::from_vec(
-                        bits01(levels * units, seed + 1),
-                        (levels, units),
-                        &Device::Cpu,
-                    )?;
-                    let vals = Tensor::from_vec(values(units, seed + 2), units, &Device::Cpu)?;
-                    let want = level_clamp_for_tests(&x, &keep, &vals, expand)?;
-                    poison(&gpu, want.elem_count(), dtype)?;
-                    let got = level_clamp_for_tests(
-                        &x.to_device(&gpu)?,
-                        &keep.to_device(&gpu)?,
-                        &vals.to_device(&gpu)?,
-                        expand,
-                    )?;
-                    let what = format!("clamp {shape:?} L={levels} expand={expand} {dtype:?}");
-                    assert_eq!(got.dims(), want.dims(), "{what}");
-                    assert_eq!(got.dtype(), dtype, "{what}");
-                    let (g, w) = (to_f64(&got)?, to_f64(&want)?);
-                    assert_no_sentinel(&g, &what);
-                    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-                        assert!(
-                            a.to_bits() == b.to_bits(),
-                            "{what}: element {i}: {a} vs {b}"
-                        );
-                    }
-                    cases += 1;
-                }
-            }
+    for Case {
+        shape: si,
+        dims: shape,
+        levels,
+        expand,
+        dtype,
+    } in level_cases()
+    {
+        let rows_in = if expand { shape[0] } else { shape[0] * levels };
+        let seed = (si * 100 + levels * 10) as u64 + u64::from(expand);
+        let (x, units) = input(shape, rows_in, seed)?;
+        let x = x.to_dtype(dtype)?;
+        let keep = Tensor::from_vec(
+            bits01(levels * units, seed + 1),
+            (levels, units),
+            &Device::Cpu,
+        )?;
+        let vals = Tensor::from_vec(values(units, seed + 2), units, &Device::Cpu)?;
+        let want = level_clamp_for_tests(&x, &keep, &vals, expand)?;
+        poison(&gpu, want.elem_count(), dtype)?;
+        let got = level_clamp_for_tests(
+            &x.to_device(&gpu)?,
+            &keep.to_device(&gpu)?,
+            &vals.to_device(&gpu)?,
+            expand,
+        )?;
+        let what = format!("clamp {shape:?} L={levels} expand={expand} {dtype:?}");
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        assert_eq!(got.dtype(), dtype, "{what}");
+        let (g, w) = (to_f64(&got)?, to_f64(&want)?);
+        assert_no_sentinel(&g, &what);
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits(),
+                "{what}: element {i}: {a} vs {b}"
+            );
         }
+        cases += 1;
     }
     println!("{cases} clamp cases identical");
     Ok(())
@@ -138,51 +167,52 @@ fn level_clamp_matches_cpu_bit_for_bit() -> Result<()> {
 fn level_noise_matches_cpu_within_tolerance() -> Result<()> {
     let Some(gpu) = cuda() else { return Ok(()) };
     let mut cases = 0;
-    for (si, shape) in SHAPES.iter().enumerate() {
-        for &levels in LEVELS {
-            for expand in [true, false] {
-                for &dtype in DTYPES {
-                    let rows_in = if expand { shape[0] } else { shape[0] * levels };
-                    let seed = (si * 100 + levels * 10) as u64 + u64::from(expand);
-                    let (x, units) = input(shape, rows_in, seed)?;
-                    let x = x.to_dtype(dtype)?;
-                    let std: Vec<f32> = values(levels * units, seed + 3)
-                        .iter()
-                        .map(|v| v.abs() / 2.0)
-                        .collect();
-                    let std = Tensor::from_vec(std, (levels, units), &Device::Cpu)?;
-                    // Offsets as a chunk in the middle of a larger measurement.
-                    let offsets = (2, 5, shape[0] + 11);
-                    let noise_seed = 0xDEAD_BEEF ^ seed;
-                    let want = level_noise_for_tests(&x, &std, expand, noise_seed, offsets)?;
-                    poison(&gpu, want.elem_count(), dtype)?;
-                    let got = level_noise_for_tests(
-                        &x.to_device(&gpu)?,
-                        &std.to_device(&gpu)?,
-                        expand,
-                        noise_seed,
-                        offsets,
-                    )?;
-                    let what = format!("noise {shape:?} L={levels} expand={expand} {dtype:?}");
-                    assert_eq!(got.dims(), want.dims(), "{what}");
-                    assert_eq!(got.dtype(), dtype, "{what}");
-                    let (g, w) = (to_f64(&got)?, to_f64(&want)?);
-                    assert_no_sentinel(&g, &what);
-                    // f32/f64: z differs in the last bits of log/cos only. f16/bf16: that may move
-                    // a rounding by one unit of the element type.
-                    let rel = match dtype {
-                        DType::F16 => 2e-3,
-                        DType::BF16 => 1.6e-2,
-                        _ => 1e-5,
-                    };
-                    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-                        let ok = (a == b) || (a - b).abs() <= rel * b.abs().max(1.0);
-                        assert!(ok, "{what}: element {i}: {a} vs {b}");
-                    }
-                    cases += 1;
-                }
-            }
+    for Case {
+        shape: si,
+        dims: shape,
+        levels,
+        expand,
+        dtype,
+    } in level_cases()
+    {
+        let rows_in = if expand { shape[0] } else { shape[0] * levels };
+        let seed = (si * 100 + levels * 10) as u64 + u64::from(expand);
+        let (x, units) = input(shape, rows_in, seed)?;
+        let x = x.to_dtype(dtype)?;
+        let std: Vec<f32> = values(levels * units, seed + 3)
+            .iter()
+            .map(|v| v.abs() / 2.0)
+            .collect();
+        let std = Tensor::from_vec(std, (levels, units), &Device::Cpu)?;
+        // Offsets as a chunk in the middle of a larger measurement.
+        let offsets = (2, 5, shape[0] + 11);
+        let noise_seed = 0xDEAD_BEEF ^ seed;
+        let want = level_noise_for_tests(&x, &std, expand, noise_seed, offsets)?;
+        poison(&gpu, want.elem_count(), dtype)?;
+        let got = level_noise_for_tests(
+            &x.to_device(&gpu)?,
+            &std.to_device(&gpu)?,
+            expand,
+            noise_seed,
+            offsets,
+        )?;
+        let what = format!("noise {shape:?} L={levels} expand={expand} {dtype:?}");
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        assert_eq!(got.dtype(), dtype, "{what}");
+        let (g, w) = (to_f64(&got)?, to_f64(&want)?);
+        assert_no_sentinel(&g, &what);
+        // f32/f64: z differs in the last bits of log/cos only. f16/bf16: that may move
+        // a rounding by one unit of the element type.
+        let rel = match dtype {
+            DType::F16 => 2e-3,
+            DType::BF16 => 1.6e-2,
+            _ => 1e-5,
+        };
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            let ok = (a == b) || (a - b).abs() <= rel * b.abs().max(1.0);
+            assert!(ok, "{what}: element {i}: {a} vs {b}");
         }
+        cases += 1;
     }
     println!("{cases} noise cases within tolerance");
     Ok(())

@@ -161,6 +161,34 @@ fn random_tensor_bits(rng: &mut Rng, dims: &[usize], dtype: DType) -> Result<Ten
     Tensor::from_raw_buffer(&raw, dtype, dims, &Device::Cpu)
 }
 
+/// One case of the level-op tests: activation shape (`shape` its index in [`SHAPES`]), level
+/// count, expanding or not, and dtype.
+struct Case {
+    shape: usize,
+    dims: &'static [usize],
+    levels: usize,
+    expand: bool,
+    dtype: DType,
+}
+
+/// Every combination of [`SHAPES`], [`LEVELS`], expanding or not, and [`DTYPES`], in that
+/// nesting order.
+fn level_cases() -> impl Iterator<Item = Case> {
+    SHAPES.iter().enumerate().flat_map(|(shape, &dims)| {
+        LEVELS.iter().flat_map(move |&levels| {
+            [true, false].into_iter().flat_map(move |expand| {
+                DTYPES.iter().map(move |&dtype| Case {
+                    shape,
+                    dims,
+                    levels,
+                    expand,
+                    dtype,
+                })
+            })
+        })
+    })
+}
+
 /// Shape of the op's input: `dims` with `levels` times the rows unless expanding.
 fn input_dims(dims: &[usize], levels: usize, expand: bool) -> Vec<usize> {
     let mut d = dims.to_vec();
@@ -215,36 +243,37 @@ fn level_clamp_kernels_match_the_cpu_op_bit_for_bit() -> Result<()> {
     };
     let mut rng = Rng::new(1);
     let (mut runs, mut elements) = (0usize, 0usize);
-    for dims in SHAPES {
-        for &levels in LEVELS {
-            for expand in [true, false] {
-                for &dtype in DTYPES {
-                    let x_dims = input_dims(dims, levels, expand);
-                    let g = Geometry::new(&x_dims, levels, expand)?;
-                    let x = random_tensor_bits(&mut rng, &x_dims, dtype)?;
-                    // Zero clamps; any other byte keeps (the CPU op's `k != 0`).
-                    let keep: Vec<u8> = (0..levels * g.units)
-                        .map(|_| [0, 0, 0, 1, 1, 2, 255][rng.below(7) as usize])
-                        .collect();
-                    let values = random_tensor_bits(&mut rng, &[g.units], dtype)?;
-                    let keep_t = Tensor::from_vec(keep.clone(), (levels, g.units), &Device::Cpu)?;
-                    let want = bytes(&level_clamp_for_tests(&x, &keep_t, &values, expand)?)?;
-                    let mut input = bytes(&x)?;
-                    input.extend_from_slice(&keep);
-                    input.extend_from_slice(&bytes(&values)?);
-                    let kernel = kernel_name("clamp", expand, dtype);
-                    for launch in launches(g.total) {
-                        let mut args = g.args(&kernel, x.elem_count(), &launch);
-                        args.push(format!("keep_len={}", keep.len()));
-                        args.push(format!("values_len={}", g.units));
-                        let got = call(&emu, &args, input.clone());
-                        let what = format!("{kernel} {dims:?} levels={levels} {launch:?}");
-                        assert_same_bits(&got, &want, dtype.size_in_bytes(), &g, &what);
-                        runs += 1;
-                        elements += g.total;
-                    }
-                }
-            }
+    for Case {
+        dims,
+        levels,
+        expand,
+        dtype,
+        ..
+    } in level_cases()
+    {
+        let x_dims = input_dims(dims, levels, expand);
+        let g = Geometry::new(&x_dims, levels, expand)?;
+        let x = random_tensor_bits(&mut rng, &x_dims, dtype)?;
+        // Zero clamps; any other byte keeps (the CPU op's `k != 0`).
+        let keep: Vec<u8> = (0..levels * g.units)
+            .map(|_| [0, 0, 0, 1, 1, 2, 255][rng.below(7) as usize])
+            .collect();
+        let values = random_tensor_bits(&mut rng, &[g.units], dtype)?;
+        let keep_t = Tensor::from_vec(keep.clone(), (levels, g.units), &Device::Cpu)?;
+        let want = bytes(&level_clamp_for_tests(&x, &keep_t, &values, expand)?)?;
+        let mut input = bytes(&x)?;
+        input.extend_from_slice(&keep);
+        input.extend_from_slice(&bytes(&values)?);
+        let kernel = kernel_name("clamp", expand, dtype);
+        for launch in launches(g.total) {
+            let mut args = g.args(&kernel, x.elem_count(), &launch);
+            args.push(format!("keep_len={}", keep.len()));
+            args.push(format!("values_len={}", g.units));
+            let got = call(&emu, &args, input.clone());
+            let what = format!("{kernel} {dims:?} levels={levels} {launch:?}");
+            assert_same_bits(&got, &want, dtype.size_in_bytes(), &g, &what);
+            runs += 1;
+            elements += g.total;
         }
     }
     println!(
@@ -373,70 +402,69 @@ fn level_noise_kernels_match_the_cpu_op() -> Result<()> {
     let (mut runs, mut elements) = (0, 0);
     // Per f16, bf16: elements compared.
     let mut narrow = [0usize; 2];
-    for (si, dims) in SHAPES.iter().enumerate() {
-        for &levels in LEVELS {
-            for expand in [true, false] {
-                for &dtype in DTYPES {
-                    let x_dims = input_dims(dims, levels, expand);
-                    let g = Geometry::new(&x_dims, levels, expand)?;
-                    let x = noise_input(&mut rng, &x_dims, dtype)?;
-                    let std = noise_std(&mut rng, levels, g.units)?;
-                    let seed = rng.next();
-                    // A lone call, a chunk inside a larger measurement, and counters past 2^32
-                    // (the global element index reaches ~2^59 there).
-                    let offsets = match (si + levels) % 3 {
-                        0 => (0, 0, g.per_level),
-                        1 => (2, 5, g.per_level + 11),
-                        _ => (1000, 123_456_789, (1 << 33) + 7),
-                    };
-                    let cpu = bytes(&level_noise_for_tests(&x, &std, expand, seed, offsets)?)?;
-                    let w = dtype.size_in_bytes();
-                    // f16/bf16: the correctly rounded f64 sum. The CPU op in f64 forms exactly
-                    // that sum (x is exact in f64) and returns it unrounded.
-                    let want = match dtype {
-                        DType::F16 | DType::BF16 => {
-                            let x64 = x.to_dtype(DType::F64)?;
-                            let sums = level_noise_for_tests(&x64, &std, expand, seed, offsets)?
-                                .flatten_all()?
-                                .to_vec1::<f64>()?;
-                            let (man, exp) = narrow_format(dtype);
-                            sums.iter()
-                                .flat_map(|&s| round_to_narrow(s, man, exp).to_le_bytes())
-                                .collect()
-                        }
-                        _ => cpu.clone(),
-                    };
-                    let mut input = bytes(&x)?;
-                    input.extend_from_slice(&bytes(&std)?);
-                    let kernel = kernel_name("noise", expand, dtype);
-                    for launch in launches(g.total) {
-                        let mut args = g.args(&kernel, x.elem_count(), &launch);
-                        args.push(format!("std_len={}", levels * g.units));
-                        args.push(format!("seed={seed}"));
-                        args.push(format!("level_offset={}", offsets.0));
-                        args.push(format!("sample_offset={}", offsets.1));
-                        args.push(format!("total_samples={}", offsets.2));
-                        let got = call(&emu, &args, input.clone());
-                        let what = format!(
-                            "{kernel} {dims:?} levels={levels} offsets={offsets:?} {launch:?}"
-                        );
-                        assert_same_bits(&got, &want, w, &g, &what);
-                        runs += 1;
-                        elements += g.total;
-                    }
-                    if matches!(dtype, DType::F16 | DType::BF16) {
-                        // The CPU op rounds once, correctly, too.
-                        assert_same_bits(
-                            &cpu,
-                            &want,
-                            w,
-                            &g,
-                            &format!("CPU op {dtype:?} {dims:?} levels={levels} {offsets:?}"),
-                        );
-                        narrow[usize::from(dtype == DType::BF16)] += g.total;
-                    }
-                }
+    for Case {
+        shape: si,
+        dims,
+        levels,
+        expand,
+        dtype,
+    } in level_cases()
+    {
+        let x_dims = input_dims(dims, levels, expand);
+        let g = Geometry::new(&x_dims, levels, expand)?;
+        let x = noise_input(&mut rng, &x_dims, dtype)?;
+        let std = noise_std(&mut rng, levels, g.units)?;
+        let seed = rng.next();
+        // A lone call, a chunk inside a larger measurement, and counters past 2^32
+        // (the global element index reaches ~2^59 there).
+        let offsets = match (si + levels) % 3 {
+            0 => (0, 0, g.per_level),
+            1 => (2, 5, g.per_level + 11),
+            _ => (1000, 123_456_789, (1 << 33) + 7),
+        };
+        let cpu = bytes(&level_noise_for_tests(&x, &std, expand, seed, offsets)?)?;
+        let w = dtype.size_in_bytes();
+        // f16/bf16: the correctly rounded f64 sum. The CPU op in f64 forms exactly
+        // that sum (x is exact in f64) and returns it unrounded.
+        let want = match dtype {
+            DType::F16 | DType::BF16 => {
+                let x64 = x.to_dtype(DType::F64)?;
+                let sums = level_noise_for_tests(&x64, &std, expand, seed, offsets)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?;
+                let (man, exp) = narrow_format(dtype);
+                sums.iter()
+                    .flat_map(|&s| round_to_narrow(s, man, exp).to_le_bytes())
+                    .collect()
             }
+            _ => cpu.clone(),
+        };
+        let mut input = bytes(&x)?;
+        input.extend_from_slice(&bytes(&std)?);
+        let kernel = kernel_name("noise", expand, dtype);
+        for launch in launches(g.total) {
+            let mut args = g.args(&kernel, x.elem_count(), &launch);
+            args.push(format!("std_len={}", levels * g.units));
+            args.push(format!("seed={seed}"));
+            args.push(format!("level_offset={}", offsets.0));
+            args.push(format!("sample_offset={}", offsets.1));
+            args.push(format!("total_samples={}", offsets.2));
+            let got = call(&emu, &args, input.clone());
+            let what = format!("{kernel} {dims:?} levels={levels} offsets={offsets:?} {launch:?}");
+            assert_same_bits(&got, &want, w, &g, &what);
+            runs += 1;
+            elements += g.total;
+        }
+        if matches!(dtype, DType::F16 | DType::BF16) {
+            // The CPU op rounds once, correctly, too.
+            assert_same_bits(
+                &cpu,
+                &want,
+                w,
+                &g,
+                &format!("CPU op {dtype:?} {dims:?} levels={levels} {offsets:?}"),
+            );
+            narrow[usize::from(dtype == DType::BF16)] += g.total;
         }
     }
     println!(
