@@ -12,7 +12,7 @@ use candle_reliance::{
     ablation_curve, noise_curve, AblationOrder, AblationSpec, Clamp, NoiseSpec, Probe, ProbeData,
     ProbeSet,
 };
-use common::DTYPES;
+use common::{level_cases, Case, DTYPES};
 
 /// A value no input or output of these tests can hold (exact in every float dtype).
 const SENTINEL: f64 = -4096.0;
@@ -76,62 +76,43 @@ fn assert_no_sentinel(v: &[f64], what: &str) {
 const SHAPES: &[&[usize]] = &[&[37, 129], &[5, 7, 3, 5], &[1, 1], &[0, 129], &[0, 7, 3, 5]];
 const LEVELS: &[usize] = &[3, 4, 9];
 
-/// One case of the level-op tests: activation shape (`shape` its index in [`SHAPES`]), level
-/// count, expanding or not, and dtype.
-struct Case {
-    shape: usize,
-    dims: &'static [usize],
-    levels: usize,
-    expand: bool,
-    dtype: DType,
-}
-
-/// Every combination of [`SHAPES`], [`LEVELS`], expanding or not, and [`DTYPES`], in that
-/// nesting order.
-fn level_cases() -> impl Iterator<Item = Case> {
-    SHAPES.iter().enumerate().flat_map(|(shape, &dims)| {
-        LEVELS.iter().flat_map(move |&levels| {
-            [true, false].into_iter().flat_map(move |expand| {
-                DTYPES.iter().map(move |&dtype| Case {
-                    shape,
-                    dims,
-                    levels,
-                    expand,
-                    dtype,
-                })
-            })
-        })
-    })
-}
-
-/// `(x, units)` for a case: `rows_in` rows of `shape`, an infinity at a clamped-or-kept spot.
-fn input(shape: &[usize], rows_in: usize, seed: u64) -> Result<(Tensor, usize)> {
-    let mut dims = shape.to_vec();
-    dims[0] = rows_in;
-    let n: usize = dims.iter().product();
+/// `(x, units, seed)` for a case: its input rows (`L·M` unless expanding) of its shape in its
+/// dtype, with an infinity at a clamped-or-kept spot; `seed` for the case's other values.
+fn input(case: &Case) -> Result<(Tensor, usize, u64)> {
+    let Case {
+        shape,
+        dims,
+        levels,
+        expand,
+        dtype,
+    } = *case;
+    let seed = (shape * 100 + levels * 10) as u64 + u64::from(expand);
+    let mut x_dims = dims.to_vec();
+    if !expand {
+        x_dims[0] *= levels;
+    }
+    let n: usize = x_dims.iter().product();
     let mut v = values(n, seed);
     if n > 2 {
         v[1] = f32::INFINITY; // a select must pass it through or clamp it, never make NaN
     }
-    Ok((Tensor::from_vec(v, dims, &Device::Cpu)?, shape[1]))
+    let x = Tensor::from_vec(v, x_dims, &Device::Cpu)?.to_dtype(dtype)?;
+    Ok((x, dims[1], seed))
 }
 
 #[test]
 fn level_clamp_matches_cpu_bit_for_bit() -> Result<()> {
     let Some(gpu) = cuda() else { return Ok(()) };
     let mut cases = 0;
-    for Case {
-        shape: si,
-        dims: shape,
-        levels,
-        expand,
-        dtype,
-    } in level_cases()
-    {
-        let rows_in = if expand { shape[0] } else { shape[0] * levels };
-        let seed = (si * 100 + levels * 10) as u64 + u64::from(expand);
-        let (x, units) = input(shape, rows_in, seed)?;
-        let x = x.to_dtype(dtype)?;
+    for case in level_cases(SHAPES, LEVELS) {
+        let (x, units, seed) = input(&case)?;
+        let Case {
+            dims: shape,
+            levels,
+            expand,
+            dtype,
+            ..
+        } = case;
         let keep = Tensor::from_vec(
             bits01(levels * units, seed + 1),
             (levels, units),
@@ -167,18 +148,15 @@ fn level_clamp_matches_cpu_bit_for_bit() -> Result<()> {
 fn level_noise_matches_cpu_within_tolerance() -> Result<()> {
     let Some(gpu) = cuda() else { return Ok(()) };
     let mut cases = 0;
-    for Case {
-        shape: si,
-        dims: shape,
-        levels,
-        expand,
-        dtype,
-    } in level_cases()
-    {
-        let rows_in = if expand { shape[0] } else { shape[0] * levels };
-        let seed = (si * 100 + levels * 10) as u64 + u64::from(expand);
-        let (x, units) = input(shape, rows_in, seed)?;
-        let x = x.to_dtype(dtype)?;
+    for case in level_cases(SHAPES, LEVELS) {
+        let (x, units, seed) = input(&case)?;
+        let Case {
+            dims: shape,
+            levels,
+            expand,
+            dtype,
+            ..
+        } = case;
         let std: Vec<f32> = values(levels * units, seed + 3)
             .iter()
             .map(|v| v.abs() / 2.0)

@@ -25,7 +25,7 @@ use candle_reliance::ops::{
 mod common;
 mod emulation;
 
-use common::{Rng, DTYPES};
+use common::{level_cases, Case, Rng};
 use emulation::{call, emulator, suffix};
 
 fn bytes(t: &Tensor) -> Result<Vec<u8>> {
@@ -161,34 +161,6 @@ fn random_tensor_bits(rng: &mut Rng, dims: &[usize], dtype: DType) -> Result<Ten
     Tensor::from_raw_buffer(&raw, dtype, dims, &Device::Cpu)
 }
 
-/// One case of the level-op tests: activation shape (`shape` its index in [`SHAPES`]), level
-/// count, expanding or not, and dtype.
-struct Case {
-    shape: usize,
-    dims: &'static [usize],
-    levels: usize,
-    expand: bool,
-    dtype: DType,
-}
-
-/// Every combination of [`SHAPES`], [`LEVELS`], expanding or not, and [`DTYPES`], in that
-/// nesting order.
-fn level_cases() -> impl Iterator<Item = Case> {
-    SHAPES.iter().enumerate().flat_map(|(shape, &dims)| {
-        LEVELS.iter().flat_map(move |&levels| {
-            [true, false].into_iter().flat_map(move |expand| {
-                DTYPES.iter().map(move |&dtype| Case {
-                    shape,
-                    dims,
-                    levels,
-                    expand,
-                    dtype,
-                })
-            })
-        })
-    })
-}
-
 /// Shape of the op's input: `dims` with `levels` times the rows unless expanding.
 fn input_dims(dims: &[usize], levels: usize, expand: bool) -> Vec<usize> {
     let mut d = dims.to_vec();
@@ -249,7 +221,7 @@ fn level_clamp_kernels_match_the_cpu_op_bit_for_bit() -> Result<()> {
         expand,
         dtype,
         ..
-    } in level_cases()
+    } in level_cases(SHAPES, LEVELS)
     {
         let x_dims = input_dims(dims, levels, expand);
         let g = Geometry::new(&x_dims, levels, expand)?;
@@ -408,7 +380,7 @@ fn level_noise_kernels_match_the_cpu_op() -> Result<()> {
         levels,
         expand,
         dtype,
-    } in level_cases()
+    } in level_cases(SHAPES, LEVELS)
     {
         let x_dims = input_dims(dims, levels, expand);
         let g = Geometry::new(&x_dims, levels, expand)?;

@@ -65,3 +65,35 @@ impl Rng {
 
 /// The element types every kernel is instantiated for.
 pub const DTYPES: &[DType] = &[DType::F32, DType::F64, DType::F16, DType::BF16];
+
+/// One case of the level-op tests: activation shape (`shape` its index in the shape list),
+/// level count, expanding or not, and dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub shape: usize,
+    pub dims: &'static [usize],
+    pub levels: usize,
+    pub expand: bool,
+    pub dtype: DType,
+}
+
+/// Every combination of `shapes`, `levels`, expanding or not, and [`DTYPES`], in that nesting
+/// order.
+pub fn level_cases(
+    shapes: &'static [&'static [usize]],
+    levels: &'static [usize],
+) -> impl Iterator<Item = Case> {
+    shapes.iter().enumerate().flat_map(move |(shape, &dims)| {
+        levels.iter().flat_map(move |&levels| {
+            [true, false].into_iter().flat_map(move |expand| {
+                DTYPES.iter().map(move |&dtype| Case {
+                    shape,
+                    dims,
+                    levels,
+                    expand,
+                    dtype,
+                })
+            })
+        })
+    })
+}
