@@ -178,7 +178,7 @@ fn main() -> Result<()> {
             let probes = ProbeSet::new();
             let model = Cnn::new(&varmap, with_bn, &probes, seed)?;
             let mut opt = trainable_adamw(&varmap, 1e-3)?;
-            let mut rng = Rng(seed ^ 0xABCD);
+            let mut rng = Rng::new(seed ^ 0xABCD);
             for _ in 0..cnn_epochs {
                 train_epoch(
                     |b| model.forward_t(b, true),
@@ -286,7 +286,7 @@ fn main() -> Result<()> {
                 let probes = ProbeSet::new();
                 let model = Mlp::new(&varmap, &[512, 512], p as f32, &probes, seed)?;
                 let mut opt = trainable_adamw(&varmap, 1e-3)?;
-                let mut rng = Rng(seed ^ 0xABCD);
+                let mut rng = Rng::new(seed ^ 0xABCD);
                 let (mut epochs_run, mut train_acc) = (0, 0.0);
                 while epochs_run < max_epochs && train_acc < 0.95 {
                     train_epoch(

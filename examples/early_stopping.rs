@@ -52,7 +52,7 @@ fn reliance_run(
         probes.clone(),
         ProbeData::new(x.clone(), y.clone())?,
     )?;
-    let mut rng = Rng(seed ^ 0xABCD);
+    let mut rng = Rng::new(seed ^ 0xABCD);
     let mut r = Run {
         test_loss: vec![],
         test_acc: vec![],
@@ -114,7 +114,7 @@ fn val_loss_run(
     let varmap = VarMap::new();
     let model = Mlp::new(&varmap, &[hidden, hidden], 0.0, &ProbeSet::new(), seed)?;
     let mut opt = adamw(varmap.all_vars(), lr)?;
-    let mut rng = Rng(seed ^ 0xABCD);
+    let mut rng = Rng::new(seed ^ 0xABCD);
     let (mut best, mut best_epoch, mut wait) = (f64::INFINITY, 0, 0);
     let (mut best_test, mut stop) = ((0.0, 0.0), epochs);
     for epoch in 1..=epochs {

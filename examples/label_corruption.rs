@@ -57,7 +57,7 @@ fn main() -> Result<()> {
             let probes = ProbeSet::new();
             let model = Mlp::new(&varmap, &[hidden, hidden], 0.0, &probes, seed)?;
             let mut opt = adamw(varmap.all_vars(), 1e-3)?;
-            let mut rng = Rng(seed ^ 0x5EED);
+            let mut rng = Rng::new(seed ^ 0x5EED);
             let (mut epochs, mut train_acc) = (0, 0.0);
             while epochs < max_epochs && train_acc < 0.99 {
                 train_epoch(|b| model.forward_t(b, true), &mut opt, &x, &y, 64, &mut rng)?;

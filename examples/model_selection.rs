@@ -64,7 +64,7 @@ fn main() -> Result<()> {
                     let probes = ProbeSet::new();
                     let model = Mlp::new(&varmap, &[hidden, hidden], 0.0, &probes, seed)?;
                     let mut opt = adamw(varmap.all_vars(), lr)?;
-                    let mut rng = Rng(seed ^ 0xABCD);
+                    let mut rng = Rng::new(seed ^ 0xABCD);
                     for _ in 0..epochs {
                         train_epoch(
                             |b| model.forward_t(b, true),

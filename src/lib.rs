@@ -68,7 +68,7 @@ pub mod ops;
 pub mod plot;
 mod probe;
 mod report;
-mod rng;
+pub mod rng;
 mod selectivity;
 mod stopping;
 

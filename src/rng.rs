@@ -1,12 +1,23 @@
-//! Small deterministic random numbers.
+//! The crate's deterministic random numbers, public so that experiments can reproduce them.
 //!
-//! The orders of units and the noise must be reproducible across runs, platforms and crate
-//! versions (a resumed run has to make the same decisions), so they come from fixed, documented
-//! generators rather than from a dependency whose streams may change between releases.
+//! The orders of units, the probe subset, label corruption and the noise must be reproducible
+//! across runs, platforms and crate versions (a resumed run has to make the same decisions), so
+//! they come from fixed, documented generators rather than from a dependency whose streams may
+//! change between releases. The examples and tests use the same [`SplitMix64`].
+//!
+//! ```
+//! use candle_reliance::rng::{permutation, SplitMix64};
+//!
+//! let mut rng = SplitMix64::new(7);
+//! let mut v = vec![1, 2, 3, 4];
+//! rng.shuffle(&mut v);
+//! assert_eq!(v.len(), 4);
+//! assert_eq!(permutation(5, 3), permutation(5, 3)); // seeded: the same every time
+//! ```
 
 /// SplitMix64 finaliser: a strong 64-bit mixing function (Steele, Lea & Flood 2014).
 #[inline]
-pub(crate) fn mix64(mut z: u64) -> u64 {
+pub fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -16,22 +27,24 @@ pub(crate) fn mix64(mut z: u64) -> u64 {
 /// Seeds derived from a base seed and a stream number, so that e.g. order `r` of a run does not
 /// depend on how many orders came before it.
 #[inline]
-pub(crate) fn derive_seed(seed: u64, stream: u64) -> u64 {
+pub fn derive_seed(seed: u64, stream: u64) -> u64 {
     mix64(seed ^ mix64(stream.wrapping_add(0x632B_E59B_D9B4_E019)))
 }
 
 /// A sequential SplitMix64 generator.
 #[derive(Debug, Clone)]
-pub(crate) struct SplitMix64 {
+pub struct SplitMix64 {
     state: u64,
 }
 
 impl SplitMix64 {
-    pub(crate) fn new(seed: u64) -> Self {
+    /// A generator whose stream is a function of `seed` only.
+    pub fn new(seed: u64) -> Self {
         Self { state: seed }
     }
 
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         let out = mix64(self.state);
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         out
@@ -39,24 +52,29 @@ impl SplitMix64 {
 
     /// Uniform integer in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for the sizes
     /// used here, far under anything a curve could show).
-    pub(crate) fn below(&mut self, n: usize) -> usize {
+    pub fn below(&mut self, n: usize) -> usize {
         (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 
     /// Uniform float in `[0, 1)`.
-    pub(crate) fn uniform(&mut self) -> f64 {
+    pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Shuffles `v` uniformly (Fisher–Yates with [`SplitMix64::below`]).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
     }
 }
 
-/// A uniformly random permutation of `0..n` (Fisher–Yates).
-pub(crate) fn permutation(n: usize, seed: u64) -> Vec<usize> {
-    let mut rng = SplitMix64::new(seed);
+/// A uniformly random permutation of `0..n`, a function of `seed` only: the order in which
+/// [`SplitMix64::shuffle`] leaves `0..n`.
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     let mut p: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = rng.below(i + 1);
-        p.swap(i, j);
-    }
+    SplitMix64::new(seed).shuffle(&mut p);
     p
 }
 

@@ -17,36 +17,17 @@ pub fn mnist() -> Result<Mnist> {
     )
 }
 
-/// SplitMix64: seeded and stable, for initialization, shuffling and label noise.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-    }
-}
+/// The crate's seeded generator, for initialization, shuffling and label noise.
+pub use candle_reliance::rng::SplitMix64 as Rng;
 
 /// Re-initializes every variable from `seed` (candle's CPU initializers cannot be seeded):
 /// weights of a layer with fan-in `f` uniform in ±1/√f, as candle's default Linear init.
+/// Batch-norm variables (names starting with `bn`) keep their own initialization.
 pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
     let vars = varmap.data().lock().unwrap();
-    let mut names: Vec<&String> = vars.keys().collect();
+    let mut names: Vec<&String> = vars.keys().filter(|n| !n.starts_with("bn")).collect();
     names.sort();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     for name in names {
         let var = &vars[name];
         let dims = var.dims().to_vec();
