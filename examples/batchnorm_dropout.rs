@@ -27,10 +27,10 @@ use candle_nn::{
     batch_norm, conv2d, linear, AdamW, BatchNorm, BatchNormConfig, Conv2d, Linear, VarBuilder,
     VarMap,
 };
+use candle_reliance::data::corrupt_labels;
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::{
-    ablation_curve, class_selectivity, corrupt_labels, evenly_spaced_fractions, AblationCurve,
-    AblationSpec, Clamp, Probe, ProbeData, ProbeSet,
+    AblationCurve, AblationSpec, Clamp, Measurement, Probe, ProbeData, ProbeSet,
 };
 use common::*;
 use std::time::Instant;
@@ -164,7 +164,7 @@ fn main() -> Result<()> {
         data.train.labels.narrow(0, 0, cnn_train)?,
     );
     let cnn_probe_data = ProbeData::new(cx.clone(), cy.clone())?.subset(subset, 7)?;
-    let cnn_spec = AblationSpec::default().with_fractions(evenly_spaced_fractions(cnn_levels));
+    let cnn_spec = AblationSpec::default().with_fractions(cnn_levels);
     let mut cnn_rows: Vec<(bool, [f64; 6])> = vec![];
     let mut cnn_plot = Plot::new(format!(
         "CNN on {cnn_train} MNIST digits, {cnn_epochs} epochs: feature-map ablation"
@@ -193,17 +193,13 @@ fn main() -> Result<()> {
             let (_, train_acc) = evaluate(&model, &cx, &cy)?;
             let (test_loss, test_acc) = evaluate(&model, test.0, test.1)?;
             let t1 = Instant::now();
-            let curve = ablation_curve(&model, &probes, &cnn_probe_data, &cnn_spec)?;
+            let m = Measurement::new(&model, &probes, &cnn_probe_data);
+            let curve = m.ablation_curve(&cnn_spec)?;
             let ablation_s = t1.elapsed().as_secs_f64();
             // Mean clamp too: it does not shift the next layer's input mean, which separates
             // "batch norm amplifies a zeroed map" from "the network relies on single maps".
-            let curve_mean = ablation_curve(
-                &model,
-                &probes,
-                &cnn_probe_data,
-                &cnn_spec.clone().with_clamp(Clamp::Mean),
-            )?;
-            let sel = class_selectivity(&model, &probes, &cnn_probe_data, 256)?;
+            let curve_mean = m.ablation_curve(&cnn_spec.clone().with_clamp(Clamp::Mean))?;
+            let sel = m.selectivity()?;
             let means = sel.means();
             println!(
                 "{{\"experiment\":\"batchnorm_dropout\",\"part\":\"cnn\",\"batch_norm\":{with_bn},\"seed\":{seed},\
@@ -302,7 +298,8 @@ fn main() -> Result<()> {
                 }
                 let train_s = t0.elapsed().as_secs_f64();
                 let (test_loss, test_acc) = evaluate(&model, test.0, test.1)?;
-                let curve = ablation_curve(&model, &probes, &probe_data, &mlp_spec)?;
+                let curve =
+                    Measurement::new(&model, &probes, &probe_data).ablation_curve(&mlp_spec)?;
                 let drop = drop5_fraction(&curve);
                 println!(
                     "{{\"experiment\":\"batchnorm_dropout\",\"part\":\"dropout\",\"labels\":\"{labels_name}\",\

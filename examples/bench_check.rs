@@ -11,10 +11,10 @@ mod common;
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::VarMap;
+use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp};
+use candle_reliance::measurement::auto_batch_rows;
 use candle_reliance::ops::level_clamp_for_tests;
-use candle_reliance::{
-    ablation_curve, unit_statistics, AblationOrder, AblationSpec, Clamp, ProbeData, ProbeSet,
-};
+use candle_reliance::{Measurement, ProbeData, ProbeSet};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -44,20 +44,17 @@ fn main() -> Result<()> {
     let ys = model.forward(&xs)?.argmax(1)?;
     let data = ProbeData::new(xs.clone(), ys)?;
     let spec = AblationSpec::default()
-        .with_fractions((0..=16).map(|i| i as f64 / 16.0).collect())
-        .with_order(AblationOrder::Random {
-            repeats: 5,
-            seed: 0,
-        })
+        .with_fractions((0..=16).map(|i| i as f64 / 16.0).collect::<Vec<_>>())
+        .with_order(AblationOrder::Random { orders: 5, seed: 0 })
         .with_clamp(Clamp::Zero);
 
-    let batched = time(reps, || ablation_curve(&model, &probes, &data, &spec))?;
+    // A new measurement each time, so that every timing includes the statistics pass.
+    let measure = || Measurement::new(&model, &probes, &data);
+    let batched = time(reps, || measure().ablation_curve(&spec))?;
     // The statistics pass inside every curve: unit counts, means, the unablated accuracy.
-    let stats = time(reps, || {
-        unit_statistics(&model, &probes, &data, spec.batch_size)
-    })?;
+    let stats = time(reps, || measure().statistics().cloned())?;
     let per_level = time(reps.min(3), || {
-        ablation_curve(&model, &probes, &data, &spec.clone().with_batched(false))
+        measure().with_batched(false).ablation_curve(&spec)
     })?;
 
     // The products no implementation can skip: the first layer once per sample, the later
@@ -75,7 +72,7 @@ fn main() -> Result<()> {
     })?;
     // The same products in blocks of the rows the batched pass uses: faster on CPU, where the
     // outputs then stay in cache. The baseline is the faster of the two.
-    let rows = candle_reliance::auto_batch_rows(&dev, hidden);
+    let rows = auto_batch_rows(&dev, hidden);
     let blocked = time(reps, || {
         xs.matmul(&w1)?;
         for start in (0..masks * n).step_by(rows) {

@@ -9,11 +9,13 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear, loss, AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use candle_reliance::mnist::load_split;
+#[path = "common/idx.rs"]
+mod idx;
+
+use candle_reliance::curves::{AblationOrder, AblationSpec, NoiseSpec};
 use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests, unit_sums_for_tests};
-use candle_reliance::{
-    ablation_curve, noise_curve, AblationOrder, AblationSpec, NoiseSpec, Probe, ProbeData, ProbeSet,
-};
+use candle_reliance::{Measurement, Probe, ProbeData, ProbeSet};
+use idx::load_split;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -158,11 +160,8 @@ fn mnist_check(gpu: &Device, data_dir: &Path) -> Result<serde_json::Value> {
     let subset = 2000;
     let xs = split.images.narrow(0, 0, subset)?;
     let ys = split.labels.narrow(0, 0, subset)?;
-    let ablation = AblationSpec::default().with_order(AblationOrder::Random {
-        repeats: 3,
-        seed: 1,
-    });
-    let noise = NoiseSpec::default().with_repeats(2).with_seed(3);
+    let ablation = AblationSpec::default().with_order(AblationOrder::Random { orders: 3, seed: 1 });
+    let noise = NoiseSpec::default().with_draws(2).with_seed(3);
     let mut out = serde_json::Map::new();
     let mut curves = Vec::new();
     for dev in [gpu.clone(), Device::Cpu] {
@@ -170,16 +169,18 @@ fn mnist_check(gpu: &Device, data_dir: &Path) -> Result<serde_json::Value> {
         let data = ProbeData::new(xs.to_device(&dev)?, ys.to_device(&dev)?)?;
         if !dev.is_cpu() {
             // Warm-up: the first use loads the kernel modules (PTX JIT); a monitor pays it once.
-            ablation_curve(&model, &probes, &data, &ablation)?;
-            noise_curve(&model, &probes, &data, &noise)?;
+            let m = Measurement::new(&model, &probes, &data);
+            m.ablation_curve(&ablation)?;
+            m.noise_curve(&noise)?;
             dev.synchronize()?;
         }
         let t = Instant::now();
-        let a = ablation_curve(&model, &probes, &data, &ablation)?;
+        // A new measurement for each curve, so that each time includes its statistics pass.
+        let a = Measurement::new(&model, &probes, &data).ablation_curve(&ablation)?;
         dev.synchronize()?;
         let a_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let nz = noise_curve(&model, &probes, &data, &noise)?;
+        let nz = Measurement::new(&model, &probes, &data).noise_curve(&noise)?;
         dev.synchronize()?;
         let n_s = t.elapsed().as_secs_f64();
         let name = if dev.is_cpu() { "cpu" } else { "cuda" };

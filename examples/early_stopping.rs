@@ -14,8 +14,9 @@ mod common;
 
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarMap;
+use candle_reliance::data::corrupt_labels;
 use candle_reliance::plot::{Plot, Series};
-use candle_reliance::{corrupt_labels, ProbeData, ProbeSet, RelianceConfig, RelianceMonitor};
+use candle_reliance::{Measurement, ProbeData, ProbeSet, RelianceConfig, RelianceMonitor};
 use common::*;
 use std::time::Instant;
 
@@ -46,7 +47,7 @@ fn reliance_run(
     let model = Mlp::new(&varmap, &[hidden, hidden], 0.0, &probes, seed)?;
     let mut opt = adamw(varmap.all_vars(), lr)?;
     let config = RelianceConfig::default();
-    let spec = config.ablation.spec();
+    let spec = config.ablation.clone();
     let mut monitor = RelianceMonitor::new(
         config,
         probes.clone(),
@@ -86,7 +87,7 @@ fn reliance_run(
                     .push((epoch as f64, r.metric.last().map_or(f64::NAN, |m| m.1)));
             }
         } else if arg("trace-after-stop", 1) == 1 {
-            let c = candle_reliance::ablation_curve(&model, &probes, monitor.data(), &spec)?;
+            let c = Measurement::new(&model, &probes, monitor.data()).ablation_curve(&spec)?;
             r.metric_after.push((epoch as f64, c.normalized_auc));
         }
     }

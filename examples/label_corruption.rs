@@ -14,8 +14,9 @@ use candle_core::{Device, Result, Tensor};
 use candle_nn::VarMap;
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::{
-    ablation_curve_with_stats, corrupt_labels, noise_curve_with_stats, unit_statistics,
-    AblationOrder, AblationSpec, Clamp, NoiseSpec, ProbeData, ProbeSet,
+    curves::{AblationOrder, NoiseSpec},
+    data::corrupt_labels,
+    AblationSpec, Clamp, Measurement, ProbeData, ProbeSet,
 };
 use common::*;
 
@@ -29,12 +30,9 @@ fn main() -> Result<()> {
     let data = mnist()?;
     let x = data.train.images.narrow(0, 0, train)?;
     let clean = data.train.labels.narrow(0, 0, train)?.to_vec1::<u32>()?;
-    let spec = AblationSpec::default().with_order(AblationOrder::Random {
-        repeats: 5,
-        seed: 0,
-    });
+    let spec = AblationSpec::default().with_order(AblationOrder::Random { orders: 5, seed: 0 });
     let mean_spec = spec.clone().with_clamp(Clamp::Mean);
-    let noise_spec = NoiseSpec::default().with_repeats(3);
+    let noise_spec = NoiseSpec::default().with_draws(3);
     // (corruption, [auc zero, normalized zero, auc mean, noise auc, train acc, test acc, epochs])
     let mut rows: Vec<(f64, [f64; 7])> = vec![];
     let (mut zero_plot, mut mean_plot, mut noise_plot) = (
@@ -66,10 +64,10 @@ fn main() -> Result<()> {
             }
             let (_, test_acc) = evaluate(&model, &data.test.images, &data.test.labels)?;
             let probe_data = ProbeData::new(x.clone(), y.clone())?.subset(1000, 0)?;
-            let stats = unit_statistics(&model, &probes, &probe_data, 512)?;
-            let zero = ablation_curve_with_stats(&model, &probes, &probe_data, &spec, &stats)?;
-            let mean = ablation_curve_with_stats(&model, &probes, &probe_data, &mean_spec, &stats)?;
-            let noise = noise_curve_with_stats(&model, &probes, &probe_data, &noise_spec, &stats)?;
+            let m = Measurement::new(&model, &probes, &probe_data);
+            let zero = m.ablation_curve(&spec)?;
+            let mean = m.ablation_curve(&mean_spec)?;
+            let noise = m.noise_curve(&noise_spec)?;
             println!(
                 "{{\"experiment\":\"label_corruption\",\"corruption\":{p},\"seed\":{seed},\"epochs\":{epochs},\"train_acc\":{train_acc:.4},\
                  \"test_acc\":{test_acc:.4},\"auc_zero\":{:.4},\"auc_zero_ci\":{},\"normalized_auc_zero\":{:.4},\"auc_mean\":{:.4},\

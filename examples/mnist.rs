@@ -7,12 +7,17 @@
 //! ```
 //! The monitor only sees training data; the test accuracy printed each epoch is for the reader.
 
+#[path = "common/idx.rs"]
+mod idx;
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear, loss, AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use candle_reliance::mnist::load_mnist_dir;
-use candle_reliance::{corrupt_labels, Probe, ProbeData, ProbeSet, RelianceMonitor};
+use candle_reliance::data::corrupt_labels;
+use candle_reliance::rng::SplitMix64;
+use candle_reliance::{Probe, ProbeData, ProbeSet, RelianceMonitor};
 use clap::Parser;
+use idx::load_mnist_dir;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -160,20 +165,12 @@ fn main() -> Result<()> {
 
     let mut last_epoch = 0;
     let mut order: Vec<u32> = (0..n as u32).collect();
-    let mut rng = args
-        .seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut rng = SplitMix64::new(args.seed);
     for epoch in 1..=args.epochs {
         last_epoch = epoch;
         let t0 = std::time::Instant::now();
-        // Fisher–Yates with a small LCG: a new sample order every epoch.
-        for i in (1..order.len()).rev() {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            order.swap(i, ((rng >> 33) as usize) % (i + 1));
-        }
+        rng.shuffle(&mut order); // a new sample order every epoch
+
         let (mut loss_sum, mut batches) = (0f64, 0usize);
         for batch in order.chunks(args.batch_size) {
             let idx = Tensor::new(batch, &device)?;

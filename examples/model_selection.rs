@@ -17,7 +17,7 @@ use candle_core::{Device, Result, Tensor};
 use candle_nn::VarMap;
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::{
-    ablation_curve, corrupt_labels, spearman, AblationSpec, ProbeData, ProbeSet,
+    data::corrupt_labels, units::spearman, AblationSpec, Measurement, ProbeData, ProbeSet,
 };
 use common::*;
 use std::time::Instant;
@@ -80,7 +80,8 @@ fn main() -> Result<()> {
                     let (test_loss, test_acc) =
                         evaluate(&model, &data.test.images, &data.test.labels)?;
                     let t1 = Instant::now();
-                    let curve = ablation_curve(&model, &probes, &probe_data, &spec)?;
+                    let curve =
+                        Measurement::new(&model, &probes, &probe_data).ablation_curve(&spec)?;
                     let ablation_s = t1.elapsed().as_secs_f64();
                     println!(
                         "{{\"experiment\":\"model_selection\",\"label_noise\":{noise},\"epochs\":{epochs},\

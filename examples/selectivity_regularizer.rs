@@ -8,40 +8,22 @@
 //! cargo run --release --example selectivity_regularizer
 //! ```
 
+#[path = "common/idx.rs"]
+mod idx;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{loss, AdamW, Linear, Optimizer, ParamsAdamW};
-use candle_reliance::mnist::load_mnist_dir;
-use candle_reliance::{
-    ablation_curve, class_selectivity, selectivity_regularizer, AblationSpec, Probe, ProbeData,
-    ProbeSet,
-};
+use candle_reliance::rng::SplitMix64;
+use candle_reliance::units::selectivity_regularizer;
+use candle_reliance::{AblationSpec, Measurement, Probe, ProbeData, ProbeSet};
+use idx::load_mnist_dir;
 
 const HIDDEN: usize = 128;
 const EPOCHS: usize = 5;
 const BATCH: usize = 64;
 const ALPHAS: [f64; 4] = [-1.0, 0.0, 0.5, 1.0];
 const SEED: u64 = 0;
-
-/// A small deterministic generator for the initial weights and the sample order.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) as usize) % n
-    }
-}
 
 struct Mlp {
     layers: [Linear; 3],
@@ -50,12 +32,12 @@ struct Mlp {
 
 impl Mlp {
     /// Kaiming-uniform weights and zero biases; returns the model and its variables.
-    fn new(probes: &ProbeSet, rng: &mut Lcg, device: &Device) -> Result<(Self, Vec<Var>)> {
+    fn new(probes: &ProbeSet, rng: &mut SplitMix64, device: &Device) -> Result<(Self, Vec<Var>)> {
         let mut vars = Vec::new();
         let mut layer = |fan_in: usize, fan_out: usize| -> Result<Linear> {
             let bound = (6.0 / fan_in as f32).sqrt();
             let w: Vec<f32> = (0..fan_in * fan_out)
-                .map(|_| (2.0 * rng.next_f32() - 1.0) * bound)
+                .map(|_| (2.0 * rng.uniform() as f32 - 1.0) * bound)
                 .collect();
             let w = Var::from_tensor(&Tensor::from_vec(w, (fan_out, fan_in), device)?)?;
             let b = Var::zeros(fan_out, DType::F32, device)?;
@@ -118,7 +100,7 @@ fn main() -> Result<()> {
 
     for alpha in ALPHAS {
         let t0 = std::time::Instant::now();
-        let mut rng = Lcg(SEED.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        let mut rng = SplitMix64::new(SEED);
         let probes = ProbeSet::new();
         let (model, vars) = Mlp::new(&probes, &mut rng, &device)?;
         let mut opt = AdamW::new(
@@ -133,9 +115,7 @@ fn main() -> Result<()> {
         let mut reg_sum = 0.0;
         let mut steps = 0usize;
         for _ in 0..EPOCHS {
-            for i in (1..order.len()).rev() {
-                order.swap(i, rng.below(i + 1));
-            }
+            rng.shuffle(&mut order);
             for batch in order.chunks(BATCH) {
                 let idx = Tensor::new(batch, &device)?;
                 let (x, y) = (
@@ -155,8 +135,9 @@ fn main() -> Result<()> {
         }
         let train_seconds = t0.elapsed().as_secs_f64();
         let test_accuracy = accuracy(&model, &mnist.test.images, &mnist.test.labels)?;
-        let sel = class_selectivity(&model, &probes, &probe_data, 512)?;
-        let curve = ablation_curve(&model, &probes, &probe_data, &AblationSpec::default())?;
+        let m = Measurement::new(&model, &probes, &probe_data);
+        let sel = m.selectivity()?;
+        let curve = m.ablation_curve(&AblationSpec::default())?;
         let line = serde_json::json!({
             "alpha": alpha,
             "test_accuracy": test_accuracy,

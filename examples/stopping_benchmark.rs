@@ -26,12 +26,11 @@ use candle_nn::{
     batch_norm, conv2d_no_bias, linear, loss, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
     Linear, Optimizer, VarBuilder, VarMap,
 };
-use candle_reliance::mnist::load_mnist_dir;
-use candle_reliance::{
-    ablation_curve, ablation_curve_with_stats, corrupt_labels, unit_statistics, AblationOrder,
-    Probe, ProbeData, ProbeSet, RelianceConfig,
-};
+use candle_reliance::curves::AblationOrder;
+use candle_reliance::data::corrupt_labels;
+use candle_reliance::{Measurement, Probe, ProbeData, ProbeSet, RelianceConfig};
 use clap::{Parser, Subcommand};
+use common::idx::load_mnist_dir;
 use common::{seeded_init, Mlp, Rng};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -144,7 +143,8 @@ fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
 }
 
 fn name<T: clap::ValueEnum>(v: &T) -> String {
-    v.to_possible_value().map_or_else(String::new, |p| p.get_name().to_string())
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
 }
 
 impl OptimKind {
@@ -302,7 +302,12 @@ impl Cnn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let n = xs.dim(0)?;
         let x = xs.reshape((n, 1, 28, 28))?;
-        let h = self.c1.forward(&x)?.apply_t(&self.bn1, train)?.relu()?.max_pool2d(2)?;
+        let h = self
+            .c1
+            .forward(&x)?
+            .apply_t(&self.bn1, train)?
+            .relu()?
+            .max_pool2d(2)?;
         let h = self.c2.forward(&h)?.apply_t(&self.bn2, train)?.relu()?;
         let h = self.probes[0].forward(&h)?.max_pool2d(2)?;
         let h = self.fc1.forward(&h.flatten_from(1)?)?.relu()?;
@@ -312,7 +317,7 @@ impl Cnn {
 
 enum Net {
     Mlp(Mlp),
-    Cnn(Cnn),
+    Cnn(Box<Cnn>),
 }
 
 impl Net {
@@ -431,14 +436,14 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
             let h = if key.quick { 64 } else { 512 };
             Net::Mlp(Mlp::new(&varmap, &[h, h], 0.0, &probes, key.seed)?)
         }
-        ModelKind::Cnn => Net::Cnn(Cnn::new(&varmap, &probes, key.seed)?),
+        ModelKind::Cnn => Net::Cnn(Box::new(Cnn::new(&varmap, &probes, key.seed)?)),
     };
     let mut opt = Opt::new(key.optim, &varmap)?;
     let mut rng = Rng::new(key.seed ^ 0xABCD);
 
     // The check exactly as the monitor's default configuration measures it.
     let config = RelianceConfig::default();
-    let spec = config.ablation.spec();
+    let spec = config.ablation.clone();
     let subset_size = if key.quick {
         200
     } else {
@@ -446,14 +451,18 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
     };
     let subset = ProbeData::new(tx.clone(), ty.clone())?.subset(subset_size, config.data.seed)?;
     let (default_orders, order_seed) = match spec.order {
-        AblationOrder::Random { repeats, seed } => (repeats, seed),
+        AblationOrder::Random { orders, seed } => (orders, seed),
         _ => bail!("the default ablation order is expected to be random"),
     };
     let all_orders = spec.clone().with_order(AblationOrder::Random {
-        repeats: default_orders + args.extra_orders,
+        orders: default_orders + args.extra_orders,
         seed: order_seed,
     });
-    let corrupted: Vec<bool> = ty_noisy.iter().zip(&ty_clean).map(|(a, b)| a != b).collect();
+    let corrupted: Vec<bool> = ty_noisy
+        .iter()
+        .zip(&ty_clean)
+        .map(|(a, b)| a != b)
+        .collect();
     let n_corrupted = corrupted.iter().filter(|&&c| c).count();
 
     let mut prev_pred: Option<Vec<u32>> = None;
@@ -531,8 +540,8 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
 
         // The default check, timed as the monitor would run it.
         let t2 = Instant::now();
-        let stats = unit_statistics(&model, &probes, &subset, spec.batch_size)?;
-        let curve = ablation_curve_with_stats(&model, &probes, &subset, &spec, &stats)?;
+        let m = Measurement::new(&model, &probes, &subset).with_batching(config.batching.clone());
+        let curve = m.ablation_curve(&spec)?;
         let check_s = t2.elapsed().as_secs_f64();
         let mut check = json!({
             "acc0": curve.unablated_accuracy,
@@ -543,7 +552,7 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
         });
         if args.extra_orders > 0 {
             let t3 = Instant::now();
-            let more = ablation_curve_with_stats(&model, &probes, &subset, &all_orders, &stats)?;
+            let more = m.ablation_curve(&all_orders)?;
             // Orders are drawn from (seed, index) only: the first ones are the default's.
             anyhow::ensure!(
                 more.per_order[..default_orders] == curve.per_order[..],
@@ -559,13 +568,15 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
                 subset.xs().clone(),
                 Tensor::new(subset_pred.as_slice(), &dev)?,
             )?;
-            let c = ablation_curve(&model, &probes, &own, &spec)?;
+            let c = Measurement::new(&model, &probes, &own).ablation_curve(&spec)?;
             check["self_auc"] = json!(c.auc_per_order);
             check["self_seconds"] = json!(t4.elapsed().as_secs_f64());
         }
-        check["subset_changes"] = json!(prev_subset_pred
-            .as_ref()
-            .map(|q| q.iter().zip(&subset_pred).filter(|(a, b)| a != b).count()));
+        check["subset_changes"] = json!(prev_subset_pred.as_ref().map(|q| q
+            .iter()
+            .zip(&subset_pred)
+            .filter(|(a, b)| a != b)
+            .count()));
         prev_subset_pred = Some(subset_pred);
         rec["check"] = check;
         epochs.push(rec);

@@ -1,4 +1,5 @@
-//! The fixed training subset a measurement runs on.
+//! The fixed training subset a measurement runs on, and the label corruption of the paper's
+//! randomization experiments.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -129,8 +130,8 @@ impl ProbeData {
 ///
 /// ```
 /// let clean = vec![0u32, 1, 2, 3, 4, 5, 6, 7, 8, 9];
-/// assert_eq!(candle_reliance::corrupt_labels(&clean, 10, 0.0, 1), clean);
-/// let noisy = candle_reliance::corrupt_labels(&clean, 10, 1.0, 1);
+/// assert_eq!(candle_reliance::data::corrupt_labels(&clean, 10, 0.0, 1), clean);
+/// let noisy = candle_reliance::data::corrupt_labels(&clean, 10, 1.0, 1);
 /// assert!(noisy.iter().all(|&l| l < 10));
 /// ```
 pub fn corrupt_labels(labels: &[u32], classes: u32, p: f64, seed: u64) -> Vec<u32> {

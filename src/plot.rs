@@ -13,7 +13,8 @@
 //! assert!(svg.starts_with("<svg") && svg.contains("epoch 5"));
 //! ```
 
-use crate::report::CheckRecord;
+use crate::monitor::files::{ensure_parent, io_err};
+use crate::monitor::{read_history, CheckRecord};
 use candle_core::Result;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -164,8 +165,8 @@ impl Plot {
     /// Writes the SVG to `path` (creating its folder).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        crate::report::ensure_parent(path)?;
-        std::fs::write(path, self.to_svg()).map_err(|e| crate::report::io_err("write", path, e))
+        ensure_parent(path)?;
+        std::fs::write(path, self.to_svg()).map_err(|e| io_err("write", path, e))
     }
 
     /// The chart as an SVG document.
@@ -432,10 +433,7 @@ fn nice_range(values: &[f64]) -> (f64, f64, Vec<f64>) {
 /// Two charts from a monitor history: the metric, raw AUC and unablated accuracy against epoch
 /// (with the best epoch marked), and the ablation curves of every check.
 pub fn history_plots(history: &[CheckRecord]) -> (Plot, Plot) {
-    let metric_name = history
-        .first()
-        .map_or("metric", |r| r.metric_name.as_str())
-        .to_string();
+    let metric_name = history.first().map_or("metric", |r| r.metric.name());
     let by_epoch = |f: fn(&CheckRecord) -> f64| {
         history
             .iter()
@@ -460,7 +458,7 @@ pub fn history_plots(history: &[CheckRecord]) -> (Plot, Plot) {
             "#2ca02c",
         );
     }
-    if let Some(stop) = history.iter().find(|r| r.decision == "stop") {
+    if let Some(stop) = history.iter().find(|r| r.decision.is_stop()) {
         trend = trend.marker(stop.epoch as f64, "stop", "#d62728");
     }
     let mut curves = Plot::new("Cumulative ablation curves")
@@ -485,7 +483,7 @@ pub fn plot_history_file(
     path: impl AsRef<Path>,
 ) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     let path = path.as_ref();
-    let history = crate::report::read_history(path)?;
+    let history = read_history(path)?;
     let (trend, curves) = history_plots(&history);
     let with = |suffix: &str| {
         let mut p = path.as_os_str().to_owned();

@@ -82,16 +82,17 @@ pub(crate) struct UnitSums {
 pub(crate) enum Action {
     /// Record per-unit sums; pass activations through.
     Stats,
-    /// Per probe: keep mask `(L, U)` u8 and clamp values `(U,)`.
+    /// Per probe: keep mask `(V, U)` u8 (one row per variant) and clamp values `(U,)`.
     Clamp {
         keep: Vec<Tensor>,
         values: Vec<Tensor>,
     },
-    /// Per probe: noise std `(L, U)` f32; per probe seeds derive from `seed`.
+    /// Per probe: noise std `(V, U)` f32 (one row per variant); per probe seeds derive from
+    /// `seed`; `variant_offset` is the index of the first row's variant among all variants.
     Noise {
         std: Vec<Tensor>,
         seed: u64,
-        level_offset: usize,
+        variant_offset: usize,
     },
     /// Record each probe's activation `(rows, U)` (a feature map averaged over positions), with
     /// its autograd graph; pass activations through.
@@ -100,8 +101,9 @@ pub(crate) enum Action {
 
 pub(crate) struct Pass {
     pub action: Action,
-    pub levels: usize,
-    /// Whether the first probe reached expands the batch to `levels × rows`.
+    /// Settings evaluated by one forward (variants of a batched measurement, else 1).
+    pub variants: usize,
+    /// Whether the first probe reached expands the batch to `variants × rows`.
     pub expand: bool,
     // Per forward:
     pub rows_in: Option<usize>,
@@ -167,7 +169,7 @@ impl ProbeSet {
     pub(crate) fn begin(
         &self,
         action: Action,
-        levels: usize,
+        variants: usize,
         expand: bool,
     ) -> Result<PassGuard<'_>> {
         let mut inner = self.lock()?;
@@ -182,7 +184,7 @@ impl ProbeSet {
         let n = inner.names.len();
         inner.pass = Some(Pass {
             action,
-            levels,
+            variants,
             expand,
             rows_in: None,
             seen: vec![false; n],
@@ -256,11 +258,11 @@ impl PassGuard<'_> {
         })
     }
 
-    /// Replaces the action (and level count) between forward passes.
-    pub fn set_action(&self, action: Action, levels: usize, expand: bool) -> Result<()> {
+    /// Replaces the action (and variant count) between forward passes.
+    pub fn set_action(&self, action: Action, variants: usize, expand: bool) -> Result<()> {
         self.with(|p| {
             p.action = action;
-            p.levels = levels;
+            p.variants = variants;
             p.expand = expand;
             Ok(())
         })
@@ -303,7 +305,7 @@ impl Drop for PassGuard<'_> {
 }
 
 /// Records the activation at every probe during one forward pass, keeping the autograd graph,
-/// e.g. for [`crate::selectivity_regularizer`]. Created by [`ProbeSet::capture`]; the probes
+/// e.g. for [`crate::units::selectivity_regularizer`]. Created by [`ProbeSet::capture`]; the probes
 /// are back to identities once it is finished or dropped.
 ///
 /// ```
@@ -353,7 +355,7 @@ impl Capture<'_> {
             .into_iter()
             .zip(names)
             .map(|(t, name)| {
-                t.ok_or_else(|| candle_core::Error::Msg(format!("probe `{name}` recorded nothing")))
+                candle_core::Context::context(t, format!("probe `{name}` recorded nothing"))
             })
             .collect()
     }
@@ -379,8 +381,9 @@ impl Module for Probe {
         }
         pass.seen[i] = true;
         pass.call_order.push(i);
-        let (rows, _, _) = rows_units_inner(xs.dims())
-            .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))?;
+        let in_probe =
+            |e: candle_core::Error| candle_core::Error::Msg(format!("probe `{name}`: {e}"));
+        let (rows, _, _) = rows_units_inner(xs.dims()).map_err(in_probe)?;
         let first = pass.rows_in.is_none();
         let expand = first && pass.expand;
         if first {
@@ -388,7 +391,7 @@ impl Module for Probe {
         } else if pass.expand {
             // Later probes must see the expanded batch; a model that reshapes with the batch
             // size it saw at the top of its forward does not, and the caller falls back.
-            let want = pass.rows_in.unwrap_or(rows) * pass.levels;
+            let want = pass.rows_in.unwrap_or(rows) * pass.variants;
             if rows != want {
                 candle_core::bail!(
                     "probe `{name}` received {rows} rows where the expanded batch has {want}"
@@ -397,27 +400,26 @@ impl Module for Probe {
         }
         match &pass.action {
             Action::Stats => {
-                record_sums(&mut pass.sums[i], xs, pass.labels.as_ref())
-                    .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))?;
+                record_sums(&mut pass.sums[i], xs, pass.labels.as_ref()).map_err(in_probe)?;
                 Ok(xs.clone())
             }
-            Action::Clamp { keep, values } => level_clamp(xs, &keep[i], &values[i], expand)
-                .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}"))),
+            Action::Clamp { keep, values } => {
+                level_clamp(xs, &keep[i], &values[i], expand).map_err(in_probe)
+            }
             Action::Noise {
                 std,
                 seed,
-                level_offset,
+                variant_offset,
             } => {
                 let op = LevelNoise {
-                    levels: pass.levels,
+                    levels: pass.variants,
                     expand,
                     seed: crate::rng::derive_seed(*seed, i as u64),
-                    level_offset: *level_offset,
+                    level_offset: *variant_offset,
                     sample_offset: pass.sample_offset,
                     total_samples: pass.total_samples,
                 };
-                level_noise(xs, &std[i], op)
-                    .map_err(|e| candle_core::Error::Msg(format!("probe `{name}`: {e}")))
+                level_noise(xs, &std[i], op).map_err(in_probe)
             }
             Action::Capture => {
                 pass.captured[i] = Some(if xs.rank() == 4 {

@@ -2,9 +2,8 @@
 //! one-forward-per-level reference.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_reliance::{
-    ablation_curve, unit_statistics, AblationOrder, AblationSpec, Clamp, ProbeData, ProbeSet,
-};
+use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp};
+use candle_reliance::{Measurement, ProbeData, ProbeSet};
 
 mod common;
 
@@ -22,7 +21,7 @@ fn hand_worked_zero_clamp() -> Result<()> {
     let spec = AblationSpec::default()
         .with_fractions(vec![0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0])
         .with_order(AblationOrder::Explicit(vec![2, 0, 1]));
-    let c = ablation_curve(&model, &probes, &data, &spec)?;
+    let c = Measurement::new(&model, &probes, &data).ablation_curve(&spec)?;
     // Logits per sample (class 0, class 1):
     // none clamped:  (3.01,1.5) ok, (1.01,2) ok, (2.01,1.6) wrong, (1.01,2.5) ok     -> 3/4
     // unit 2 zeroed: (3.01,1)   ok, (1.01,2) ok, (2.01,0.1) wrong, (1.01,1.5) ok     -> 3/4
@@ -51,7 +50,7 @@ fn hand_worked_mean_clamp_differs_from_zero() -> Result<()> {
         .with_fractions(vec![0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0])
         .with_order(AblationOrder::Explicit(vec![2, 0, 1]))
         .with_clamp(Clamp::Mean);
-    let c = ablation_curve(&model, &probes, &data, &spec)?;
+    let c = Measurement::new(&model, &probes, &data).ablation_curve(&spec)?;
     // Unit means over the 4 samples: 1.75, 1.15, 1.5 (unit 2 adds 0.75 to class 1).
     // unit 2 at mean: (3.01,1.75) ok, (1.01,2.75) ok, (2.01,0.85) wrong, (1.01,2.25) ok -> 3/4
     // + unit 0 at mean (class 0 logit 1.76 everywhere):
@@ -63,8 +62,11 @@ fn hand_worked_mean_clamp_differs_from_zero() -> Result<()> {
         c.accuracy
     );
     assert!((c.auc - 0.75).abs() < EPS);
-    let stats = unit_statistics(&model, &probes, &data, 3)?;
-    let mean = &stats.probes[0].mean;
+    let stats = Measurement::new(&model, &probes, &data)
+        .with_batch_size(3)
+        .statistics()?
+        .clone();
+    let mean = &stats.probes[0].value.mean;
     assert!(
         close(mean, &[1.75, 1.15, 1.5])
             || mean
@@ -101,7 +103,7 @@ fn explicit_order_across_two_probes() -> Result<()> {
     let spec = AblationSpec::default()
         .with_fractions(vec![0.0, 0.25, 0.5, 0.75, 1.0])
         .with_order(AblationOrder::Explicit(vec![1, 2, 0, 3]));
-    let c = ablation_curve(&model, &probes, &data, &spec)?;
+    let c = Measurement::new(&model, &probes, &data).ablation_curve(&spec)?;
     // none:           h2 = (x0, x0+x1): (2.001,1.5) ok, (0.401,1.2) ok, (2.001,3) wrong -> 2/3
     // h1[1] zeroed:   h2 = (x0, x0): logits (2x0+.001, x0) -> class 0: ok, wrong, ok   -> 2/3
     // + h2[0] zeroed: logits (0.001, x0) -> class 1: wrong, ok, wrong                  -> 1/3
@@ -143,23 +145,23 @@ fn conv_channels_are_ablated_whole() -> Result<()> {
         .with_order(AblationOrder::Explicit(vec![0, 1]));
     // Sums: sample 0 (4, 1) label 0; sample 1 (1, 3) label 1.
     // Zero: channel 0 off -> (0.001,1),(0.001,3): class 1 both -> 1/2; all off -> class 0 -> 1/2.
-    let z = ablation_curve(&model, &probes, &data, &base)?;
+    let z = Measurement::new(&model, &probes, &data).ablation_curve(&base)?;
     assert!(close(&z.accuracy, &[1.0, 0.5, 0.5]), "{:?}", z.accuracy);
     // Mean over samples and positions: channel 0 = 5/8 (sum 2.5), channel 1 = 4/8 (sum 2).
     // Channel 0 at mean -> (2.501,1) ok, (2.501,3) ok -> 1; both -> (2.501,2) class 0 -> 1/2.
-    let m = ablation_curve(
-        &model,
-        &probes,
-        &data,
-        &base.clone().with_clamp(Clamp::Mean),
-    )?;
+    let m = Measurement::new(&model, &probes, &data)
+        .ablation_curve(&base.clone().with_clamp(Clamp::Mean))?;
     assert!(close(&m.accuracy, &[1.0, 1.0, 0.5]), "{:?}", m.accuracy);
-    let stats = unit_statistics(&model, &probes, &data, 1)?;
+    let stats = Measurement::new(&model, &probes, &data)
+        .with_batch_size(1)
+        .statistics()?
+        .clone();
     let u = &stats.probes[0];
     assert_eq!(u.units, 2);
     // Channel 0 values 1,1,1,1,0,0,0,1: mean 0.625, variance 5/8 − 0.625² = 0.234375.
     assert!(
-        (u.mean[0] - 0.625).abs() < 1e-9 && (u.std[0] - 0.234375f64.sqrt()).abs() < 1e-9,
+        (u.value.mean[0] - 0.625).abs() < 1e-9
+            && (u.value.std[0] - 0.234375f64.sqrt()).abs() < 1e-9,
         "{u:?}"
     );
     Ok(())
@@ -219,15 +221,12 @@ fn batched_pass_equals_one_forward_per_level() -> Result<()> {
     for clamp in [Clamp::Zero, Clamp::Mean] {
         for max_rows in [7, 100, 16384] {
             let spec = AblationSpec::default()
-                .with_fractions((0..=8).map(|i| i as f64 / 8.0).collect())
-                .with_order(AblationOrder::Random {
-                    repeats: 4,
-                    seed: 3,
-                })
-                .with_clamp(clamp)
-                .with_max_batch_rows(max_rows);
-            let batched = ablation_curve(&model, &probes, &data, &spec)?;
-            let single = ablation_curve(&model, &probes, &data, &spec.clone().with_batched(false))?;
+                .with_fractions((0..=8).map(|i| i as f64 / 8.0).collect::<Vec<_>>())
+                .with_order(AblationOrder::Random { orders: 4, seed: 3 })
+                .with_clamp(clamp);
+            let m = || Measurement::new(&model, &probes, &data).with_max_batch_rows(max_rows);
+            let batched = m().ablation_curve(&spec)?;
+            let single = m().with_batched(false).ablation_curve(&spec)?;
             assert!(batched.batched && !single.batched);
             assert_eq!(
                 batched.per_order, single.per_order,
@@ -246,9 +245,11 @@ fn batched_pass_equals_one_forward_per_level() -> Result<()> {
 fn model_that_reshapes_with_its_input_batch_falls_back() -> Result<()> {
     let (probes, model, data) = random_mlp(true)?;
     let spec = AblationSpec::default().with_fractions(vec![0.0, 0.25, 0.5, 0.75, 1.0]);
-    let fell_back = ablation_curve(&model, &probes, &data, &spec)?;
+    let fell_back = Measurement::new(&model, &probes, &data).ablation_curve(&spec)?;
     assert!(!fell_back.batched, "expansion cannot pass the reshape");
-    let reference = ablation_curve(&model, &probes, &data, &spec.clone().with_batched(false))?;
+    let reference = Measurement::new(&model, &probes, &data)
+        .with_batched(false)
+        .ablation_curve(&spec)?;
     assert_eq!(fell_back.per_order, reference.per_order);
     Ok(())
 }
@@ -257,10 +258,10 @@ fn model_that_reshapes_with_its_input_batch_falls_back() -> Result<()> {
 fn random_orders_give_interval_and_mean_curve() -> Result<()> {
     let (probes, model, data) = random_mlp(false)?;
     let spec = AblationSpec::default().with_order(AblationOrder::Random {
-        repeats: 5,
+        orders: 5,
         seed: 11,
     });
-    let c = ablation_curve(&model, &probes, &data, &spec)?;
+    let c = Measurement::new(&model, &probes, &data).ablation_curve(&spec)?;
     assert_eq!(c.per_order.len(), 5);
     for (i, a) in c.accuracy.iter().enumerate() {
         let mean = c.per_order.iter().map(|o| o[i]).sum::<f64>() / 5.0;
@@ -270,15 +271,19 @@ fn random_orders_give_interval_and_mean_curve() -> Result<()> {
     assert!(lo <= c.auc && c.auc <= hi);
     // Same seed, same orders; another seed, other orders.
     assert_eq!(
-        ablation_curve(&model, &probes, &data, &spec)?.per_order,
+        Measurement::new(&model, &probes, &data)
+            .ablation_curve(&spec)?
+            .per_order,
         c.per_order
     );
     let other = spec.clone().with_order(AblationOrder::Random {
-        repeats: 5,
+        orders: 5,
         seed: 12,
     });
     assert_ne!(
-        ablation_curve(&model, &probes, &data, &other)?.per_order,
+        Measurement::new(&model, &probes, &data)
+            .ablation_curve(&other)?
+            .per_order,
         c.per_order
     );
     // Nothing and everything ablated do not depend on the order.
@@ -293,7 +298,8 @@ fn random_orders_give_interval_and_mean_curve() -> Result<()> {
 fn bad_inputs_are_clear_errors() -> Result<()> {
     let (probes, model, data) = one_probe_net()?;
     let msg = |spec: AblationSpec| {
-        ablation_curve(&model, &probes, &data, &spec)
+        Measurement::new(&model, &probes, &data)
+            .ablation_curve(&spec)
             .unwrap_err()
             .to_string()
     };
@@ -312,15 +318,15 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     .contains("unit 3 is out of range"));
     assert!(msg(base.clone().with_fractions(vec![0.0, 1.2])).contains("1.2 is outside [0, 1]"));
     assert!(msg(base.clone().with_fractions(vec![0.5, 0.2])).contains("strictly increasing"));
-    assert!(msg(base.clone().with_order(AblationOrder::Random {
-        repeats: 0,
-        seed: 0
-    }))
-    .contains("repeats"));
+    assert!(msg(base
+        .clone()
+        .with_order(AblationOrder::Random { orders: 0, seed: 0 }))
+    .contains("orders"));
 
     // Labels beyond the logits.
     let bad = ProbeData::new(data.xs().clone(), Tensor::new(&[0u32, 1, 2, 1], &dev())?)?;
-    let e = ablation_curve(&model, &probes, &bad, &base)
+    let e = Measurement::new(&model, &probes, &bad)
+        .ablation_curve(&base)
         .unwrap_err()
         .to_string();
     assert!(
@@ -357,7 +363,8 @@ fn probe_misuse_is_reported() -> Result<()> {
 
     let probes = ProbeSet::new();
     assert!(
-        ablation_curve(&|x: &Tensor| Ok(x.clone()), &probes, &data, &spec)
+        Measurement::new(&|x: &Tensor| Ok(x.clone()), &probes, &data)
+            .ablation_curve(&spec)
             .unwrap_err()
             .to_string()
             .contains("empty")
@@ -365,7 +372,8 @@ fn probe_misuse_is_reported() -> Result<()> {
     let p = probes.add("used")?;
     let _unused = probes.add("forgotten")?;
     let model = |x: &Tensor| p.forward(x);
-    let e = ablation_curve(&model, &probes, &data, &spec)
+    let e = Measurement::new(&model, &probes, &data)
+        .ablation_curve(&spec)
         .unwrap_err()
         .to_string();
     assert!(e.contains("forgotten") && e.contains("not reached"), "{e}");
@@ -373,7 +381,8 @@ fn probe_misuse_is_reported() -> Result<()> {
     let probes = ProbeSet::new();
     let p = probes.add("twice")?;
     let model = |x: &Tensor| p.forward(&p.forward(x)?);
-    let e = ablation_curve(&model, &probes, &data, &spec)
+    let e = Measurement::new(&model, &probes, &data)
+        .ablation_curve(&spec)
         .unwrap_err()
         .to_string();
     assert!(e.contains("`twice` ran twice"), "{e}");
@@ -381,7 +390,8 @@ fn probe_misuse_is_reported() -> Result<()> {
     let probes = ProbeSet::new();
     let p = probes.add("seq")?;
     let model = |x: &Tensor| p.forward(&x.unsqueeze(1)?)?.squeeze(1);
-    let e = ablation_curve(&model, &probes, &data, &spec)
+    let e = Measurement::new(&model, &probes, &data)
+        .ablation_curve(&spec)
         .unwrap_err()
         .to_string();
     assert!(
@@ -392,7 +402,8 @@ fn probe_misuse_is_reported() -> Result<()> {
     let probes = ProbeSet::new();
     let p = probes.add("flat")?;
     let model = |x: &Tensor| p.forward(x)?.sum(1);
-    let e = ablation_curve(&model, &probes, &data, &spec)
+    let e = Measurement::new(&model, &probes, &data)
+        .ablation_curve(&spec)
         .unwrap_err()
         .to_string();
     assert!(e.contains("logits of shape (N, classes)"), "{e}");
@@ -414,11 +425,14 @@ fn idle_probe_is_the_identity_without_copy() -> Result<()> {
 #[test]
 fn class_conditional_means_by_hand() -> Result<()> {
     let (probes, model, data) = one_probe_net()?;
-    let s = unit_statistics(&model, &probes, &data, 2)?;
+    let s = Measurement::new(&model, &probes, &data)
+        .with_batch_size(2)
+        .statistics()?
+        .clone();
     assert_eq!(s.class_counts, vec![1, 3]);
     // Class 0: sample 0 = (3, 1, 1). Class 1: samples (1,2,0), (2,0.1,3), (1,1.5,2).
     let want = [[3.0, 1.0, 1.0], [4.0 / 3.0, 3.6 / 3.0, 5.0 / 3.0]];
-    for (got, want) in s.probes[0].class_mean.iter().zip(want) {
+    for (got, want) in s.probes[0].value.class_mean.iter().zip(want) {
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
         }
@@ -429,30 +443,13 @@ fn class_conditional_means_by_hand() -> Result<()> {
 #[test]
 fn ablation_accuracies_match_the_curve_and_single_units() -> Result<()> {
     let (probes, model, data) = one_probe_net()?;
-    let stats = unit_statistics(&model, &probes, &data, 4)?;
+    let m = Measurement::new(&model, &probes, &data).with_batch_size(4);
     // The curve's sets for order [2, 0, 1], and a single unit worked by hand:
     // unit 1 zeroed: (3.01,0.5) ok, (1.01,0) wrong, (2.01,1.5) wrong, (1.01,1) wrong -> 1/4.
     let sets = vec![vec![], vec![2], vec![2, 0], vec![0, 1, 2], vec![1]];
-    let acc = candle_reliance::ablation_accuracies(
-        &model,
-        &probes,
-        &data,
-        &stats,
-        &sets,
-        Clamp::Zero,
-        None,
-    )?;
+    let acc = m.ablation_accuracies(&sets, Clamp::Zero)?;
     assert!(close(&acc, &[0.75, 0.75, 0.75, 0.25, 0.25]), "{acc:?}");
-    assert!(candle_reliance::ablation_accuracies(
-        &model,
-        &probes,
-        &data,
-        &stats,
-        &[vec![3]],
-        Clamp::Zero,
-        None
-    )
-    .is_err());
+    assert!(m.ablation_accuracies(&[vec![3]], Clamp::Zero).is_err());
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! The YAML configuration: defaults, errors, validation of configurations built in code, round
 //! trips, and the example file `examples/reliance.yaml`.
 
-use candle_reliance::{Clamp, Metric, RelianceConfig, SnapshotMode};
+use candle_reliance::curves::{AblationOrder, Clamp, Fractions, NoiseSpec};
+use candle_reliance::monitor::{Metric, SnapshotMode};
+use candle_reliance::RelianceConfig;
 use std::path::{Path, PathBuf};
 
 fn manifest_path(rel: &str) -> PathBuf {
@@ -49,18 +51,21 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(d.schedule.max_epochs, None);
     assert_eq!(d.data.subset_size, 1000);
     assert_eq!(d.data.seed, 0);
-    assert_eq!(d.ablation.levels, 17);
-    assert_eq!(d.ablation.fractions, None);
+    assert_eq!(d.batching.batch_size, 512);
+    assert_eq!(d.batching.max_batch_rows, None);
+    assert_eq!(d.ablation.fractions, Fractions::Evenly(17));
     assert_eq!(d.ablation.clamp, Clamp::Zero);
-    assert_eq!(d.ablation.repeats, 3);
-    assert_eq!(d.ablation.seed, 0);
-    assert_eq!(d.ablation.batch_size, 512);
-    assert_eq!(d.ablation.max_batch_rows, None);
-    assert!(!d.ablation.selectivity);
-    assert!(!d.noise.enabled);
-    assert_eq!(d.noise.scales, None);
-    assert_eq!(d.noise.repeats, 2);
-    assert_eq!(d.noise.seed, 0);
+    assert_eq!(
+        d.ablation.order,
+        AblationOrder::Random { orders: 3, seed: 0 }
+    );
+    assert!(!d.selectivity);
+    assert_eq!(d.noise, None);
+    let noise = NoiseSpec::default();
+    assert_eq!(noise.scales.len(), 11);
+    assert!((noise.scales[0] - 10f64.powf(-1.5)).abs() < 1e-12 && noise.scales[10] == 10.0);
+    assert_eq!(noise.draws, 2);
+    assert_eq!(noise.seed, 0);
     assert_eq!(d.stopping.metric, Metric::NormalizedAuc);
     assert_eq!(d.stopping.patience, 3);
     assert_eq!(d.stopping.min_delta, 0.0);
@@ -129,18 +134,18 @@ const BAD: &[Bad] = &[
         line: Some(2),
     },
     Bad {
-        yaml: "ablation:\n  repeats: 0\n",
-        expect: &["ablation", "repeats", "at least 1"],
+        yaml: "ablation:\n  orders: 0\n",
+        expect: &["ablation", "orders", "at least 1"],
         line: Some(2),
     },
     Bad {
-        yaml: "noise:\n  repeats: 0\n",
-        expect: &["noise", "repeats", "at least 1"],
+        yaml: "noise:\n  draws: 0\n",
+        expect: &["noise", "draws", "at least 1"],
         line: Some(2),
     },
     Bad {
-        yaml: "ablation:\n  levels: 1\n",
-        expect: &["ablation", "levels", "at least 2"],
+        yaml: "ablation:\n  fractions: 1\n",
+        expect: &["ablation", "fractions", "at least 2"],
         line: Some(2),
     },
     Bad {
@@ -154,18 +159,18 @@ const BAD: &[Bad] = &[
         line: Some(2),
     },
     Bad {
-        yaml: "noise:\n  enabled: true\n\ndata:\n  subset_size: 0\n",
+        yaml: "selectivity: true\n\n\ndata:\n  subset_size: 0\n",
         expect: &["data", "subset_size", "at least 1"],
         line: Some(5),
     },
     Bad {
-        yaml: "ablation:\n  batch_size: 0\n",
-        expect: &["ablation", "batch_size", "at least 1"],
+        yaml: "batching:\n  batch_size: 0\n",
+        expect: &["batching", "batch_size", "at least 1"],
         line: Some(2),
     },
     Bad {
-        yaml: "ablation:\n  max_batch_rows: 0\n",
-        expect: &["ablation", "max_batch_rows", "at least 1"],
+        yaml: "batching:\n  max_batch_rows: 0\n",
+        expect: &["batching", "max_batch_rows", "at least 1"],
         line: Some(2),
     },
     Bad {
@@ -231,7 +236,7 @@ const BAD: &[Bad] = &[
         line: None,
     },
     Bad {
-        yaml: "ablation:\n  levels: 17\n  bogus: 1\n",
+        yaml: "ablation:\n  fractions: 17\n  bogus: 1\n",
         expect: &["ablation", "bogus"],
         line: Some(3),
     },
@@ -241,7 +246,7 @@ const BAD: &[Bad] = &[
         line: Some(3),
     },
     Bad {
-        yaml: "ablation:\n  levels: 3\n  clamp: median\n",
+        yaml: "ablation:\n  fractions: 3\n  clamp: median\n",
         expect: &["ablation", "clamp", "median", "zero", "mean"],
         line: Some(3),
     },
@@ -272,9 +277,24 @@ const BAD: &[Bad] = &[
         line: Some(2),
     },
     Bad {
-        yaml: "noise:\n  enabled: maybe\n",
-        expect: &["noise", "enabled", "maybe"],
+        yaml: "data:\n  seed: 1\nselectivity: maybe\n",
+        expect: &["selectivity", "maybe"],
+        line: Some(3),
+    },
+    Bad {
+        yaml: "ablation:\n  clamp: mean\n  order: sideways\n",
+        expect: &["ablation", "order", "sideways", "most_selective_first"],
+        line: Some(3),
+    },
+    Bad {
+        yaml: "ablation:\n  fractions: some\n",
+        expect: &["ablation", "fractions", "some", "list of fractions"],
         line: Some(2),
+    },
+    Bad {
+        yaml: "noise:\n  scales: [0.1, 1.0]\n  repeats: 2\n",
+        expect: &["noise", "repeats", "draws"],
+        line: Some(3),
     },
     Bad {
         yaml: "output:\n  history_file: []\n",
@@ -370,17 +390,25 @@ fn validate_names_the_bad_key_of_a_config_built_in_code() {
         ("schedule.check_every", |c| c.schedule.check_every = 0),
         ("schedule.max_epochs", |c| c.schedule.max_epochs = Some(0)),
         ("data.subset_size", |c| c.data.subset_size = 0),
-        ("ablation.levels", |c| c.ablation.levels = 1),
         ("ablation.fractions", |c| {
-            c.ablation.fractions = Some(vec![0.0, 2.0])
+            c.ablation.fractions = Fractions::Evenly(1)
         }),
-        ("ablation.repeats", |c| c.ablation.repeats = 0),
-        ("ablation.batch_size", |c| c.ablation.batch_size = 0),
-        ("ablation.max_batch_rows", |c| {
-            c.ablation.max_batch_rows = Some(0)
+        ("ablation.fractions", |c| {
+            c.ablation.fractions = Fractions::Explicit(vec![0.0, 2.0])
         }),
-        ("noise.scales", |c| c.noise.scales = Some(vec![1.0, 0.5])),
-        ("noise.repeats", |c| c.noise.repeats = 0),
+        ("ablation.orders", |c| {
+            c.ablation.order = AblationOrder::Random { orders: 0, seed: 0 }
+        }),
+        ("batching.batch_size", |c| c.batching.batch_size = 0),
+        ("batching.max_batch_rows", |c| {
+            c.batching.max_batch_rows = Some(0)
+        }),
+        ("noise.scales", |c| {
+            c.noise = Some(NoiseSpec::default().with_scales(vec![1.0, 0.5]))
+        }),
+        ("noise.draws", |c| {
+            c.noise = Some(NoiseSpec::default().with_draws(0))
+        }),
         ("restore_best.path", |c| {
             c.restore_best.mode = SnapshotMode::Disk;
             c.restore_best.path = PathBuf::new();
@@ -402,8 +430,8 @@ fn validate_accepts_a_good_config_built_in_code() {
     let mut cfg = RelianceConfig::default();
     cfg.stopping.patience = 1;
     cfg.stopping.smoothing = 0.9;
-    cfg.ablation.fractions = Some(vec![0.0, 0.5, 1.0]);
-    cfg.noise.scales = Some(vec![0.1, 1.0]);
+    cfg.ablation.fractions = Fractions::Explicit(vec![0.0, 0.5, 1.0]);
+    cfg.noise = Some(NoiseSpec::default().with_scales(vec![0.1, 1.0]));
     cfg.restore_best.mode = SnapshotMode::Disk;
     cfg.validate().unwrap();
     // An empty path is rejected whatever the mode, as when parsing.
@@ -421,20 +449,20 @@ schedule:
 data:
   subset_size: 256
   seed: 7
-ablation:
-  levels: 9
-  fractions: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
-  clamp: mean
-  repeats: 5
-  seed: 11
+batching:
   batch_size: 128
   max_batch_rows: 4096
-  selectivity: true
+ablation:
+  fractions: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+  clamp: mean
+  order: random
+  orders: 5
+  seed: 11
 noise:
-  enabled: true
   scales: [0.01, 0.1, 1.0, 10.0]
-  repeats: 4
+  draws: 4
   seed: 13
+selectivity: true
 stopping:
   metric: auc
   patience: 6
@@ -457,24 +485,28 @@ fn a_file_setting_every_key_round_trips() {
     assert_eq!(cfg.schedule.max_epochs, Some(40));
     assert_eq!(cfg.data.subset_size, 256);
     assert_eq!(cfg.data.seed, 7);
-    assert_eq!(cfg.ablation.levels, 9);
+    assert_eq!(cfg.batching.batch_size, 128);
+    assert_eq!(cfg.batching.max_batch_rows, Some(4096));
     assert_eq!(
-        cfg.ablation.fractions.as_deref(),
-        Some(&[0.0, 0.1, 0.25, 0.5, 0.75, 1.0][..])
+        cfg.ablation.fractions,
+        Fractions::Explicit(vec![0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
     );
     assert_eq!(cfg.ablation.clamp, Clamp::Mean);
-    assert_eq!(cfg.ablation.repeats, 5);
-    assert_eq!(cfg.ablation.seed, 11);
-    assert_eq!(cfg.ablation.batch_size, 128);
-    assert_eq!(cfg.ablation.max_batch_rows, Some(4096));
-    assert!(cfg.ablation.selectivity);
-    assert!(cfg.noise.enabled);
     assert_eq!(
-        cfg.noise.scales.as_deref(),
-        Some(&[0.01, 0.1, 1.0, 10.0][..])
+        cfg.ablation.order,
+        AblationOrder::Random {
+            orders: 5,
+            seed: 11
+        }
     );
-    assert_eq!(cfg.noise.repeats, 4);
-    assert_eq!(cfg.noise.seed, 13);
+    assert!(cfg.selectivity);
+    let noise = cfg
+        .noise
+        .clone()
+        .expect("the noise section turns the curve on");
+    assert_eq!(noise.scales, vec![0.01, 0.1, 1.0, 10.0]);
+    assert_eq!(noise.draws, 4);
+    assert_eq!(noise.seed, 13);
     assert_eq!(cfg.stopping.metric, Metric::Auc);
     assert_eq!(cfg.stopping.patience, 6);
     assert_eq!(cfg.stopping.min_delta, 0.001);
@@ -507,21 +539,27 @@ fn the_defaults_round_trip() {
     assert_eq!(RelianceConfig::from_yaml_str(&yaml).unwrap(), d, "\n{yaml}");
 }
 
-/// Section → keys, from a YAML mapping of mappings.
+/// Section → keys, from a YAML mapping (a top-level scalar or null has no keys).
 fn keys_of(yaml: &str) -> Vec<(String, Vec<String>)> {
     let v: serde_norway::Value = serde_norway::from_str(yaml).unwrap();
     let top = v.as_mapping().expect("a mapping");
     top.iter()
         .map(|(section, body)| {
-            let keys = body
-                .as_mapping()
-                .unwrap_or_else(|| panic!("section {section:?} is not a mapping"))
-                .keys()
-                .map(|k| k.as_str().unwrap().to_string())
-                .collect();
+            let keys = body.as_mapping().map_or(vec![], |m| {
+                m.keys().map(|k| k.as_str().unwrap().to_string()).collect()
+            });
             (section.as_str().unwrap().to_string(), keys)
         })
         .collect()
+}
+
+/// Every key there is: the defaults with the optional noise section present.
+fn every_key() -> Vec<(String, Vec<String>)> {
+    let cfg = RelianceConfig {
+        noise: Some(NoiseSpec::default()),
+        ..Default::default()
+    };
+    keys_of(&cfg.to_yaml_string().unwrap())
 }
 
 fn example_text() -> String {
@@ -549,7 +587,7 @@ fn the_example_file_differs_from_the_defaults_only_in_its_output_files() {
     );
     assert_eq!(cfg.stopping.patience, 3);
     assert_eq!(cfg.stopping.metric, Metric::NormalizedAuc);
-    assert_eq!(cfg.ablation.levels, 17);
+    assert_eq!(cfg.ablation.fractions, Fractions::Evenly(17));
     assert_eq!(cfg.restore_best.mode, SnapshotMode::Memory);
 
     let mut want = RelianceConfig::default();
@@ -562,7 +600,7 @@ fn the_example_file_differs_from_the_defaults_only_in_its_output_files() {
 fn the_documentation_mentions_every_key() {
     let path = manifest_path("docs/configuration.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    for (section, keys) in keys_of(&RelianceConfig::default().to_yaml_string().unwrap()) {
+    for (section, keys) in every_key() {
         assert!(doc.contains(&format!("`{section}:`")), "section {section}");
         for key in keys {
             assert!(
@@ -626,9 +664,16 @@ fn the_schedule_counts_epochs_from_one() {
 
 #[test]
 fn a_section_header_with_nothing_under_it_gives_that_sections_defaults() {
-    let cfg =
-        RelianceConfig::from_yaml_str("noise:\n  # enabled: true\nstopping:\n  patience: 4\n")
-            .unwrap();
-    assert_eq!(cfg.noise, RelianceConfig::default().noise);
+    let cfg = RelianceConfig::from_yaml_str(
+        "ablation:\n  # clamp: mean\nnoise:\n  # draws: 3\nstopping:\n  patience: 4\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.ablation, RelianceConfig::default().ablation);
+    assert_eq!(
+        cfg.noise, None,
+        "an empty noise section leaves the noise curve off"
+    );
     assert_eq!(cfg.stopping.patience, 4);
+    let on = RelianceConfig::from_yaml_str("noise: {}\n").unwrap();
+    assert_eq!(on.noise, Some(NoiseSpec::default()));
 }

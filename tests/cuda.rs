@@ -7,11 +7,9 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp, NoiseSpec};
 use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests, unit_sums_for_tests};
-use candle_reliance::{
-    ablation_curve, noise_curve, AblationOrder, AblationSpec, Clamp, NoiseSpec, Probe, ProbeData,
-    ProbeSet,
-};
+use candle_reliance::{Measurement, Probe, ProbeData, ProbeSet};
 use common::{level_cases, Case, DTYPES};
 
 /// A value no input or output of these tests can hold (exact in every float dtype).
@@ -354,12 +352,9 @@ fn ablation_curve_is_identical_on_cuda() -> Result<()> {
         let probes = ProbeSet::new();
         let model = Mlp::new(&probes, dev, DType::F64)?;
         let spec = AblationSpec::default()
-            .with_order(AblationOrder::Random {
-                repeats: 3,
-                seed: 5,
-            })
+            .with_order(AblationOrder::Random { orders: 3, seed: 5 })
             .with_clamp(clamp);
-        ablation_curve(&model, &probes, &data(n, dev, DType::F64)?, &spec)
+        Measurement::new(&model, &probes, &data(n, dev, DType::F64)?).ablation_curve(&spec)
     };
     for clamp in [Clamp::Zero, Clamp::Mean] {
         let (c, g) = (curve(&Device::Cpu, clamp)?, curve(&gpu, clamp)?);
@@ -378,8 +373,8 @@ fn noise_curve_agrees_on_cuda() -> Result<()> {
     let curve = |dev: &Device| -> Result<_> {
         let probes = ProbeSet::new();
         let model = Mlp::new(&probes, dev, DType::F32)?;
-        let spec = NoiseSpec::default().with_repeats(2).with_seed(11);
-        noise_curve(&model, &probes, &data(n, dev, DType::F32)?, &spec)
+        let spec = NoiseSpec::default().with_draws(2).with_seed(11);
+        Measurement::new(&model, &probes, &data(n, dev, DType::F32)?).noise_curve(&spec)
     };
     let (c, g) = (curve(&Device::Cpu)?, curve(&gpu)?);
     assert_eq!(c.accuracy.len(), g.accuracy.len());

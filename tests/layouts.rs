@@ -4,8 +4,9 @@
 //! cases in the other test files.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_reliance::curves::{AblationOrder, AblationSpec};
 use candle_reliance::ops::{level_clamp_for_tests, level_noise_for_tests, unit_sums_for_tests};
-use candle_reliance::{ablation_curve, AblationOrder, AblationSpec, ProbeData, ProbeSet};
+use candle_reliance::{Measurement, ProbeData, ProbeSet};
 
 /// Deterministic non-zero values.
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -127,11 +128,10 @@ fn a_curve_through_a_non_contiguous_activation() -> Result<()> {
         };
         let labels = model(&xs)?.argmax(1)?;
         let data = ProbeData::new(xs.clone(), labels)?;
-        let spec = AblationSpec::default().with_order(AblationOrder::Random {
-            repeats: 2,
-            seed: 3,
-        });
-        Ok(ablation_curve(&model, &probes, &data, &spec)?.accuracy)
+        let spec = AblationSpec::default().with_order(AblationOrder::Random { orders: 2, seed: 3 });
+        Ok(Measurement::new(&model, &probes, &data)
+            .ablation_curve(&spec)?
+            .accuracy)
     };
     let (plain, transposed) = (curve(false)?, curve(true)?);
     assert_eq!(plain, transposed);

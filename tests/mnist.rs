@@ -7,10 +7,10 @@ mod common;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{loss, Optimizer, VarMap};
-use candle_reliance::mnist::load_mnist_dir;
-use candle_reliance::{
-    ablation_curve, corrupt_labels, AblationOrder, AblationSpec, ProbeData, ProbeSet,
-};
+use candle_reliance::curves::{AblationOrder, AblationSpec};
+use candle_reliance::data::corrupt_labels;
+use candle_reliance::{Measurement, ProbeData, ProbeSet};
+use common::idx::load_mnist_dir;
 use common::{adamw, Mlp};
 
 const SAMPLES: usize = 1000;
@@ -55,19 +55,12 @@ fn memorizing_corrupted_labels_lowers_the_ablation_auc() -> Result<()> {
         SAMPLES,
         &Device::Cpu,
     )?;
-    let spec = AblationSpec::default().with_order(AblationOrder::Random {
-        repeats: 3,
-        seed: 1,
-    });
+    let spec = AblationSpec::default().with_order(AblationOrder::Random { orders: 3, seed: 1 });
     let mut report = vec![];
     for (name, ys) in [("clean", &clean), ("random", &random)] {
         let (model, probes, train_acc) = train(&xs, ys, 300)?;
-        let curve = ablation_curve(
-            &model,
-            &probes,
-            &ProbeData::new(xs.clone(), ys.clone())?,
-            &spec,
-        )?;
+        let curve = Measurement::new(&model, &probes, &ProbeData::new(xs.clone(), ys.clone())?)
+            .ablation_curve(&spec)?;
         println!(
             "{name}: train acc {train_acc:.3}, auc {:.3}, normalized {:.3}, curve {:?}",
             curve.auc, curve.normalized_auc, curve.accuracy

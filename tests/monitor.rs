@@ -5,8 +5,8 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarMap};
 use candle_reliance::{
-    read_history, Decision, MonitorState, ProbeData, ProbeSet, RelianceConfig, RelianceMonitor,
-    StopReason,
+    monitor::read_history, Decision, MonitorState, ProbeData, ProbeSet, RelianceConfig,
+    RelianceMonitor, StopReason,
 };
 use std::path::Path;
 
@@ -93,7 +93,7 @@ fn train_epoch(varmap: &VarMap, epoch: usize) -> Result<()> {
 fn config(dir: &Path, extra: &str) -> Result<RelianceConfig> {
     RelianceConfig::from_yaml_str(&format!(
         "schedule: {{check_every: 1, warmup_epochs: 1}}\n\
-         ablation: {{levels: 9, repeats: 4, seed: 5}}\n\
+         ablation: {{fractions: 9, orders: 4, seed: 5}}\n\
          stopping: {{metric: auc, patience: 2}}\n\
          output: {{history_file: {h}, state_file: {s}}}\n{extra}",
         h = dir.join("hist.jsonl").display(),
@@ -185,7 +185,7 @@ fn stops_after_the_peak_and_restores_its_weights_bit_exact() -> Result<()> {
         hist.iter().map(|r| r.epoch).collect::<Vec<_>>(),
         vec![1, 2, 3, 4, 5, 6]
     );
-    assert_eq!(hist[5].decision, "stop");
+    assert!(hist[5].decision.is_stop());
     assert_eq!(hist[3].curve.fractions.len(), 9);
 
     // Plots of the history: one curve per check, and the trend with the best epoch marked.
@@ -413,6 +413,13 @@ fn every_check_logs_a_structured_event() -> Result<()> {
             assert!(f[key].is_number(), "{key} missing in {f}");
         }
         assert_eq!(f["decision"], if i == 5 { "stop" } else { "continue" });
+        // What is switched off is left out, not logged as NaN or empty.
+        for key in ["noise_auc", "selectivity"] {
+            assert!(f.get(key).is_none(), "{key} logged while off: {f}");
+        }
+        if i < 5 {
+            assert!(f.get("reason").is_none(), "a reason without a stop: {f}");
+        }
     }
     assert!(checks[5]["fields"]["reason"]
         .as_str()

@@ -2,7 +2,8 @@
 //! level, and the limits behave.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_reliance::{noise_curve, unit_statistics, NoiseSpec, ProbeData, ProbeSet};
+use candle_reliance::curves::NoiseSpec;
+use candle_reliance::{Measurement, ProbeData, ProbeSet};
 use std::sync::{Arc, Mutex};
 
 /// Inputs whose 3 units have known spread: unit u of sample i is (u+1)·s_i with s = ±1
@@ -35,16 +36,19 @@ fn added_noise_has_the_unit_scaled_standard_deviation() -> Result<()> {
         seen2.lock().unwrap().push(h.clone());
         h.narrow(1, 0, 2) // logits: units 0 and 1
     };
-    let stats = unit_statistics(&model, &probes, &data, 64)?;
-    for (u, s) in stats.probes[0].std.iter().enumerate() {
+    let stats = Measurement::new(&model, &probes, &data)
+        .with_batch_size(64)
+        .statistics()?
+        .clone();
+    for (u, s) in stats.probes[0].value.std.iter().enumerate() {
         assert!((s - (u + 1) as f64).abs() < 1e-9, "σ of unit {u}: {s}");
     }
     seen.lock().unwrap().clear();
     let scales = vec![0.5, 2.0];
     let spec = NoiseSpec::default()
         .with_scales(scales.clone())
-        .with_repeats(1);
-    noise_curve(&model, &probes, &data, &spec)?;
+        .with_draws(1);
+    Measurement::new(&model, &probes, &data).noise_curve(&spec)?;
     // The batched pass saw levels × samples rows per chunk, level-major within each chunk.
     let chunks = seen.lock().unwrap().clone();
     let mut sum = [[0f64; 3]; 2];
@@ -97,12 +101,14 @@ fn batched_noise_equals_one_forward_per_level_and_limits_hold() -> Result<()> {
     let w = Tensor::new(&[[0f32, 0.0], [0.0, 0.0], [1.0, -1.0]], &Device::Cpu)?;
     let model = move |xs: &Tensor| -> Result<Tensor> { p.forward(xs)?.matmul(&w) };
 
-    let spec = NoiseSpec::default().with_repeats(3).with_seed(9);
-    let batched = noise_curve(&model, &probes, &data, &spec)?;
-    let single = noise_curve(&model, &probes, &data, &spec.clone().with_batched(false))?;
+    let spec = NoiseSpec::default().with_draws(3).with_seed(9);
+    let batched = Measurement::new(&model, &probes, &data).noise_curve(&spec)?;
+    let single = Measurement::new(&model, &probes, &data)
+        .with_batched(false)
+        .noise_curve(&spec)?;
     assert!(batched.batched && !single.batched);
     assert_eq!(
-        batched.per_repeat, single.per_repeat,
+        batched.per_draw, single.per_draw,
         "noise depends only on (seed, position)"
     );
     assert!(
@@ -112,12 +118,8 @@ fn batched_noise_equals_one_forward_per_level_and_limits_hold() -> Result<()> {
     );
     assert!(batched.auc_ci.is_some());
 
-    let curve = noise_curve(
-        &model,
-        &probes,
-        &data,
-        &NoiseSpec::default().with_scales(vec![1e-4, 1e-3, 100.0, 1000.0]),
-    )?;
+    let curve = Measurement::new(&model, &probes, &data)
+        .noise_curve(&NoiseSpec::default().with_scales(vec![1e-4, 1e-3, 100.0, 1000.0]))?;
     assert_eq!(curve.unablated_accuracy, 1.0);
     // Tiny noise changes nothing; noise 1000σ leaves a coin flip (64 samples: within
     // 0.5 ± 0.25 with overwhelming probability).
@@ -151,9 +153,10 @@ fn bad_noise_specs_are_errors() -> Result<()> {
             "increasing",
         ),
         (NoiseSpec::default().with_scales(vec![1.0]), "at least 2"),
-        (NoiseSpec::default().with_repeats(0), "repeats"),
+        (NoiseSpec::default().with_draws(0), "draws"),
     ] {
-        let e = noise_curve(&model, &probes, &data, &spec)
+        let e = Measurement::new(&model, &probes, &data)
+            .noise_curve(&spec)
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{e}");

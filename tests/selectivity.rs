@@ -4,11 +4,14 @@
 mod common;
 
 use candle_core::{DType, Module, Result, Tensor, Var};
+use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp};
+use candle_reliance::monitor::read_history;
+use candle_reliance::units::{
+    incoming_l1, mutual_information_bits, quantile_bins, selectivity_regularizer, spearman,
+    Selectivity, WeightLayout,
+};
 use candle_reliance::{
-    ablation_curve, class_selectivity, incoming_l1, mutual_information, mutual_information_bits,
-    quantile_bins, read_history, selectivity_regularizer, spearman, unit_activity, unit_importance,
-    unit_statistics, AblationOrder, AblationSpec, CheckRecord, Clamp, ProbeData, ProbeSet,
-    RelianceConfig, RelianceMonitor, Selectivity, WeightLayout,
+    CheckRecord, Measurement, ProbeData, ProbeSet, RelianceConfig, RelianceMonitor,
 };
 use common::{dev, one_probe_net};
 
@@ -46,14 +49,16 @@ fn selectivity_of_a_hand_worked_table() -> Result<()> {
     let p = probes.add("h")?;
     let model = |xs: &Tensor| p.forward(xs);
     // Chunks of 4 samples: the class sums must add up across chunks.
-    let s = class_selectivity(&model, &probes, &table()?, 4)?;
+    let s = Measurement::new(&model, &probes, &table()?)
+        .with_batch_size(4)
+        .selectivity()?;
     assert_eq!(s.classes, 3, "class 2 has no samples and is skipped");
     assert!(
-        close(&s.probes[0].selectivity, &[1.0, 0.0, 0.5, 0.0, 0.6], TOL),
+        close(&s.probes[0].value, &[1.0, 0.0, 0.5, 0.0, 0.6], TOL),
         "{:?}",
-        s.probes[0].selectivity
+        s.probes[0].value
     );
-    assert!((s.probes[0].mean - 2.1 / 5.0).abs() < TOL);
+    assert!((s.means()[0] - 2.1 / 5.0).abs() < TOL);
     assert!((s.mean() - 0.42).abs() < TOL);
     assert_eq!(s.probes[0].offset, 0);
     Ok(())
@@ -79,27 +84,31 @@ fn selectivity_of_feature_maps_averages_positions_first() -> Result<()> {
         &dev(),
     )?;
     let data = ProbeData::new(xs, Tensor::new(&[0u32, 0, 1, 1], &dev())?)?;
-    let s = class_selectivity(&model, &probes, &data, 3)?;
+    let s = Measurement::new(&model, &probes, &data)
+        .with_batch_size(3)
+        .selectivity()?;
     // Channel 0: position means 1, 2 (class 0) and 0, 0 → class means 1.5, 0 → 1.
     // Channel 1: position means 2, 2 and 1, 1 → class means 2, 1 → (2 − 1) / 3.
     assert_eq!(s.probes[1].name, "conv");
     assert_eq!(s.probes[1].offset, 4);
     assert!(
-        close(&s.probes[1].selectivity, &[1.0, 1.0 / 3.0], TOL),
+        close(&s.probes[1].value, &[1.0, 1.0 / 3.0], TOL),
         "{:?}",
-        s.probes[1].selectivity
+        s.probes[1].value
     );
     // The dense view: units (2,0,1,3) per sample; class means [3,0,1.5,2.5] and [0,0,0.5,1.5].
     // → 1, 0 (all zero), (1.5 − 0.5) / 2 = 0.5, (2.5 − 1.5) / 4 = 0.25.
     assert!(
-        close(&s.probes[0].selectivity, &[1.0, 0.0, 0.5, 0.25], TOL),
+        close(&s.probes[0].value, &[1.0, 0.0, 0.5, 0.25], TOL),
         "{:?}",
-        s.probes[0].selectivity
+        s.probes[0].value
     );
     // The activity capture averages positions too: rows of channel means.
-    let act = unit_activity(&model, &probes, &data, 3)?;
+    let act = Measurement::new(&model, &probes, &data)
+        .with_batch_size(3)
+        .activity()?;
     assert_eq!(
-        act.probes[1].values,
+        act.probes[1].value,
         vec![1.0, 2.0, 2.0, 2.0, 0.0, 1.0, 0.0, 1.0]
     );
     assert_eq!(act.probes[1].offset, 4);
@@ -114,15 +123,19 @@ fn a_unit_active_for_one_class_has_selectivity_one_and_mi_of_the_label_entropy()
     // Unit 0 fires for class 0 only; unit 1 is the same for everyone.
     let xs = Tensor::new(&[[1f32, 7.0], [2.0, 7.0], [0.0, 7.0], [0.0, 7.0]], &dev())?;
     let data = ProbeData::new(xs, Tensor::new(&[0u32, 0, 1, 1], &dev())?)?;
-    let s = class_selectivity(&model, &probes, &data, 4)?;
-    assert!(close(&s.probes[0].selectivity, &[1.0, 0.0], TOL));
-    let mi = mutual_information(&model, &probes, &data, 3, 10)?;
+    let s = Measurement::new(&model, &probes, &data)
+        .with_batch_size(4)
+        .selectivity()?;
+    assert!(close(&s.probes[0].value, &[1.0, 0.0], TOL));
+    let mi = Measurement::new(&model, &probes, &data)
+        .with_batch_size(3)
+        .mutual_information(10)?;
     // Balanced binary labels: H = 1 bit; unit 0's bins {0, 0} vs {5, 7} determine the label.
     assert!((mi.label_entropy_bits - 1.0).abs() < TOL);
     assert!(
-        close(&mi.probes[0].bits, &[1.0, 0.0], TOL),
+        close(&mi.probes[0].value, &[1.0, 0.0], TOL),
         "{:?}",
-        mi.probes[0].bits
+        mi.probes[0].value
     );
     assert_eq!(mi.bins, 10);
     Ok(())
@@ -140,7 +153,9 @@ fn mutual_information_of_a_hand_worked_table_with_ties() -> Result<()> {
     let probes = ProbeSet::new();
     let p = probes.add("h")?;
     let model = |xs: &Tensor| p.forward(xs);
-    let mi = mutual_information(&model, &probes, &table()?, 4, 10)?;
+    let mi = Measurement::new(&model, &probes, &table()?)
+        .with_batch_size(4)
+        .mutual_information(10)?;
     let h = 3f64.log2(); // three balanced classes present
                          // u0: values 1, 3 (class 0) in bins 6, 8; the four zeros (classes 1, 1, 3, 3) in bin 0:
                          //     H(Y|B) = 4/6 · 1 bit → I = log₂3 − 2/3.
@@ -149,9 +164,9 @@ fn mutual_information_of_a_hand_worked_table_with_ties() -> Result<()> {
                          // u4: values 1, 1 | 4, 4 | 2, 0 → bins 1, 1 | 8, 8 | 5, 0: every bin is pure → log₂3.
     let want = [h - 2.0 / 3.0, 0.0, h - 1.0 / 3.0, 0.0, h];
     assert!(
-        close(&mi.probes[0].bits, &want, TOL),
+        close(&mi.probes[0].value, &want, TOL),
         "{:?}",
-        mi.probes[0].bits
+        mi.probes[0].value
     );
     assert!((mi.label_entropy_bits - h).abs() < TOL);
     // Two bins: u0 → zeros in bin 0, 1 and 3 at positions 4, 5 → bin 1: still log₂3 − 2/3.
@@ -163,23 +178,25 @@ fn mutual_information_of_a_hand_worked_table_with_ties() -> Result<()> {
 #[test]
 fn importance_is_the_single_unit_ablation_worked_by_hand() -> Result<()> {
     let (probes, model, data) = one_probe_net()?;
-    let stats = unit_statistics(&model, &probes, &data, 4)?;
+    let m = Measurement::new(&model, &probes, &data).with_batch_size(4);
     // Logits (h0 + 0.01, h1 + 0.5 h2); unablated (3.01,1.5) ok, (1.01,2) ok, (2.01,1.6) wrong,
     // (1.01,2.5) ok → 3/4.
     // u0 zeroed: (0.01,1.5) wrong, (0.01,2) ok, (0.01,1.6) ok, (0.01,2.5) ok → 3/4 → 0.
     // u1 zeroed: (3.01,0.5) ok, (1.01,0) wrong, (2.01,1.5) wrong, (1.01,1) wrong → 1/4 → 0.5.
     // u2 zeroed: (3.01,1) ok, (1.01,2) ok, (2.01,0.1) wrong, (1.01,1.5) ok → 3/4 → 0.
     // A bound of 5 rows per expanded forward splits the levels and the samples.
-    let zero = unit_importance(&model, &probes, &data, &stats, Clamp::Zero, Some(5))?;
+    let zero = Measurement::new(&model, &probes, &data)
+        .with_max_batch_rows(5)
+        .importance(Clamp::Zero)?;
     assert!(close(&zero.per_unit(), &[0.0, 0.5, 0.0], TOL), "{zero:?}");
-    assert!(close(&zero.probes[0].accuracy, &[0.75, 0.25, 0.75], TOL));
+    assert!(close(&zero.accuracy, &[0.75, 0.25, 0.75], TOL));
     assert_eq!(zero.unablated_accuracy, 0.75);
     // Mean clamp (means 1.75, 1.15, 1.5):
     // u0 → class-0 logit 1.76: (1.76,1.5) ok, (1.76,2) ok, (1.76,1.6) wrong, (1.76,2.5) ok → 0.
     // u1 → class-1 logit 1.15 + 0.5 h2: 1.65 < 3.01 ok, 1.15 > 1.01 ok, 2.65 ok, 2.15 ok → all
     //      right: importance 0.75 − 1 = −0.25.
     // u2 → class-1 logit h1 + 0.75: 1.75 ok, 2.75 ok, 0.85 wrong, 2.25 ok → 0.
-    let imp = unit_importance(&model, &probes, &data, &stats, Clamp::Mean, None)?;
+    let imp = m.importance(Clamp::Mean)?;
     assert!(close(&imp.per_unit(), &[0.0, -0.25, 0.0], 1e-6), "{imp:?}");
 
     // The same single-unit zero ablations computed directly, without probes: mask h.
@@ -261,19 +278,26 @@ fn identity_logit_net() -> Result<(ProbeSet, impl Module, ProbeData)> {
 #[test]
 fn ordered_ablation_follows_selectivity_and_importance() -> Result<()> {
     let (probes, model, data) = identity_logit_net()?;
-    let stats = unit_statistics(&model, &probes, &data, 2)?;
+    let stats = Measurement::new(&model, &probes, &data)
+        .with_batch_size(2)
+        .statistics()?
+        .clone();
     let sel = Selectivity::from_stats(&stats).per_unit();
     assert!(
         close(&sel, &[11.0 / 13.0, 17.0 / 23.0, 1.0 / 11.0], TOL),
         "{sel:?}"
     );
-    let imp = unit_importance(&model, &probes, &data, &stats, Clamp::Zero, None)?.per_unit();
+    let imp = Measurement::new(&model, &probes, &data)
+        .importance(Clamp::Zero)?
+        .per_unit();
     assert!(close(&imp, &[0.2, 0.4, 0.4], TOL), "{imp:?}");
     let curve = |order: AblationOrder| -> Result<Vec<f64>> {
         let spec = AblationSpec::default()
             .with_fractions(vec![0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0])
             .with_order(order);
-        Ok(ablation_curve(&model, &probes, &data, &spec)?.accuracy)
+        Ok(Measurement::new(&model, &probes, &data)
+            .ablation_curve(&spec)?
+            .accuracy)
     };
     // Most selective first: 0, 1, 2. k=1 → 0.8 (only unit 0 gives it). k=2, units 0 and 1:
     // s0 (0,0,1), s1 (0,0,1), s4 (0,0,2) wrong; s2 (0,0,2), s3 (0,0,1) right → 0.4 (units 0, 2
@@ -292,28 +316,25 @@ fn ordered_ablation_follows_selectivity_and_importance() -> Result<()> {
         close(&least_imp, &[1.0, 0.8, 0.4, 0.2], TOL),
         "{least_imp:?}"
     );
-    // The serialized names, next to the unchanged existing ones.
-    let names: Vec<String> = [
+    // The names the `order` key takes, next to the random orders'.
+    let names: Vec<serde_json::Value> = [
         AblationOrder::MostSelectiveFirst,
         AblationOrder::LeastSelectiveFirst,
         AblationOrder::MostImportantFirst,
         AblationOrder::LeastImportantFirst,
-        AblationOrder::Random {
-            repeats: 3,
-            seed: 0,
-        },
+        AblationOrder::Random { orders: 3, seed: 0 },
     ]
-    .iter()
-    .map(|o| serde_json::to_string(o).unwrap())
+    .into_iter()
+    .map(|o| serde_json::to_value(AblationSpec::default().with_order(o)).unwrap()["order"].clone())
     .collect();
     assert_eq!(
         names,
         [
-            "\"most_selective_first\"",
-            "\"least_selective_first\"",
-            "\"most_important_first\"",
-            "\"least_important_first\"",
-            "{\"random\":{\"repeats\":3,\"seed\":0}}",
+            "most_selective_first",
+            "least_selective_first",
+            "most_important_first",
+            "least_important_first",
+            "random",
         ]
     );
     Ok(())
@@ -435,7 +456,7 @@ fn the_monitor_records_mean_selectivity_per_probe_when_asked() -> Result<()> {
     let hist = dir.path().join("hist.jsonl");
     let (probes, model, data) = identity_logit_net()?;
     let cfg = RelianceConfig::from_yaml_str(&format!(
-        "schedule: {{warmup_epochs: 1}}\nablation: {{selectivity: true, levels: 3, repeats: 1}}\n\
+        "schedule: {{warmup_epochs: 1}}\nselectivity: true\nablation: {{fractions: 3, orders: 1}}\n\
          restore_best: {{enabled: false}}\noutput: {{history_file: {}}}\n",
         hist.display()
     ))?;

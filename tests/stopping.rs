@@ -1,6 +1,7 @@
 //! The stopping state machine on scripted metric sequences, worked out by hand.
 
-use candle_reliance::{Decision, EarlyStopping, EarlyStoppingStrategy, StopReason, StoppingRule};
+use candle_reliance::monitor::{EarlyStopping, EarlyStoppingStrategy, StoppingRule};
+use candle_reliance::{Decision, StopReason};
 
 struct Case {
     name: &'static str,
@@ -16,6 +17,7 @@ fn rule(patience: usize, min_delta: f64, smoothing: f64) -> StoppingRule {
         patience,
         min_delta,
         smoothing,
+        ..Default::default()
     }
 }
 

@@ -2,11 +2,13 @@
 //! a training epoch, test evaluation and a small seeded RNG. (Each example uses only some.)
 #![allow(dead_code)]
 
+pub mod idx;
+
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
 // `ModuleT` for candle-nn's Dropout.
 use candle_nn::{linear, loss, Dropout, Linear, Optimizer, VarBuilder, VarMap};
-use candle_reliance::mnist::{load_mnist_dir, Mnist};
 use candle_reliance::{Probe, ProbeSet};
+use idx::{load_mnist_dir, Mnist};
 
 /// The 10 000 shipped digits: 8 000 for training, the last 2 000 as the test set.
 pub fn mnist() -> Result<Mnist> {

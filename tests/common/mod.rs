@@ -33,25 +33,23 @@ pub fn one_probe_net() -> Result<(ProbeSet, impl Module, ProbeData)> {
     Ok((probes, model, ProbeData::new(xs, ys)?))
 }
 
-/// xorshift64*: the tests' own random numbers.
-pub struct Rng(u64);
+/// The crate's generator ([`candle_reliance::rng::SplitMix64`]) with the conveniences the
+/// tests use.
+pub struct Rng(candle_reliance::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Self(candle_reliance::rng::SplitMix64::new(seed))
     }
     pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
     /// `mag` with a random sign.
     pub fn with_random_sign(&mut self, mag: f64) -> f64 {

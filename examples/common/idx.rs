@@ -3,7 +3,10 @@
 //! A folder holds either the standard files (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
 //! `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each optionally `.gz`) or a single set
 //! `*-images-idx3-ubyte[.gz]` + `*-labels-idx1-ubyte[.gz]` (such as the 10,000 digits shipped in
-//! this crate's `data/`), which is split into train and test by [`load_mnist_dir`].
+//! this crate's `data/`), which is split into train and test by [`load_mnist_dir`]. Shared by the
+//! examples and the tests; not part of the library.
+
+#![allow(dead_code)] // each user of this shared file needs only some of it
 
 use candle_core::{Device, Result, Tensor};
 use std::io::Read;

@@ -1,58 +1,44 @@
 //! Single-unit importance (the drop in training accuracy when one unit alone is ablated) and its
 //! rank correlation with class selectivity, mutual information and the norm of the unit's
 //! incoming weights (Morcos et al. 2018, §3.4: selectivity is a poor predictor of importance).
-//! See `docs/selectivity.md`.
-//!
-//! ```
-//! use candle_core::{Device, Module, Tensor};
-//! use candle_reliance::{unit_importance, unit_statistics, Clamp, ProbeData, ProbeSet};
-//!
-//! // Logits are the two units: sample 0 needs unit 0 (2 > 1), sample 1 needs unit 1 (3 > 0).
-//! let probes = ProbeSet::new();
-//! let p = probes.add("h")?;
-//! let model = |xs: &Tensor| p.forward(xs);
-//! let xs = Tensor::new(&[[2f32, 1.0], [0.0, 3.0]], &Device::Cpu)?;
-//! let data = ProbeData::new(xs, Tensor::new(&[0u32, 1], &Device::Cpu)?)?;
-//! let stats = unit_statistics(&model, &probes, &data, 512)?;
-//! let imp = unit_importance(&model, &probes, &data, &stats, Clamp::Zero, None)?;
-//! // Unit 0 zeroed: sample 0 becomes (0, 1) → wrong; accuracy 1 → 1/2.
-//! // Unit 1 zeroed: sample 1 becomes (0, 0) → arg-max 0, wrong; accuracy 1/2.
-//! assert_eq!(imp.per_unit(), vec![0.5, 0.5]);
-//! # Ok::<(), candle_core::Error>(())
-//! ```
 
-use crate::ablation::{ablation_accuracies, Clamp};
-use crate::measure::UnitStatistics;
-use crate::probe::ProbeSet;
-use crate::{MutualInformation, ProbeData, Selectivity};
+use crate::measurement::Clamp;
+use crate::units::{layout, MutualInformation, PerProbe, PerUnit, Selectivity};
+use crate::Measurement;
 use candle_core::{DType, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use statrs::statistics::{Data, OrderStatistics, RankTieBreaker};
 
-/// Units whose single-unit ablations are evaluated per call of [`ablation_accuracies`]; bounds
-/// the clamp masks held at once (the expanded forward is bounded by `max_batch_rows` anyway).
+/// Units whose single-unit ablations are evaluated per batched pass; bounds the clamp masks held
+/// at once (the expanded forward is bounded by `max_batch_rows` anyway).
 const UNITS_PER_PASS: usize = 4096;
 
-/// Importance of one probe's units.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProbeImportance {
-    /// The probe's name.
-    pub name: String,
-    /// Global index of the probe's first unit.
-    pub offset: usize,
-    /// Number of units.
-    pub units: usize,
-    /// Accuracy with each unit alone ablated.
-    pub accuracy: Vec<f64>,
-    /// `unablated accuracy − accuracy`: positive when ablating the unit hurts.
-    pub importance: Vec<f64>,
-}
-
 /// Single-unit importance of every probed unit.
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use candle_reliance::curves::Clamp;
+/// use candle_reliance::{Measurement, ProbeData, ProbeSet};
+///
+/// // Logits are the two units: sample 0 needs unit 0 (2 > 1), sample 1 needs unit 1 (3 > 0).
+/// let probes = ProbeSet::new();
+/// let p = probes.add("h")?;
+/// let model = |xs: &Tensor| p.forward(xs);
+/// let xs = Tensor::new(&[[2f32, 1.0], [0.0, 3.0]], &Device::Cpu)?;
+/// let data = ProbeData::new(xs, Tensor::new(&[0u32, 1], &Device::Cpu)?)?;
+/// let imp = Measurement::new(&model, &probes, &data).importance(Clamp::Zero)?;
+/// // Unit 0 zeroed: sample 0 becomes (0, 1) → wrong; accuracy 1 → 1/2.
+/// // Unit 1 zeroed: sample 1 becomes (0, 0) → arg-max 0, wrong; accuracy 1/2.
+/// assert_eq!(imp.per_unit(), vec![0.5, 0.5]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnitImportance {
-    /// One entry per probe, in the order the probes were added.
-    pub probes: Vec<ProbeImportance>,
+    /// Per probe, `unablated accuracy − accuracy` of each unit: positive when ablating the unit
+    /// hurts.
+    pub probes: Vec<PerProbe<Vec<f64>>>,
+    /// Accuracy with each unit alone ablated, in global unit order.
+    pub accuracy: Vec<f64>,
     /// The clamp an ablated unit was set to.
     pub clamp: Clamp,
     /// Accuracy with nothing ablated.
@@ -64,70 +50,50 @@ pub struct UnitImportance {
 impl UnitImportance {
     /// Importance of every unit in global order.
     pub fn per_unit(&self) -> Vec<f64> {
-        self.probes
-            .iter()
-            .flat_map(|p| p.importance.iter().copied())
-            .collect()
+        self.probes.per_unit()
     }
 }
 
-/// The drop in accuracy on `data` when each probed unit alone is clamped to `clamp`: one
-/// ablation set per unit, evaluated batched by [`ablation_accuracies`] (`max_batch_rows` as
-/// there) in chunks of units. `stats` must come from [`crate::unit_statistics`] on the same
-/// model and data. Logs the mean and largest importance per probe.
-pub fn unit_importance(
-    model: &impl Module,
-    probes: &ProbeSet,
-    data: &ProbeData,
-    stats: &UnitStatistics,
-    clamp: Clamp,
-    max_batch_rows: Option<usize>,
-) -> Result<UnitImportance> {
-    let total = stats.total_units();
-    let mut accuracy = Vec::with_capacity(total);
-    for start in (0..total).step_by(UNITS_PER_PASS) {
-        let sets: Vec<Vec<usize>> = (start..(start + UNITS_PER_PASS).min(total))
-            .map(|u| vec![u])
-            .collect();
-        accuracy.extend(ablation_accuracies(
-            model,
-            probes,
-            data,
-            stats,
-            &sets,
-            clamp,
-            max_batch_rows,
-        )?);
-    }
-    let out = UnitImportance {
-        probes: stats
-            .probes
-            .iter()
-            .map(|p| {
-                let acc = accuracy[p.offset..p.offset + p.units].to_vec();
-                ProbeImportance {
+impl<M: Module + ?Sized> Measurement<'_, M> {
+    /// The drop in accuracy when each probed unit alone is clamped to `clamp`: one ablation set
+    /// per unit, evaluated batched by [`Measurement::ablation_accuracies`] in chunks of units.
+    /// Logs the mean and largest importance per probe.
+    pub fn importance(&self, clamp: Clamp) -> Result<UnitImportance> {
+        let stats = self.statistics()?;
+        let total = stats.total_units();
+        let mut accuracy = Vec::with_capacity(total);
+        for start in (0..total).step_by(UNITS_PER_PASS) {
+            let sets: Vec<Vec<usize>> = (start..(start + UNITS_PER_PASS).min(total))
+                .map(|u| vec![u])
+                .collect();
+            accuracy.extend(self.ablation_accuracies(&sets, clamp)?);
+        }
+        let out = UnitImportance {
+            probes: stats
+                .probes
+                .iter()
+                .map(|p| PerProbe {
                     name: p.name.clone(),
                     offset: p.offset,
                     units: p.units,
-                    importance: acc.iter().map(|a| stats.accuracy - a).collect(),
-                    accuracy: acc,
-                }
-            })
-            .collect(),
-        clamp,
-        unablated_accuracy: stats.accuracy,
-        samples: stats.samples,
-    };
-    for p in &out.probes {
-        let mean = p.importance.iter().sum::<f64>() / p.units.max(1) as f64;
-        let max = p
-            .importance
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
-        tracing::info!(probe = %p.name, units = p.units, mean_importance = mean, max_importance = max, "unit importance");
+                    value: accuracy[p.offset..p.offset + p.units]
+                        .iter()
+                        .map(|a| stats.accuracy - a)
+                        .collect(),
+                })
+                .collect(),
+            accuracy,
+            clamp,
+            unablated_accuracy: stats.accuracy,
+            samples: stats.samples,
+        };
+        for p in &out.probes {
+            let mean = p.value.iter().sum::<f64>() / p.units.max(1) as f64;
+            let max = p.value.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            tracing::info!(probe = %p.name, units = p.units, mean_importance = mean, max_importance = max, "unit importance");
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// How a weight tensor is laid out, for [`incoming_l1`].
@@ -146,7 +112,7 @@ pub enum WeightLayout {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use candle_reliance::{incoming_l1, WeightLayout};
+/// use candle_reliance::units::{incoming_l1, WeightLayout};
 /// let w = Tensor::new(&[[1f32, -2.0], [0.5, 0.0], [-3.0, 3.0]], &Device::Cpu)?;
 /// assert_eq!(incoming_l1(&w, WeightLayout::Linear)?, vec![3.0, 0.5, 6.0]);
 /// # Ok::<(), candle_core::Error>(())
@@ -177,7 +143,7 @@ pub fn incoming_l1(weight: &Tensor, layout: WeightLayout) -> Result<Vec<f64>> {
 ///
 /// ```
 /// // A monotone relation has correlation 1 whatever its shape.
-/// let r = candle_reliance::spearman(&[1.0, 2.0, 3.0, 4.0], &[1.0, 8.0, 27.0, 64.0]);
+/// let r = candle_reliance::units::spearman(&[1.0, 2.0, 3.0, 4.0], &[1.0, 8.0, 27.0, 64.0]);
 /// assert!((r - 1.0).abs() < 1e-12);
 /// ```
 pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
@@ -229,15 +195,6 @@ pub struct Correlations {
     pub incoming_l1: Option<f64>,
 }
 
-/// Correlations of one probe's units.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProbeCorrelations {
-    /// The probe's name.
-    pub name: String,
-    /// Over this probe's units.
-    pub correlations: Correlations,
-}
-
 /// Rank correlations of single-unit importance with selectivity, mutual information and the
 /// incoming-weight norm, over all probed units and per probe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -246,7 +203,7 @@ pub struct ImportanceCorrelations {
     /// named).
     pub overall: Correlations,
     /// Per probe, in the order the probes were added.
-    pub per_probe: Vec<ProbeCorrelations>,
+    pub per_probe: Vec<PerProbe<Correlations>>,
 }
 
 /// Spearman correlations of `importance` with `selectivity`, with `information` when given, and
@@ -257,11 +214,12 @@ pub struct ImportanceCorrelations {
 /// ```no_run
 /// # fn demo(model: &impl candle_core::Module, probes: &candle_reliance::ProbeSet,
 /// #         data: &candle_reliance::ProbeData, fc1_weight: &candle_core::Tensor) -> candle_core::Result<()> {
-/// use candle_reliance::*;
-/// let stats = unit_statistics(model, probes, data, 512)?;
-/// let imp = unit_importance(model, probes, data, &stats, Clamp::Zero, None)?;
-/// let sel = Selectivity::from_stats(&stats);
-/// let mi = mutual_information(model, probes, data, 512, DEFAULT_MI_BINS)?;
+/// use candle_reliance::curves::Clamp;
+/// use candle_reliance::units::*;
+/// let m = candle_reliance::Measurement::new(model, probes, data);
+/// let imp = m.importance(Clamp::Zero)?;
+/// let sel = m.selectivity()?;
+/// let mi = m.mutual_information(DEFAULT_MI_BINS)?;
 /// let l1 = incoming_l1(fc1_weight, WeightLayout::Linear)?;
 /// let c = importance_correlations(&imp, &sel, Some(&mi), &[("fc1", l1)])?;
 /// println!("{}", serde_json::to_string(&c).unwrap());
@@ -273,28 +231,12 @@ pub fn importance_correlations(
     information: Option<&MutualInformation>,
     incoming_l1: &[(&str, Vec<f64>)],
 ) -> Result<ImportanceCorrelations> {
-    let shapes: Vec<(&str, usize)> = importance
-        .probes
-        .iter()
-        .map(|p| (p.name.as_str(), p.units))
-        .collect();
-    let sel_shapes: Vec<(&str, usize)> = selectivity
-        .probes
-        .iter()
-        .map(|p| (p.name.as_str(), p.units))
-        .collect();
-    if shapes != sel_shapes {
+    let shapes = layout(&importance.probes);
+    if shapes != layout(&selectivity.probes) {
         candle_core::bail!("importance and selectivity come from different probes");
     }
-    if let Some(mi) = information {
-        let mi_shapes: Vec<(&str, usize)> = mi
-            .probes
-            .iter()
-            .map(|p| (p.name.as_str(), p.units))
-            .collect();
-        if shapes != mi_shapes {
-            candle_core::bail!("importance and mutual information come from different probes");
-        }
+    if information.is_some_and(|mi| shapes != layout(&mi.probes)) {
+        candle_core::bail!("importance and mutual information come from different probes");
     }
     let mut l1: Vec<Option<&Vec<f64>>> = vec![None; shapes.len()];
     for (name, norms) in incoming_l1 {
@@ -313,16 +255,16 @@ pub fn importance_correlations(
     let correlate = |idx: &[usize]| -> Correlations {
         let imp: Vec<f64> = idx
             .iter()
-            .flat_map(|&i| importance.probes[i].importance.iter().copied())
+            .flat_map(|&i| importance.probes[i].value.iter().copied())
             .collect();
         let sel: Vec<f64> = idx
             .iter()
-            .flat_map(|&i| selectivity.probes[i].selectivity.iter().copied())
+            .flat_map(|&i| selectivity.probes[i].value.iter().copied())
             .collect();
         let mi = information.map(|m| {
             let v: Vec<f64> = idx
                 .iter()
-                .flat_map(|&i| m.probes[i].bits.iter().copied())
+                .flat_map(|&i| m.probes[i].value.iter().copied())
                 .collect();
             spearman(&imp, &v)
         });
@@ -330,7 +272,7 @@ pub fn importance_correlations(
         let l1_corr = (!with_l1.is_empty()).then(|| {
             let a: Vec<f64> = with_l1
                 .iter()
-                .flat_map(|&i| importance.probes[i].importance.iter().copied())
+                .flat_map(|&i| importance.probes[i].value.iter().copied())
                 .collect();
             let b: Vec<f64> = with_l1
                 .iter()
@@ -350,9 +292,11 @@ pub fn importance_correlations(
         overall: correlate(&all),
         per_probe: all
             .iter()
-            .map(|&i| ProbeCorrelations {
+            .map(|&i| PerProbe {
                 name: shapes[i].0.to_string(),
-                correlations: correlate(&[i]),
+                offset: importance.probes[i].offset,
+                units: shapes[i].1,
+                value: correlate(&[i]),
             })
             .collect(),
     };

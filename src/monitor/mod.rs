@@ -16,17 +16,25 @@
 //! # Ok(()) }
 //! ```
 
-use crate::config::{RelianceConfig, SnapshotMode};
-use crate::measure::unit_statistics;
-use crate::report::{
-    append_json_line, ensure_parent, io_err, move_aside, write_atomic, CheckRecord,
+mod config;
+pub(crate) mod files;
+mod record;
+mod stopping;
+
+pub use config::{
+    DataConfig, OutputConfig, RelianceConfig, RestoreBestConfig, ScheduleConfig, SnapshotMode,
 };
-use crate::stopping::{
-    Decision, EarlyStopping, EarlyStoppingStrategy, Metric, StopReason, StoppingState,
+pub use record::{read_history, CheckRecord};
+pub use stopping::{
+    Best, Decision, EarlyStopping, EarlyStoppingStrategy, Metric, StopReason, StoppingRule,
+    StoppingState,
 };
-use crate::{ablation_curve_with_stats, noise_curve_with_stats, ProbeData, ProbeSet};
+
+use crate::units::Selectivity;
+use crate::{Measurement, ProbeData, ProbeSet};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarMap;
+use files::{append_json_line, ensure_parent, io_err, move_aside, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -138,7 +146,7 @@ impl RelianceMonitor {
         state: MonitorState,
     ) -> Result<Self> {
         let data = data.subset(config.data.subset_size, config.data.seed)?;
-        let stopping = EarlyStopping::with_state(config.stopping.rule(), state.stopping);
+        let stopping = EarlyStopping::with_state(config.stopping.clone(), state.stopping);
         Ok(Self {
             config,
             probes,
@@ -209,26 +217,18 @@ impl RelianceMonitor {
         let span = tracing::info_span!("reliance_check", epoch);
         let _enter = span.enter();
         let t0 = Instant::now();
-        let spec = self.config.ablation.spec();
-        let stats = unit_statistics(model, &self.probes, &self.data, spec.batch_size)?;
-        let curve = ablation_curve_with_stats(model, &self.probes, &self.data, &spec, &stats)?;
-        let noise = if self.config.noise.enabled {
-            let nspec = self.config.noise.spec(&self.config.ablation);
-            Some(noise_curve_with_stats(
-                model,
-                &self.probes,
-                &self.data,
-                &nspec,
-                &stats,
-            )?)
+        let m = Measurement::new(model, &self.probes, &self.data)
+            .with_batching(self.config.batching.clone());
+        let curve = m.ablation_curve(&self.config.ablation)?;
+        let noise = match &self.config.noise {
+            Some(spec) => Some(m.noise_curve(spec)?),
+            None => None,
+        };
+        let selectivity = if self.config.selectivity {
+            Some(Selectivity::from_stats(m.statistics()?).means())
         } else {
             None
         };
-        let selectivity = self
-            .config
-            .ablation
-            .selectivity
-            .then(|| crate::Selectivity::from_stats(&stats).means());
         let metric_kind = self.config.stopping.metric;
         let metric = match metric_kind {
             Metric::Auc => curve.auc,
@@ -263,8 +263,8 @@ impl RelianceMonitor {
         let smoothed = self.stopping.state().smoothed.unwrap_or(metric);
         let record = CheckRecord {
             epoch,
-            metric_name: metric_kind.name().to_string(),
-            metric,
+            metric: metric_kind,
+            value: metric,
             smoothed,
             auc: curve.auc,
             auc_ci: curve.auc_ci,
@@ -272,13 +272,7 @@ impl RelianceMonitor {
             unablated_accuracy: curve.unablated_accuracy,
             noise_auc: noise.as_ref().map(|n| n.auc),
             improved,
-            decision: if decision.is_stop() {
-                "stop"
-            } else {
-                "continue"
-            }
-            .into(),
-            reason: decision.reason().map(|r| r.to_string()),
+            decision: decision.clone(),
             seconds,
             curve,
             noise,
@@ -287,9 +281,9 @@ impl RelianceMonitor {
         let selectivity_log = record
             .selectivity
             .as_ref()
-            .map(|s| serde_json::to_string(s).unwrap_or_default())
-            .unwrap_or_default();
+            .map(|s| serde_json::to_string(s).unwrap_or_default());
         let [ci_lo, ci_hi] = record.auc_ci.unwrap_or([f64::NAN; 2]);
+        // Optional fields (noise, selectivity, reason) are left out of the event when absent.
         tracing::info!(
             epoch,
             metric = metric_kind.name(),
@@ -300,12 +294,16 @@ impl RelianceMonitor {
             auc_ci_high = ci_hi,
             normalized_auc = record.normalized_auc,
             accuracy_0 = record.unablated_accuracy,
-            noise_auc = record.noise_auc.unwrap_or(f64::NAN),
-            selectivity = %selectivity_log,
+            noise_auc = record.noise_auc,
+            selectivity = selectivity_log.as_deref(),
             improved,
             seconds,
-            decision = %record.decision,
-            reason = record.reason.as_deref().unwrap_or(""),
+            decision = if decision.is_stop() {
+                "stop"
+            } else {
+                "continue"
+            },
+            reason = decision.reason().map(tracing::field::display),
             batched = record.curve.batched,
             "reliance check"
         );
@@ -322,7 +320,7 @@ impl RelianceMonitor {
                 let vars = varmap
                     .data()
                     .lock()
-                    .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+                    .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
                 // `copy` detaches the values from the variables the optimizer keeps updating.
                 let snap = vars
                     .iter()
@@ -347,13 +345,11 @@ impl RelianceMonitor {
         if !self.config.restore_best.enabled {
             return Ok(None);
         }
-        let vars = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
-        let saved: Vec<(String, Tensor)> = match self.config.restore_best.mode {
+        // A clone shares the variables: setting through it sets the caller's.
+        let mut target = varmap.clone();
+        match self.config.restore_best.mode {
             SnapshotMode::Memory => match &self.snapshot {
-                Some(s) => s.clone(),
+                Some(s) => target.set(s.iter().map(|(name, value)| (name, value)))?,
                 None => {
                     tracing::warn!(best_epoch = best.epoch, "no in-memory snapshot of the best epoch (resumed run?); weights left as they are");
                     return Ok(None);
@@ -361,29 +357,13 @@ impl RelianceMonitor {
             },
             SnapshotMode::Disk => {
                 let path = &self.config.restore_best.path;
-                let device = vars
-                    .values()
-                    .next()
-                    .map(|v| v.device().clone())
-                    .unwrap_or(candle_core::Device::Cpu);
-                candle_core::safetensors::load(path, &device)
-                    .map_err(|e| {
-                        candle_core::Error::Msg(format!(
-                            "cannot load best weights {}: {e}",
-                            path.display()
-                        ))
-                    })?
-                    .into_iter()
-                    .collect()
+                target.load(path).map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "cannot load best weights {}: {e}",
+                        path.display()
+                    ))
+                })?
             }
-        };
-        for (name, value) in &saved {
-            let var = vars.get(name).ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "best-weights snapshot has `{name}`, which the VarMap lacks"
-                ))
-            })?;
-            var.set(value)?;
         }
         tracing::info!(
             best_epoch = best.epoch,
@@ -404,8 +384,7 @@ impl RelianceMonitor {
 
     /// Writes the state as JSON, atomically.
     pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        let json = serde_json::to_string(&self.state())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let json = serde_json::to_string(&self.state()).map_err(candle_core::Error::msg)?;
         write_atomic(path.as_ref(), |tmp| {
             std::fs::write(tmp, &json).map_err(|e| io_err("write", tmp, e))
         })

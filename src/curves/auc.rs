@@ -1,5 +1,5 @@
-//! Curves of accuracy against a perturbation level, their area under the curve, and its
-//! confidence interval over repeated random orders.
+//! Area under a curve of accuracy, and its confidence interval over repeated random orders or
+//! noise draws.
 
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, StudentsT};
@@ -8,8 +8,9 @@ use statrs::distribution::{ContinuousCDF, StudentsT};
 ///
 /// ```
 /// // A curve falling linearly from 1 to 0 over [0, 1] has area 1/2.
-/// assert_eq!(candle_reliance::trapezoid_auc(&[0.0, 0.5, 1.0], &[1.0, 0.5, 0.0]), 0.5);
+/// assert_eq!(candle_reliance::curves::trapezoid_auc(&[0.0, 0.5, 1.0], &[1.0, 0.5, 0.0]), 0.5);
 /// ```
+///
 /// Returns NaN when `x` and `y` differ in length (no curve to integrate).
 pub fn trapezoid_auc(x: &[f64], y: &[f64]) -> f64 {
     if x.len() != y.len() {
@@ -50,8 +51,8 @@ pub(crate) struct Summary {
 }
 
 pub(crate) fn summarize(x_for_auc: &[f64], runs: &[Vec<f64>]) -> Summary {
-    let levels = x_for_auc.len();
-    let accuracy = (0..levels)
+    let points = x_for_auc.len();
+    let accuracy = (0..points)
         .map(|i| runs.iter().map(|r| r[i]).sum::<f64>() / runs.len() as f64)
         .collect();
     let auc_per_run: Vec<f64> = runs.iter().map(|r| trapezoid_auc(x_for_auc, r)).collect();

@@ -2,7 +2,7 @@
 //! a network generalizes and fall once it starts to memorize.
 //!
 //! ```
-//! use candle_reliance::{Decision, EarlyStopping, EarlyStoppingStrategy, StoppingRule};
+//! use candle_reliance::monitor::{EarlyStopping, EarlyStoppingStrategy, StoppingRule};
 //!
 //! let mut rule = EarlyStopping::new(StoppingRule { patience: 2, ..Default::default() });
 //! let metrics = [0.50, 0.60, 0.58, 0.59, 0.55];
@@ -16,6 +16,7 @@
 //! assert_eq!(rule.state().best.as_ref().unwrap().epoch, 2);
 //! ```
 
+use crate::invalid::{Checked, Invalid};
 use serde::{Deserialize, Serialize};
 
 /// Which number of a check the stopping rule follows.
@@ -42,9 +43,12 @@ impl Metric {
     }
 }
 
-/// Parameters of [`EarlyStopping`].
+/// Parameters of [`EarlyStopping`]: the `stopping:` section of the monitor's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoppingRule {
+    /// Which number of a check the rule follows. Default [`Metric::NormalizedAuc`].
+    pub metric: Metric,
     /// Checks without improvement before stopping (≥ 1). Default 3.
     pub patience: usize,
     /// An improvement must exceed the best so far by more than this (≥ 0). Default 0.
@@ -57,10 +61,24 @@ pub struct StoppingRule {
 impl Default for StoppingRule {
     fn default() -> Self {
         Self {
+            metric: Metric::default(),
             patience: 3,
             min_delta: 0.0,
             smoothing: 0.0,
         }
+    }
+}
+
+impl StoppingRule {
+    /// Checks the values, naming the first bad key.
+    pub fn validate(&self) -> candle_core::Result<()> {
+        self.check().map_err(|e| e.into_error("stopping"))
+    }
+
+    pub(crate) fn check(&self) -> Checked {
+        Invalid::at_least("patience", self.patience, 1)?;
+        Invalid::non_negative("min_delta", self.min_delta)?;
+        Invalid::unit_interval_open("smoothing", self.smoothing)
     }
 }
 

@@ -1,0 +1,269 @@
+//! The monitor's configuration, read from YAML. Every key has a default, so an empty file is a
+//! valid configuration; unknown keys and invalid values are errors that name the key and, where
+//! the parser knows it, the line. The sections that describe a measurement are the measurement's
+//! own types ([`Batching`], [`AblationSpec`], [`NoiseSpec`], [`StoppingRule`]); each value is
+//! checked once, after parsing, by the same code that checks a configuration built in code.
+//! `docs/configuration.md` documents every key.
+//!
+//! ```
+//! use candle_reliance::RelianceConfig;
+//!
+//! let cfg = RelianceConfig::from_yaml_str("stopping:\n  patience: 5\n")?;
+//! assert_eq!(cfg.stopping.patience, 5);
+//! assert_eq!(cfg.schedule.check_every, 1); // default
+//!
+//! let err = RelianceConfig::from_yaml_str("stopping:\n  patience: 0\n").unwrap_err();
+//! assert!(err.to_string().contains("stopping.patience"), "{err}");
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use crate::curves::{AblationSpec, NoiseSpec};
+use crate::invalid::{Checked, Invalid};
+use crate::measurement::Batching;
+use crate::monitor::StoppingRule;
+use candle_core::Result;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The whole monitor configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelianceConfig {
+    /// When checks run.
+    #[serde(deserialize_with = "section")]
+    pub schedule: ScheduleConfig,
+    /// Which training samples a check uses.
+    #[serde(deserialize_with = "section")]
+    pub data: DataConfig,
+    /// How a check's passes are cut into forward passes.
+    #[serde(deserialize_with = "section")]
+    pub batching: Batching,
+    /// The ablation curve.
+    #[serde(deserialize_with = "section")]
+    pub ablation: AblationSpec,
+    /// The noise curve, recorded beside the ablation curve at every check when given. Default
+    /// none.
+    pub noise: Option<NoiseSpec>,
+    /// Also record and log the mean class selectivity per probe at each check, computed from
+    /// the statistics pass the curve already makes (no extra forward). Default false.
+    pub selectivity: bool,
+    /// The stopping rule.
+    #[serde(deserialize_with = "section")]
+    pub stopping: StoppingRule,
+    /// Putting the best epoch's weights back.
+    #[serde(deserialize_with = "section")]
+    pub restore_best: RestoreBestConfig,
+    /// Files written.
+    #[serde(deserialize_with = "section")]
+    pub output: OutputConfig,
+}
+
+/// `schedule:` — when checks run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Check every this many epochs (≥ 1). Default 1.
+    pub check_every: usize,
+    /// No checks before this epoch (epochs count from 1). Default 2.
+    pub warmup_epochs: usize,
+    /// Stop at this epoch whatever the metric (≥ 1); default none.
+    pub max_epochs: Option<usize>,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            check_every: 1,
+            warmup_epochs: 2,
+            max_epochs: None,
+        }
+    }
+}
+
+impl ScheduleConfig {
+    /// Whether a check runs after `epoch`.
+    pub fn is_check_epoch(&self, epoch: usize) -> bool {
+        epoch >= self.warmup_epochs.max(1)
+            && (epoch - self.warmup_epochs.max(1)) % self.check_every == 0
+    }
+
+    fn check(&self) -> Checked {
+        Invalid::at_least("check_every", self.check_every, 1)?;
+        if let Some(m) = self.max_epochs {
+            Invalid::at_least("max_epochs", m, 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// `data:` — the fixed training subset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Samples drawn (once, fixed) from the data given to the monitor (≥ 1). Default 1000.
+    pub subset_size: usize,
+    /// Seed of the subset draw. Default 0.
+    pub seed: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            subset_size: 1000,
+            seed: 0,
+        }
+    }
+}
+
+/// Where the best epoch's weights are kept until they are restored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// A copy of every variable in memory (fast; lost if the process dies).
+    #[default]
+    Memory,
+    /// A safetensors file at `restore_best.path` (survives interruption and resume).
+    Disk,
+}
+
+/// `restore_best:` — putting the best epoch's weights back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestoreBestConfig {
+    /// Snapshot the weights at each new peak and restore them when training ends. Default true.
+    pub enabled: bool,
+    /// `memory` or `disk`. Default `memory`.
+    pub mode: SnapshotMode,
+    /// File for `mode: disk`. Default `reliance-best.safetensors`.
+    pub path: PathBuf,
+}
+
+impl Default for RestoreBestConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mode: SnapshotMode::Memory,
+            path: PathBuf::from("reliance-best.safetensors"),
+        }
+    }
+}
+
+/// `output:` — files the monitor writes. Existing files are never overwritten by a fresh run:
+/// they are moved aside to `NAME.N.bak` first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// JSON lines, one per check (epoch, metric, AUC, interval, curve). Default none.
+    pub history_file: Option<PathBuf>,
+    /// The monitor state, rewritten after every epoch reported to the monitor, for resuming.
+    /// Default none.
+    pub state_file: Option<PathBuf>,
+}
+
+impl RelianceConfig {
+    /// Parses YAML text; an empty document gives the defaults.
+    pub fn from_yaml_str(text: &str) -> Result<Self> {
+        let err = |e: serde_norway::Error| candle_core::Error::Msg(format!("reliance config: {e}"));
+        // A file of comments only is an empty document, which a struct cannot be read from.
+        let empty = matches!(
+            serde_norway::from_str(text).map_err(err)?,
+            serde_norway::Value::Null
+        );
+        let cfg: Self = if empty {
+            Self::default()
+        } else {
+            serde_norway::from_str(text).map_err(err)?
+        };
+        cfg.check().map_err(|e| {
+            let line = key_line(text, &e.key).map_or(String::new(), |l| format!(" at line {l}"));
+            candle_core::Error::Msg(format!("reliance config: {}: {}{line}", e.key, e.msg))
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a YAML file; errors name the file.
+    pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "reliance config: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::from_yaml_str(&text)
+            .map_err(|e| candle_core::Error::Msg(format!("{} ({})", e, path.display())))
+    }
+
+    /// The configuration as YAML.
+    pub fn to_yaml_string(&self) -> Result<String> {
+        serde_norway::to_string(self).map_err(candle_core::Error::msg)
+    }
+
+    /// Checks every value, naming the first bad key (`section.key`).
+    pub fn validate(&self) -> Result<()> {
+        self.check()
+            .map_err(|e| candle_core::Error::Msg(format!("reliance config: {}: {}", e.key, e.msg)))
+    }
+
+    fn check(&self) -> Checked {
+        self.schedule.check().map_err(|e| e.within("schedule"))?;
+        Invalid::at_least("data.subset_size", self.data.subset_size, 1)?;
+        self.batching.check().map_err(|e| e.within("batching"))?;
+        self.ablation.check().map_err(|e| e.within("ablation"))?;
+        if let Some(noise) = &self.noise {
+            noise.check().map_err(|e| e.within("noise"))?;
+        }
+        self.stopping.check().map_err(|e| e.within("stopping"))?;
+        let paths = [
+            ("restore_best.path", Some(&self.restore_best.path)),
+            ("output.history_file", self.output.history_file.as_ref()),
+            ("output.state_file", self.output.state_file.as_ref()),
+        ];
+        for (key, path) in paths {
+            if path.is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(Invalid::new(key, "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A section header with nothing under it (`stopping:` with every key commented out) reads as
+/// null: treat it as the section's defaults.
+fn section<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> std::result::Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// 1-based line of a `section.key` (or top-level `key`) in the YAML text, block or flow style.
+fn key_line(text: &str, path: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let (start, key) = match path.split_once('.') {
+        Some((section, key)) => (
+            lines
+                .iter()
+                .position(|l| l.starts_with(&format!("{section}:")))?,
+            key,
+        ),
+        None => (0, path),
+    };
+    let pattern = format!("{key}:");
+    for (i, line) in lines.iter().enumerate().skip(start) {
+        if path.contains('.')
+            && i > start
+            && !line.is_empty()
+            && !line.starts_with([' ', '\t', '#'])
+        {
+            break; // the next top-level section
+        }
+        let code = line.split(" #").next().unwrap_or(line);
+        let found = code.match_indices(&pattern).any(|(at, _)| {
+            at == 0 || matches!(code.as_bytes()[at - 1], b' ' | b'\t' | b'{' | b',')
+        });
+        if found {
+            return Some(i + 1);
+        }
+    }
+    None
+}

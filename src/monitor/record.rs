@@ -1,0 +1,64 @@
+//! What a check leaves behind: one record per check, appended as a JSON line to the history
+//! file.
+
+use crate::curves::{AblationCurve, NoiseCurve};
+use crate::monitor::{Decision, Metric};
+use candle_core::Result;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// One check of the monitor: one line of the history file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckRecord {
+    /// Epoch after which the check ran.
+    pub epoch: usize,
+    /// The metric the stopping rule follows.
+    pub metric: Metric,
+    /// Its value at this check.
+    pub value: f64,
+    /// The value after smoothing (equal to `value` without smoothing).
+    pub smoothed: f64,
+    /// Ablation AUC (mean over orders).
+    pub auc: f64,
+    /// 95% interval of `auc` over orders.
+    pub auc_ci: Option<[f64; 2]>,
+    /// AUC divided by the unablated accuracy.
+    pub normalized_auc: f64,
+    /// Training-subset accuracy with nothing ablated.
+    pub unablated_accuracy: f64,
+    /// Noise-curve AUC, when the noise curve is configured.
+    pub noise_auc: Option<f64>,
+    /// Whether this check set a new peak.
+    pub improved: bool,
+    /// What the monitor decided: `"decision": "continue"`, or `"stop"` with its `reason`.
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// Seconds the check took.
+    pub seconds: f64,
+    /// The full ablation curve.
+    pub curve: AblationCurve,
+    /// The full noise curve, when configured.
+    pub noise: Option<NoiseCurve>,
+    /// Mean class selectivity per probe (in the order the probes were added), when
+    /// `selectivity` is on.
+    #[serde(default)]
+    pub selectivity: Option<Vec<f64>>,
+}
+
+/// Reads a history file written by the monitor (one [`CheckRecord`] per line); errors name the
+/// file and the line.
+pub fn read_history(path: impl AsRef<Path>) -> Result<Vec<CheckRecord>> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        candle_core::Error::Msg(format!("cannot read history {}: {e}", path.display()))
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                candle_core::Error::Msg(format!("history {} line {}: {e}", path.display(), i + 1))
+            })
+        })
+        .collect()
+}
