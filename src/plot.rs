@@ -171,6 +171,34 @@ impl Plot {
 
     /// The chart as an SVG document.
     pub fn to_svg(&self) -> String {
+        let f = self.frame();
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#,
+            w = f.w,
+            h = f.h
+        );
+        let _ = write!(
+            s,
+            r#"<rect width="{}" height="{}" fill="white"/>"#,
+            f.w, f.h
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+            (f.l + f.r) / 2.0,
+            esc(&self.title)
+        );
+        self.write_axes(&mut s, &f);
+        self.write_markers(&mut s, &f);
+        self.write_series(&mut s, &f);
+        s.push_str("</svg>\n");
+        s
+    }
+
+    /// The canvas, plot area and scales for this chart's series and markers.
+    fn frame(&self) -> Frame {
         // The legend column grows with its longest entry (about 6.5 px a character at 12 px).
         let longest = self
             .series
@@ -181,28 +209,30 @@ impl Plot {
             .unwrap_or(0);
         let legend = (longest as f64 * 6.5 + 45.0).max(170.0);
         let (w, h) = (590.0 + legend, 440.0);
-        let right = if self.series.iter().any(|s| s.right_axis) {
-            70.0
-        } else {
-            20.0
-        };
-        let (l, t, r, b) = (70.0, 40.0, w - right - legend, h - 55.0);
-        let tx = |x: f64| if self.log_x { x.log10() } else { x };
-        let finite = |s: &Series| -> Vec<(f64, f64)> {
-            s.points
-                .iter()
-                .map(|&(x, y)| (tx(x), y))
-                .filter(|(x, y)| x.is_finite() && y.is_finite())
-                .collect()
+        let has_right = self.series.iter().any(|s| s.right_axis);
+        let right = if has_right { 70.0 } else { 20.0 };
+        let mut f = Frame {
+            w,
+            h,
+            l: 70.0,
+            t: 40.0,
+            r: w - right - legend,
+            b: h - 55.0,
+            right,
+            has_right,
+            log_x: self.log_x,
+            x: (0.0, 1.0, vec![]),
+            y: (0.0, 1.0, vec![]),
+            z: (0.0, 1.0, vec![]),
         };
         let xs: Vec<f64> = self
             .series
             .iter()
-            .flat_map(|s| finite(s).into_iter().map(|p| p.0))
+            .flat_map(|s| f.finite(s).into_iter().map(|p| p.0))
             .chain(
                 self.markers
                     .iter()
-                    .map(|m| tx(m.x))
+                    .map(|m| f.tx(m.x))
                     .filter(|x| x.is_finite()),
             )
             .collect();
@@ -210,32 +240,20 @@ impl Plot {
             self.series
                 .iter()
                 .filter(|s| s.right_axis == right_axis)
-                .flat_map(|s| finite(s).into_iter().map(|p| p.1))
+                .flat_map(|s| f.finite(s).into_iter().map(|p| p.1))
                 .collect()
         };
-        let (x0, x1, xticks) = nice_range(&xs);
-        let (y0, y1, yticks) = nice_range(&ys(false));
-        let (z0, z1, zticks) = nice_range(&ys(true));
-        let px = |x: f64| l + (x - x0) / (x1 - x0) * (r - l);
-        let py = |y: f64, right_axis: bool| {
-            let (lo, hi) = if right_axis { (z0, z1) } else { (y0, y1) };
-            b - (y - lo) / (hi - lo) * (b - t)
-        };
-        let mut s = String::new();
-        let _ = write!(
-            s,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-        );
-        let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-        let _ = write!(
-            s,
-            r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-            (l + r) / 2.0,
-            esc(&self.title)
-        );
-        // Grid and ticks.
-        for &v in &xticks {
-            let x = px(v);
+        let (y, z) = (nice_range(&ys(false)), nice_range(&ys(true)));
+        f.x = nice_range(&xs);
+        (f.y, f.z) = (y, z);
+        f
+    }
+
+    /// Grid, ticks, the frame and the axis labels.
+    fn write_axes(&self, s: &mut String, f: &Frame) {
+        let (l, t, r, b) = (f.l, f.t, f.r, f.b);
+        for &v in &f.x.2 {
+            let x = f.px(v);
             let text = if self.log_x {
                 fmt_num(10f64.powf(v))
             } else {
@@ -251,8 +269,8 @@ impl Plot {
                 b + 16.0
             );
         }
-        for &v in &yticks {
-            let y = py(v, false);
+        for &v in &f.y.2 {
+            let y = f.py(v, false);
             let _ = write!(
                 s,
                 r##"<line x1="{l}" y1="{y:.1}" x2="{r}" y2="{y:.1}" stroke="#eee"/>"##
@@ -265,9 +283,9 @@ impl Plot {
                 fmt_num(v)
             );
         }
-        if self.series.iter().any(|s| s.right_axis) {
-            for &v in &zticks {
-                let y = py(v, true);
+        if f.has_right {
+            for &v in &f.z.2 {
+                let y = f.py(v, true);
                 let _ = write!(
                     s,
                     r#"<text x="{}" y="{:.1}">{}</text>"#,
@@ -294,7 +312,7 @@ impl Plot {
             s,
             r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
             (l + r) / 2.0,
-            h - 15.0,
+            f.h - 15.0,
             esc(&self.x_label)
         );
         let _ = write!(
@@ -303,25 +321,35 @@ impl Plot {
             (t + b) / 2.0,
             esc(&self.y_label)
         );
-        // Markers: a dotted line each, named in the legend (labels on the chart overlap when
-        // markers are close).
+    }
+
+    /// A dotted line per marker, named in the legend (labels on the chart overlap when markers
+    /// are close).
+    fn write_markers(&self, s: &mut String, f: &Frame) {
         for m in &self.markers {
-            let x = px(tx(m.x));
+            let x = f.px(f.tx(m.x));
             if x.is_finite() {
                 let _ = write!(
                     s,
-                    r#"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{b}" stroke="{}" stroke-width="1.5" stroke-dasharray="2,3"/>"#,
+                    r#"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="{}" stroke-width="1.5" stroke-dasharray="2,3"/>"#,
+                    f.t,
+                    f.b,
                     esc(&m.color)
                 );
             }
         }
-        // Series and legend.
+    }
+
+    /// Each series (a group with its line and points) and its legend entry, then the markers'
+    /// legend entries.
+    fn write_series(&self, s: &mut String, f: &Frame) {
+        let legend_x = f.r + f.right;
         for (i, ser) in self.series.iter().enumerate() {
             let color = ser
                 .color
                 .clone()
                 .unwrap_or_else(|| PALETTE[i % PALETTE.len()].to_string());
-            let pts = finite(ser);
+            let pts = f.finite(ser);
             let dash = if ser.dashed {
                 r#" stroke-dasharray="6,4""#
             } else {
@@ -331,7 +359,7 @@ impl Plot {
             if ser.mark != Mark::Points && pts.len() > 1 {
                 let path: Vec<String> = pts
                     .iter()
-                    .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y, ser.right_axis)))
+                    .map(|&(x, y)| format!("{:.1},{:.1}", f.px(x), f.py(y, ser.right_axis)))
                     .collect();
                 let _ = write!(
                     s,
@@ -344,39 +372,84 @@ impl Plot {
                     let _ = write!(
                         s,
                         r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
-                        px(x),
-                        py(y, ser.right_axis)
+                        f.px(x),
+                        f.py(y, ser.right_axis)
                     );
                 }
             }
             s.push_str("</g>");
-            let ly = t + 8.0 + 16.0 * i as f64;
+            let ly = f.t + 8.0 + 16.0 * i as f64;
             let _ = write!(
                 s,
                 r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/><text x="{}" y="{}">{}{}</text>"#,
-                r + right + 5.0,
-                r + right + 25.0,
-                r + right + 30.0,
+                legend_x + 5.0,
+                legend_x + 25.0,
+                legend_x + 30.0,
                 ly + 4.0,
                 esc(&ser.label),
                 if ser.right_axis { " (right)" } else { "" }
             );
         }
         for (j, m) in self.markers.iter().enumerate() {
-            let ly = t + 8.0 + 16.0 * (self.series.len() + j) as f64;
+            let ly = f.t + 8.0 + 16.0 * (self.series.len() + j) as f64;
             let _ = write!(
                 s,
                 r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="1.5" stroke-dasharray="2,3"/><text x="{}" y="{}">{}</text>"#,
-                r + right + 5.0,
-                r + right + 25.0,
-                r + right + 30.0,
+                legend_x + 5.0,
+                legend_x + 25.0,
+                legend_x + 30.0,
                 ly + 4.0,
                 esc(&m.label),
                 c = esc(&m.color)
             );
         }
-        s.push_str("</svg>\n");
-        s
+    }
+}
+
+/// Canvas size, plot area (`l`, `t`, `r`, `b`), the right-axis margin, and the ranges and ticks
+/// of the x axis and the left (`y`) and right (`z`) y axes.
+struct Frame {
+    w: f64,
+    h: f64,
+    l: f64,
+    t: f64,
+    r: f64,
+    b: f64,
+    right: f64,
+    has_right: bool,
+    log_x: bool,
+    x: (f64, f64, Vec<f64>),
+    y: (f64, f64, Vec<f64>),
+    z: (f64, f64, Vec<f64>),
+}
+
+impl Frame {
+    /// The x value on the axis's scale (log10 for a log axis).
+    fn tx(&self, x: f64) -> f64 {
+        if self.log_x {
+            x.log10()
+        } else {
+            x
+        }
+    }
+
+    /// A series' points on the axis scales, non-finite ones left out.
+    fn finite(&self, s: &Series) -> Vec<(f64, f64)> {
+        s.points
+            .iter()
+            .map(|&(x, y)| (self.tx(x), y))
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect()
+    }
+
+    fn px(&self, x: f64) -> f64 {
+        let (x0, x1, _) = self.x;
+        self.l + (x - x0) / (x1 - x0) * (self.r - self.l)
+    }
+
+    fn py(&self, y: f64, right_axis: bool) -> f64 {
+        let (lo, hi, _) = if right_axis { &self.z } else { &self.y };
+        self.b - (y - lo) / (hi - lo) * (self.b - self.t)
     }
 }
 
