@@ -142,18 +142,51 @@ fn opt_f(v: Option<f64>) -> String {
     v.map_or("null".into(), |f| format!("{f:.3}"))
 }
 
+#[derive(clap::Parser, Debug)]
+#[command(about = "Batch norm and dropout versus reliance on single directions")]
+struct Args {
+    /// Training digits of the CNN part.
+    #[arg(long, default_value_t = 4000)]
+    cnn_train: usize,
+    /// Epochs of each CNN.
+    #[arg(long, default_value_t = 3)]
+    cnn_epochs: usize,
+    /// Seeds of the CNN part.
+    #[arg(long, default_value_t = 2)]
+    cnn_seeds: u64,
+    /// Fractions of the CNN's ablation curves (evenly spaced).
+    #[arg(long, default_value_t = 17)]
+    cnn_fractions: usize,
+    /// Training digits of the MLP part.
+    #[arg(long, default_value_t = 2000)]
+    mlp_train: usize,
+    /// Epoch cap of each MLP.
+    #[arg(long, default_value_t = 40)]
+    max_epochs: usize,
+    /// Seeds of the MLP part.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// Samples of the probe subset.
+    #[arg(long, default_value_t = 1000)]
+    subset: usize,
+    /// Run the MLP part (`--mlp false` runs only the CNN part).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    mlp: bool,
+}
+
 fn main() -> Result<()> {
     let t_start = Instant::now();
-    let cnn_train: usize = arg("cnn-train", 4000);
-    let cnn_epochs: usize = arg("cnn-epochs", 3);
-    let cnn_seeds: u64 = arg("cnn-seeds", 2);
-    let cnn_levels: usize = arg("cnn-levels", 17);
-    let mlp_train: usize = arg("mlp-train", 2000);
-    let max_epochs: usize = arg("max-epochs", 40);
-    let seeds: u64 = arg("seeds", 1);
-    let subset: usize = arg("subset", 1000);
-    // `--mlp 0` runs only the CNN part.
-    let run_mlp: usize = arg("mlp", 1);
+    let Args {
+        cnn_train,
+        cnn_epochs,
+        cnn_seeds,
+        cnn_fractions,
+        mlp_train,
+        max_epochs,
+        seeds,
+        subset,
+        mlp: run_mlp,
+    } = clap::Parser::parse();
     let out = results_dir().join("batchnorm_dropout");
     let data = mnist()?;
     let test = (&data.test.images, &data.test.labels);
@@ -164,7 +197,7 @@ fn main() -> Result<()> {
         data.train.labels.narrow(0, 0, cnn_train)?,
     );
     let cnn_probe_data = ProbeData::new(cx.clone(), cy.clone())?.subset(subset, 7)?;
-    let cnn_spec = AblationSpec::default().with_fractions(cnn_levels);
+    let cnn_spec = AblationSpec::default().with_fractions(cnn_fractions);
     let mut cnn_rows: Vec<(bool, [f64; 6])> = vec![];
     let mut cnn_plot = Plot::new(format!(
         "CNN on {cnn_train} MNIST digits, {cnn_epochs} epochs: feature-map ablation"
@@ -263,7 +296,7 @@ fn main() -> Result<()> {
     let mlp_spec = AblationSpec::default().with_fractions(fractions);
     let dropouts = [0.0, 0.1, 0.2, 0.3];
     let mut mlp_rows = vec![];
-    let label_sets = if run_mlp == 1 {
+    let label_sets = if run_mlp {
         vec![("clean", &clean), ("random", &random)]
     } else {
         vec![]
@@ -340,7 +373,7 @@ fn main() -> Result<()> {
     println!();
     println!(
         "CNN: {cnn_train} training digits, {cnn_epochs} epochs, AdamW 1e-3, batch 64; ablation \
-         ({cnn_levels} levels × 3 random orders) and selectivity on {subset} of those digits, eval mode."
+         ({cnn_fractions} fractions × 3 random orders) and selectivity on {subset} of those digits, eval mode."
     );
     println!();
     println!(

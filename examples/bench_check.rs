@@ -17,6 +17,14 @@ use candle_reliance::ops::level_clamp_for_tests;
 use candle_reliance::{Measurement, ProbeData, ProbeSet};
 use std::time::Instant;
 
+#[derive(clap::Parser, Debug)]
+#[command(about = "Cost of one reliance check against the matrix products it needs")]
+struct Args {
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -34,7 +42,7 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let reps: usize = common::arg("reps", 5);
+    let reps = <Args as clap::Parser>::parse().reps;
     let (n, d_in, hidden, classes) = (2000, 784, 256, 10);
     let dev = Device::Cpu;
     let varmap = VarMap::new();

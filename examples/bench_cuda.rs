@@ -20,8 +20,15 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-fn arg(name: &str) -> Option<String> {
-    std::env::args().skip_while(|a| a != name).nth(1)
+#[derive(clap::Parser, Debug)]
+#[command(about = "CUDA check and bench of the probe ops")]
+struct Args {
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Folder with the shipped MNIST digits.
+    #[arg(long, default_value = "data")]
+    data: PathBuf,
 }
 
 /// Median seconds of `reps` synchronized runs after one warm-up.
@@ -221,8 +228,10 @@ fn mnist_check(gpu: &Device, data_dir: &Path) -> Result<serde_json::Value> {
 }
 
 fn main() -> Result<()> {
-    let reps: usize = arg("--reps").and_then(|v| v.parse().ok()).unwrap_or(20);
-    let data_dir = PathBuf::from(arg("--data").unwrap_or_else(|| "data".into()));
+    let Args {
+        reps,
+        data: data_dir,
+    } = clap::Parser::parse();
     let gpu = Device::new_cuda(0)?;
     let bw = bandwidth(&gpu, reps)?;
     let mnist = mnist_check(&gpu, &data_dir)?;

@@ -20,11 +20,30 @@ use candle_reliance::{
 };
 use common::*;
 
+#[derive(clap::Parser, Debug)]
+#[command(about = "Label corruption: reliance of networks that fit partly random labels")]
+struct Args {
+    /// Seeds per corruption level.
+    #[arg(long, default_value_t = 2)]
+    seeds: u64,
+    /// Training digits.
+    #[arg(long, default_value_t = 2000)]
+    train: usize,
+    /// Epoch cap while fitting the labels.
+    #[arg(long, default_value_t = 100)]
+    max_epochs: usize,
+    /// Units per hidden layer.
+    #[arg(long, default_value_t = 512)]
+    hidden: usize,
+}
+
 fn main() -> Result<()> {
-    let seeds: u64 = arg("seeds", 2);
-    let train: usize = arg("train", 2000);
-    let max_epochs: usize = arg("max-epochs", 100);
-    let hidden: usize = arg("hidden", 512);
+    let Args {
+        seeds,
+        train,
+        max_epochs,
+        hidden,
+    } = clap::Parser::parse();
     let levels = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0];
     let out = results_dir().join("label_corruption");
     let data = mnist()?;

@@ -34,12 +34,31 @@ struct Net {
     nauc: f64,
 }
 
+#[derive(clap::Parser, Debug)]
+#[command(about = "Reliance as a signal for model selection")]
+struct Args {
+    /// Share of training labels replaced by a random class.
+    #[arg(long, default_value_t = 0.2)]
+    noise: f64,
+    /// Epochs per network.
+    #[arg(long, default_value_t = 12)]
+    epochs: usize,
+    /// Seeds per configuration.
+    #[arg(long, default_value_t = 2)]
+    seeds: u64,
+    /// Samples of the probe subset.
+    #[arg(long, default_value_t = 1000)]
+    subset: usize,
+}
+
 fn main() -> Result<()> {
     let t_start = Instant::now();
-    let noise: f64 = arg("noise", 0.2);
-    let epochs: usize = arg("epochs", 12);
-    let seeds: u64 = arg("seeds", 2);
-    let subset: usize = arg("subset", 1000);
+    let Args {
+        noise,
+        epochs,
+        seeds,
+        subset,
+    } = clap::Parser::parse();
     let lrs = [1e-3, 3e-3];
     let widths = [128, 512];
     let batches = [64, 256];

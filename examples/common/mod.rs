@@ -187,13 +187,3 @@ pub fn results_dir() -> std::path::PathBuf {
             std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/results"))
         })
 }
-
-/// `--name value` from the command line, parsed, or the default.
-pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let flag = format!("--{name}");
-    std::env::args()
-        .skip_while(|a| *a != flag)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
