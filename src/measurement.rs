@@ -134,6 +134,9 @@ pub struct UnitStatistics {
     pub class_counts: Vec<u64>,
     /// Index of the probe the forward pass reaches first (it expands batched measurements).
     pub first_probe: usize,
+    /// The arg-max class of each sample, nothing clamped: what the agreement of a perturbed
+    /// network is counted against.
+    pub predictions: Vec<u32>,
 }
 
 impl UnitStatistics {
@@ -262,6 +265,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             .iter()
             .for_each(|&l| class_counts[l as usize] += 1);
         let (mut correct, mut classes, mut finite, mut first_probe) = (0u64, 0usize, true, 0usize);
+        let mut predictions = Vec::with_capacity(n);
         for start in (0..n).step_by(batch_size) {
             let (xs, labels) = data.chunk(start, batch_size)?;
             let chunk_labels = &data.label_values()[start..start + xs.dim(0)?];
@@ -280,7 +284,9 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 .to_vec1::<f32>()?
                 .iter()
                 .all(|v| v.is_finite());
-            correct += count_correct(&logits, &labels, 1)?[0];
+            let pred = logits.argmax(D::Minus1)?;
+            correct += count_hits(&pred, &labels, 1)?[0];
+            predictions.extend(pred.to_vec1::<u32>()?);
             if start == 0 {
                 first_probe = guard.call_order()?[0];
             }
@@ -336,6 +342,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             samples: n,
             class_counts,
             first_probe,
+            predictions,
         })
     }
 
@@ -430,8 +437,13 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         let (probes, data) = (self.probes, self.data);
         let n = data.len();
         let max_rows = self.max_rows()?.max(1);
+        let predictions = Tensor::new(
+            self.statistics()?.predictions.as_slice(),
+            data.xs().device(),
+        )?;
         let mut run = VariantRun {
             correct: vec![0; variants],
+            agreeing: vec![0; variants],
             fallback: None,
         };
         if self.batching.batched && variants > 0 {
@@ -446,9 +458,12 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                     guard.set_action(make_action(range.clone())?, range.len(), true)?;
                 }
                 for start in (0..n).step_by(m) {
-                    match self.batched_forward(&guard, start, m, range.len()) {
-                        Ok(counts) => {
-                            for (c, k) in run.correct[range.clone()].iter_mut().zip(counts) {
+                    match self.batched_forward(&guard, &predictions, start, m, range.len()) {
+                        Ok((correct, agreeing)) => {
+                            for (c, k) in run.correct[range.clone()].iter_mut().zip(correct) {
+                                *c += k;
+                            }
+                            for (c, k) in run.agreeing[range.clone()].iter_mut().zip(agreeing) {
                                 *c += k;
                             }
                         }
@@ -471,6 +486,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                     );
                     run.fallback = Some(reason);
                     run.correct.iter_mut().for_each(|c| *c = 0);
+                    run.agreeing.iter_mut().for_each(|c| *c = 0);
                 }
             }
         }
@@ -485,21 +501,26 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 guard.start_forward(start, n)?;
                 let logits = self.model.forward(&xs)?;
                 guard.finish_forward()?;
-                checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?;
-                run.correct[variant] += count_correct(&logits, &labels, 1)?[0];
+                let rows = checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?.0;
+                let pred = logits.argmax(D::Minus1)?;
+                run.correct[variant] += count_hits(&pred, &labels, 1)?[0];
+                run.agreeing[variant] +=
+                    count_hits(&pred, &predictions.narrow(0, start, rows)?, 1)?[0];
             }
         }
         Ok(run)
     }
 
-    /// One expanded forward; `Err` carries why expansion failed.
+    /// One expanded forward: per variant, the samples whose prediction equals the label and
+    /// those whose prediction equals the unablated one; `Err` carries why expansion failed.
     fn batched_forward(
         &self,
         guard: &PassGuard<'_>,
+        predictions: &Tensor,
         start: usize,
         m: usize,
         variants: usize,
-    ) -> std::result::Result<Vec<u64>, String> {
+    ) -> std::result::Result<(Vec<u64>, Vec<u64>), String> {
         let data = self.data;
         let (xs, labels) = data.chunk(start, m).map_err(|e| e.to_string())?;
         let rows_in = labels.dims()[0];
@@ -515,7 +536,14 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 variants * rows_in
             ));
         }
-        count_correct(&logits, &labels, variants).map_err(|e| e.to_string())
+        let counts = || -> Result<(Vec<u64>, Vec<u64>)> {
+            let pred = logits.argmax(D::Minus1)?;
+            Ok((
+                count_hits(&pred, &labels, variants)?,
+                count_hits(&pred, &predictions.narrow(0, start, rows_in)?, variants)?,
+            ))
+        };
+        counts().map_err(|e| e.to_string())
     }
 }
 
@@ -539,12 +567,13 @@ fn checked_logits(logits: &Tensor, samples: usize, labels: &[u32]) -> Result<(us
     Ok((rows, classes))
 }
 
-/// Correct predictions per variant for logits `(variants·m, C)` against labels `(m,)`.
-fn count_correct(logits: &Tensor, labels: &Tensor, variants: usize) -> Result<Vec<u64>> {
-    let m = labels.dim(0)?;
-    let pred = logits.argmax(D::Minus1)?.reshape((variants, m))?;
+/// Per variant, the predictions `(variants·m,)` equal to `targets` `(m,)` (labels, or the
+/// unablated predictions).
+fn count_hits(pred: &Tensor, targets: &Tensor, variants: usize) -> Result<Vec<u64>> {
+    let m = targets.dim(0)?;
+    let pred = pred.reshape((variants, m))?;
     let hits = pred
-        .broadcast_eq(&labels.unsqueeze(0)?)?
+        .broadcast_eq(&targets.unsqueeze(0)?)?
         .to_dtype(DType::U32)?
         .sum(1)?;
     Ok(hits.to_vec1::<u32>()?.into_iter().map(u64::from).collect())
@@ -554,6 +583,8 @@ fn count_correct(logits: &Tensor, labels: &Tensor, variants: usize) -> Result<Ve
 #[derive(Debug, Clone, Default)]
 pub(crate) struct VariantRun {
     pub correct: Vec<u64>,
+    /// Samples whose prediction equals the unablated prediction.
+    pub agreeing: Vec<u64>,
     /// Why the batched pass was abandoned for one pass per variant, if it was.
     pub fallback: Option<String>,
 }

@@ -44,6 +44,28 @@ fn hand_worked_zero_clamp() -> Result<()> {
 }
 
 #[test]
+fn agreement_counts_the_unablated_predictions_not_the_labels() -> Result<()> {
+    // Two units; class 0 wins when unit 0 is larger. Sample 0 is labelled 1 (a wrong label).
+    let probes = ProbeSet::new();
+    let p = probes.add("h")?;
+    let model = |xs: &Tensor| p.forward(&xs.relu()?);
+    let xs = Tensor::new(&[[2f32, 1.0], [1.0, 3.0]], &dev())?;
+    let data = ProbeData::new(xs, Tensor::new(&[1u32, 1], &dev())?)?;
+    let spec = AblationSpec::default()
+        .with_fractions(vec![0.0, 0.5, 1.0])
+        .with_order(AblationOrder::Explicit(vec![0, 1]));
+    let c = Measurement::new(&model, &probes, &data).ablation_curve(&spec)?;
+    // Predictions: nothing clamped (0, 1); unit 0 clamped (1, 1); both clamped, all logits 0,
+    // arg-max takes the first class: (0, 0).
+    assert_eq!(c.accuracy, vec![0.5, 1.0, 0.0]);
+    assert_eq!(c.agreement, vec![1.0, 0.5, 0.5]);
+    // 0.5 · (1 + 0.5) / 2 + 0.5 · (0.5 + 0.5) / 2
+    assert_eq!(c.agreement_auc, 0.625);
+    assert_eq!(c.agreement_auc_per_order, vec![0.625]);
+    Ok(())
+}
+
+#[test]
 fn hand_worked_mean_clamp_differs_from_zero() -> Result<()> {
     let (probes, model, data) = one_probe_net()?;
     let spec = AblationSpec::default()
@@ -233,6 +255,7 @@ fn batched_pass_equals_one_forward_per_level() -> Result<()> {
                 "{clamp:?}, max rows {max_rows}"
             );
             assert_eq!(batched.auc_per_order, single.auc_per_order);
+            assert_eq!(batched.agreement_per_order, single.agreement_per_order);
             // The curve must actually move, or the comparison shows nothing.
             let lowest = batched.accuracy.iter().cloned().fold(1.0, f64::min);
             assert!(batched.accuracy[0] > lowest + 0.2, "{:?}", batched.accuracy);

@@ -347,6 +347,20 @@ pub struct AblationCurve {
     pub unablated_accuracy: f64,
     /// `auc / unablated_accuracy`: reliance with plain accuracy factored out.
     pub normalized_auc: f64,
+    /// Agreement at each fraction, mean over orders: the share of samples whose prediction is
+    /// the unablated one (1 with nothing clamped). Labels play no part, so fitting wrong labels
+    /// does not raise it: it measures how much of the network's own decisions survive ablation.
+    #[serde(default)]
+    pub agreement: Vec<f64>,
+    /// Agreement at each fraction for each order.
+    #[serde(default)]
+    pub agreement_per_order: Vec<Vec<f64>>,
+    /// Mean over orders of the area under each order's agreement curve.
+    #[serde(default)]
+    pub agreement_auc: f64,
+    /// Area under each order's agreement curve.
+    #[serde(default)]
+    pub agreement_auc_per_order: Vec<f64>,
     /// Whether all unablated logits were finite.
     pub finite: bool,
     /// Whether the batched pass was used (false: one forward per variant).
@@ -420,17 +434,25 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
                 .for_each(|(k, &rank)| *k = u8::from(rank >= cut));
         })?;
         let n = self.data().len() as f64;
-        let per_order: Vec<Vec<f64>> = index
-            .iter()
-            .map(|row| row.iter().map(|&m| run.correct[m] as f64 / n).collect())
-            .collect();
+        let by_order = |counts: &[u64]| -> Vec<Vec<f64>> {
+            index
+                .iter()
+                .map(|row| row.iter().map(|&m| counts[m] as f64 / n).collect())
+                .collect()
+        };
+        let (per_order, agreement_per_order) = (by_order(&run.correct), by_order(&run.agreeing));
         let s = summarize(&fractions, &per_order);
+        let a = summarize(&fractions, &agreement_per_order);
         Ok(AblationCurve {
             fractions,
             units_ablated,
             total_units: total,
             clamp: spec.clamp,
             normalized_auc: s.auc / stats.accuracy,
+            agreement: a.accuracy,
+            agreement_per_order,
+            agreement_auc: a.auc,
+            agreement_auc_per_order: a.auc_per_run,
             accuracy: s.accuracy,
             per_order,
             auc: s.auc,
