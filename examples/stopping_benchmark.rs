@@ -81,10 +81,11 @@ struct RunArgs {
     epochs: usize,
     /// Random ablation orders recorded per check beyond the default configuration's (the
     /// default's orders are the first ones of the same seed).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 0)]
     extra_orders: usize,
-    /// Also measure the ablation curve against the model's own predictions on the subset.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Also measure the ablation curve against the model's own predictions on the subset, as a
+    /// separate curve (the default check's agreement curve measures the same in its own passes).
+    #[arg(long)]
     self_curve: bool,
     /// Folder with the Fashion-MNIST IDX files.
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
@@ -546,7 +547,9 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
         let mut check = json!({
             "acc0": curve.unablated_accuracy,
             "auc": curve.auc_per_order,
+            "agreement_auc": curve.agreement_auc_per_order,
             "curve": curve.accuracy,
+            "agreement": curve.agreement,
             "finite": curve.finite,
             "seconds": check_s,
         });

@@ -39,16 +39,6 @@ impl Invalid {
         Ok(())
     }
 
-    pub fn non_negative(key: &str, v: f64) -> Checked {
-        if !(v.is_finite() && v >= 0.0) {
-            return Err(Self::new(
-                key,
-                format!("must be a finite number ≥ 0, got {v}"),
-            ));
-        }
-        Ok(())
-    }
-
     pub fn unit_interval_open(key: &str, v: f64) -> Checked {
         if !(0.0..1.0).contains(&v) {
             return Err(Self::new(key, format!("must be in [0, 1), got {v}")));

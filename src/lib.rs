@@ -81,3 +81,8 @@ pub use monitor::{
     CheckRecord, Decision, MonitorState, RelianceConfig, RelianceMonitor, StopReason,
 };
 pub use probe::{Probe, ProbeSet};
+
+// The examples in docs/selectivity.md run as doctests, so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/selectivity.md")]
+struct SelectivityDocExamples;

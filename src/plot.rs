@@ -504,7 +504,7 @@ fn nice_range(values: &[f64]) -> (f64, f64, Vec<f64>) {
 }
 
 /// Two charts from a monitor history: the metric, raw AUC and unablated accuracy against epoch
-/// (with the best epoch marked), and the ablation curves of every check.
+/// (with the kept epoch marked), and the ablation curves of every check.
 pub fn history_plots(history: &[CheckRecord]) -> (Plot, Plot) {
     let metric_name = history.first().map_or("metric", |r| r.metric.name());
     let by_epoch = |f: fn(&CheckRecord) -> f64| {
@@ -524,10 +524,10 @@ pub fn history_plots(history: &[CheckRecord]) -> (Plot, Plot) {
         .series(
             Series::line_points("training accuracy", by_epoch(|r| r.unablated_accuracy)).dashed(),
         );
-    if let Some(best) = history.iter().rfind(|r| r.improved) {
+    if let Some(best) = history.iter().rfind(|r| r.kept) {
         trend = trend.marker(
             best.epoch as f64,
-            format!("best epoch {}", best.epoch),
+            format!("kept epoch {}", best.epoch),
             "#2ca02c",
         );
     }

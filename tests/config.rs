@@ -2,7 +2,7 @@
 //! trips, and the example file `examples/reliance.yaml`.
 
 use candle_reliance::curves::{AblationOrder, Clamp, Fractions, NoiseSpec};
-use candle_reliance::monitor::{Metric, SnapshotMode};
+use candle_reliance::monitor::{Keep, Metric, SnapshotMode};
 use candle_reliance::RelianceConfig;
 use std::path::{Path, PathBuf};
 
@@ -66,10 +66,11 @@ fn defaults_are_the_documented_ones() {
     assert!((noise.scales[0] - 10f64.powf(-1.5)).abs() < 1e-12 && noise.scales[10] == 10.0);
     assert_eq!(noise.draws, 2);
     assert_eq!(noise.seed, 0);
-    assert_eq!(d.stopping.metric, Metric::NormalizedAuc);
-    assert_eq!(d.stopping.patience, 3);
-    assert_eq!(d.stopping.min_delta, 0.0);
+    assert_eq!(d.stopping.metric, Metric::AgreementAuc);
+    assert_eq!(d.stopping.tolerance, 0.03);
+    assert_eq!(d.stopping.patience, 5);
     assert_eq!(d.stopping.smoothing, 0.0);
+    assert_eq!(d.stopping.keep, Keep::LastNearPeak);
     assert!(d.restore_best.enabled);
     assert_eq!(d.restore_best.mode, SnapshotMode::Memory);
     assert_eq!(
@@ -174,13 +175,13 @@ const BAD: &[Bad] = &[
         line: Some(2),
     },
     Bad {
-        yaml: "stopping:\n  min_delta: -0.1\n",
-        expect: &["stopping", "min_delta", "-0.1"],
+        yaml: "stopping:\n  tolerance: -0.1\n",
+        expect: &["stopping", "tolerance", "-0.1"],
         line: Some(2),
     },
     Bad {
-        yaml: "stopping:\n  min_delta: .nan\n",
-        expect: &["stopping", "min_delta", "NaN"],
+        yaml: "stopping:\n  tolerance: .nan\n",
+        expect: &["stopping", "tolerance", "NaN"],
         line: Some(2),
     },
     Bad {
@@ -384,8 +385,9 @@ fn validate_names_the_bad_key_of_a_config_built_in_code() {
     type Edit = fn(&mut RelianceConfig);
     let cases: &[(&str, Edit)] = &[
         ("stopping.patience", |c| c.stopping.patience = 0),
-        ("stopping.min_delta", |c| c.stopping.min_delta = -1.0),
-        ("stopping.min_delta", |c| c.stopping.min_delta = f64::NAN),
+        ("stopping.tolerance", |c| c.stopping.tolerance = -1.0),
+        ("stopping.tolerance", |c| c.stopping.tolerance = f64::NAN),
+        ("stopping.tolerance", |c| c.stopping.tolerance = 1.0),
         ("stopping.smoothing", |c| c.stopping.smoothing = 1.0),
         ("schedule.check_every", |c| c.schedule.check_every = 0),
         ("schedule.max_epochs", |c| c.schedule.max_epochs = Some(0)),
@@ -466,8 +468,9 @@ selectivity: true
 stopping:
   metric: auc
   patience: 6
-  min_delta: 0.001
+  tolerance: 0.05
   smoothing: 0.5
+  keep: peak
 restore_best:
   enabled: false
   mode: disk
@@ -509,8 +512,9 @@ fn a_file_setting_every_key_round_trips() {
     assert_eq!(noise.seed, 13);
     assert_eq!(cfg.stopping.metric, Metric::Auc);
     assert_eq!(cfg.stopping.patience, 6);
-    assert_eq!(cfg.stopping.min_delta, 0.001);
+    assert_eq!(cfg.stopping.tolerance, 0.05);
     assert_eq!(cfg.stopping.smoothing, 0.5);
+    assert_eq!(cfg.stopping.keep, Keep::Peak);
     assert!(!cfg.restore_best.enabled);
     assert_eq!(cfg.restore_best.mode, SnapshotMode::Disk);
     assert_eq!(
@@ -585,8 +589,8 @@ fn the_example_file_differs_from_the_defaults_only_in_its_output_files() {
         cfg.output.state_file,
         Some(PathBuf::from("reliance-out/state.json"))
     );
-    assert_eq!(cfg.stopping.patience, 3);
-    assert_eq!(cfg.stopping.metric, Metric::NormalizedAuc);
+    assert_eq!(cfg.stopping.patience, 5);
+    assert_eq!(cfg.stopping.metric, Metric::AgreementAuc);
     assert_eq!(cfg.ablation.fractions, Fractions::Evenly(17));
     assert_eq!(cfg.restore_best.mode, SnapshotMode::Memory);
 

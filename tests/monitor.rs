@@ -94,7 +94,7 @@ fn config(dir: &Path, extra: &str) -> Result<RelianceConfig> {
     RelianceConfig::from_yaml_str(&format!(
         "schedule: {{check_every: 1, warmup_epochs: 1}}\n\
          ablation: {{fractions: 9, orders: 4, seed: 5}}\n\
-         stopping: {{metric: auc, patience: 2}}\n\
+         stopping: {{metric: auc, tolerance: 0.0, patience: 2}}\n\
          output: {{history_file: {h}, state_file: {s}}}\n{extra}",
         h = dir.join("hist.jsonl").display(),
         s = dir.join("state.json").display(),
@@ -155,12 +155,14 @@ fn stops_after_the_peak_and_restores_its_weights_bit_exact() -> Result<()> {
     );
     assert_eq!(aucs[3], aucs[4], "same units, same orders, same AUC");
     assert!(aucs[5] < aucs[4], "{aucs:?}");
-    // Peak at 4; 5 and 6 fail to beat it; patience 2 stops at epoch 6.
-    assert_eq!(decisions.len(), 6);
-    match decisions[5].reason() {
-        Some(StopReason::PatienceExhausted {
-            best_epoch: 4,
-            checks_without_improvement: 2,
+    // Peak at 4, tied at 5 (on the plateau with tolerance 0); 6 and 7 below it: patience 2
+    // stops at epoch 7 and keeps epoch 5, the last on the plateau.
+    assert_eq!(decisions.len(), 7);
+    match decisions[6].reason() {
+        Some(StopReason::Declined {
+            peak_epoch: 4,
+            kept_epoch: 5,
+            epochs_below: 2,
             ..
         }) => {}
         r => panic!("unexpected {r:?}"),
@@ -171,39 +173,43 @@ fn stops_after_the_peak_and_restores_its_weights_bit_exact() -> Result<()> {
         .iter()
         .all(|r| r.unablated_accuracy == 1.0));
 
-    assert_eq!(monitor.finish(&varmap)?, Some(4));
-    let (w1, w2) = weights(4)?;
+    assert_eq!(monitor.finish(&varmap)?, Some(5));
+    let (w1, w2) = weights(5)?;
     let want = vec![
         ("w1".to_string(), w1.flatten_all()?.to_vec1::<f32>()?),
         ("w2".to_string(), w2.flatten_all()?.to_vec1::<f32>()?),
     ];
-    assert_eq!(values(&varmap), want, "epoch 4's weights, bit for bit");
+    assert_eq!(values(&varmap), want, "epoch 5's weights, bit for bit");
 
     let hist = read_history(dir.path().join("hist.jsonl"))?;
-    assert_eq!(hist.len(), 6);
+    assert_eq!(hist.len(), 7);
     assert_eq!(
         hist.iter().map(|r| r.epoch).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5, 6]
+        vec![1, 2, 3, 4, 5, 6, 7]
     );
-    assert!(hist[5].decision.is_stop());
+    assert!(hist[6].decision.is_stop());
+    assert_eq!(
+        hist.iter().map(|r| r.kept).collect::<Vec<_>>(),
+        [true, true, true, true, true, false, false]
+    );
     assert_eq!(hist[3].curve.fractions.len(), 9);
 
     // Plots of the history: one curve per check, and the trend with the best epoch marked.
     let (trend, curves) = candle_reliance::plot::plot_history_file(dir.path().join("hist.jsonl"))?;
     let curves = std::fs::read_to_string(curves).unwrap();
-    for epoch in 1..=6 {
+    for epoch in 1..=7 {
         assert!(
             curves.contains(&format!(r#"data-label="epoch {epoch}""#)),
             "epoch {epoch}"
         );
     }
-    assert_eq!(curves.matches("<polyline").count(), 6);
+    assert_eq!(curves.matches("<polyline").count(), 7);
     let trend = std::fs::read_to_string(trend).unwrap();
     assert!(
         trend.contains(r#"data-label="auc (smoothed)""#)
             && trend.contains(r#"data-label="ablation AUC""#)
     );
-    assert!(trend.contains(">best epoch 4</text>") && trend.contains(">stop</text>"));
+    assert!(trend.contains(">kept epoch 5</text>") && trend.contains(">stop</text>"));
     Ok(())
 }
 
@@ -227,8 +233,8 @@ fn disk_snapshot_restores_bit_exact_and_keeps_existing_files() -> Result<()> {
         b"an earlier run's history\n"
     );
     run(&mut monitor, &varmap, &net, 1, 10)?;
-    assert_eq!(monitor.finish(&varmap)?, Some(4));
-    let (w1, w2) = weights(4)?;
+    assert_eq!(monitor.finish(&varmap)?, Some(5));
+    let (w1, w2) = weights(5)?;
     let v = values(&varmap);
     assert_eq!(v[0].1, w1.flatten_all()?.to_vec1::<f32>()?);
     assert_eq!(v[1].1, w2.flatten_all()?.to_vec1::<f32>()?);
@@ -289,10 +295,10 @@ fn interrupted_and_resumed_runs_decide_identically() -> Result<()> {
             .map(|r| r.epoch)
             .collect();
         assert_eq!(epochs, (1..=want.len()).collect::<Vec<_>>());
-        assert_eq!(resumed.finish(&varmap)?, Some(4));
+        assert_eq!(resumed.finish(&varmap)?, Some(5));
         assert_eq!(
             values(&varmap)[1].1,
-            weights(4)?.1.flatten_all()?.to_vec1::<f32>()?
+            weights(5)?.1.flatten_all()?.to_vec1::<f32>()?
         );
     }
     Ok(())
@@ -397,7 +403,7 @@ fn every_check_logs_a_structured_event() -> Result<()> {
         .iter()
         .filter(|e| e["fields"]["message"] == "reliance check")
         .collect();
-    assert_eq!(checks.len(), 6, "one event per check:\n{text}");
+    assert_eq!(checks.len(), 7, "one event per check:\n{text}");
     for (i, c) in checks.iter().enumerate() {
         let f = &c["fields"];
         assert_eq!(f["epoch"], i as u64 + 1);
@@ -412,21 +418,21 @@ fn every_check_logs_a_structured_event() -> Result<()> {
         ] {
             assert!(f[key].is_number(), "{key} missing in {f}");
         }
-        assert_eq!(f["decision"], if i == 5 { "stop" } else { "continue" });
+        assert_eq!(f["decision"], if i == 6 { "stop" } else { "continue" });
         // What is switched off is left out, not logged as NaN or empty.
         for key in ["noise_auc", "selectivity"] {
             assert!(f.get(key).is_none(), "{key} logged while off: {f}");
         }
-        if i < 5 {
+        if i < 6 {
             assert!(f.get("reason").is_none(), "a reason without a stop: {f}");
         }
     }
-    assert!(checks[5]["fields"]["reason"]
+    assert!(checks[6]["fields"]["reason"]
         .as_str()
         .unwrap()
-        .contains("patience exhausted"));
+        .contains("reliance rose"));
     assert!(events.iter().any(|e| e["fields"]["message"]
         == "restored the weights of the best epoch"
-        && e["fields"]["best_epoch"] == 4));
+        && e["fields"]["best_epoch"] == 5));
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The stopping state machine on scripted metric sequences, worked out by hand.
 
-use candle_reliance::monitor::{EarlyStopping, EarlyStoppingStrategy, StoppingRule};
+use candle_reliance::monitor::{EarlyStopping, EarlyStoppingStrategy, Keep, StoppingRule};
 use candle_reliance::{Decision, StopReason};
 
 struct Case {
@@ -9,13 +9,13 @@ struct Case {
     metrics: &'static [f64],
     /// Epoch (1-based position in `metrics`) of the first stop, if any.
     stop_at: Option<usize>,
-    best_epoch: Option<usize>,
+    kept: Option<usize>,
 }
 
-fn rule(patience: usize, min_delta: f64, smoothing: f64) -> StoppingRule {
+fn rule(tolerance: f64, patience: usize, smoothing: f64) -> StoppingRule {
     StoppingRule {
+        tolerance,
         patience,
-        min_delta,
         smoothing,
         ..Default::default()
     }
@@ -23,79 +23,92 @@ fn rule(patience: usize, min_delta: f64, smoothing: f64) -> StoppingRule {
 
 #[test]
 fn scripted_sequences() {
+    let peak = |mut r: StoppingRule| {
+        r.keep = Keep::Peak;
+        r
+    };
     let cases = [
         Case {
             name: "rising never stops",
-            rule: rule(1, 0.0, 0.0),
+            rule: rule(0.0, 1, 0.0),
             metrics: &[0.1, 0.2, 0.3, 0.4],
             stop_at: None,
-            best_epoch: Some(4),
+            kept: Some(4),
         },
         Case {
-            name: "patience 1 stops at first non-improvement",
-            rule: rule(1, 0.0, 0.0),
-            metrics: &[0.5, 0.6, 0.6, 0.9],
+            name: "tolerance 0, patience 1: the first check below the peak stops",
+            rule: rule(0.0, 1, 0.0),
+            metrics: &[0.5, 0.6, 0.59, 0.9],
             stop_at: Some(3),
-            best_epoch: Some(2),
+            kept: Some(2),
         },
         Case {
-            name: "patience 3 waits three checks",
-            rule: rule(3, 0.0, 0.0),
-            metrics: &[0.5, 0.6, 0.55, 0.59, 0.58, 0.7],
+            name: "tolerance 0: a tie with the peak is on the plateau",
+            rule: rule(0.0, 1, 0.0),
+            metrics: &[0.5, 0.6, 0.6, 0.4],
+            stop_at: Some(4),
+            kept: Some(3),
+        },
+        Case {
+            name: "dips within the tolerance are on the plateau; the last of them is kept",
+            // Peak 0.60; the plateau is ≥ 0.57: 0.58, 0.59 on it; 0.55 (1 epoch), 0.54 (2).
+            rule: rule(0.05, 2, 0.0),
+            metrics: &[0.50, 0.60, 0.58, 0.59, 0.55, 0.54],
+            stop_at: Some(6),
+            kept: Some(4),
+        },
+        Case {
+            name: "keep: peak keeps the highest check instead",
+            rule: peak(rule(0.05, 2, 0.0)),
+            metrics: &[0.50, 0.60, 0.58, 0.59, 0.55, 0.54],
+            stop_at: Some(6),
+            kept: Some(2),
+        },
+        Case {
+            name: "a return to the plateau resets the patience",
+            // 0.5 below 0.57 (1 epoch); 0.58 back on it; 0.5, 0.5 below for 1, 2 epochs.
+            rule: rule(0.05, 2, 0.0),
+            metrics: &[0.6, 0.5, 0.58, 0.5, 0.5],
             stop_at: Some(5),
-            best_epoch: Some(2),
+            kept: Some(3),
         },
         Case {
-            name: "a new peak resets the count",
-            rule: rule(2, 0.0, 0.0),
-            metrics: &[0.5, 0.4, 0.6, 0.5, 0.5],
-            stop_at: Some(5),
-            best_epoch: Some(3),
-        },
-        Case {
-            name: "min_delta: small gains are not improvements",
-            rule: rule(2, 0.05, 0.0),
-            metrics: &[0.50, 0.53, 0.56, 0.60],
-            // 0.53 and 0.56 do not beat 0.50 + 0.05 (0.56 is not > 0.55? it is: 0.56 > 0.55).
-            // So: e1 best 0.50; e2 0.53 ≤ 0.55 bad 1; e3 0.56 > 0.55 best; e4 0.60 ≤ 0.61 bad 1.
-            stop_at: None,
-            best_epoch: Some(3),
-        },
-        Case {
-            name: "min_delta stops a plateau",
-            rule: rule(2, 0.05, 0.0),
-            metrics: &[0.50, 0.53, 0.54, 0.9],
+            name: "the tolerance is a share of the peak",
+            // Peak 2.0; the plateau is ≥ 1.8: 1.85 on it, 1.79 not.
+            rule: rule(0.1, 1, 0.0),
+            metrics: &[2.0, 1.85, 1.79],
             stop_at: Some(3),
-            best_epoch: Some(1),
+            kept: Some(2),
         },
         Case {
             name: "smoothing delays the stop past a one-check dip",
-            // s: 1.0; 0.5·1.0+0.5·0.6 = 0.8 (bad 1); 0.5·0.8+0.5·1.4 = 1.1 (best); 0.5·1.1+0.5·1.0 = 1.05 (bad 1)
-            rule: rule(2, 0.0, 0.5),
+            // s: 1.0 (peak); 0.5·1.0 + 0.5·0.6 = 0.8 (below, 1 epoch); 0.5·0.8 + 0.5·1.4 = 1.1
+            // (peak); 0.5·1.1 + 0.5·1.0 = 1.05 (below, 1 epoch).
+            rule: rule(0.0, 2, 0.5),
             metrics: &[1.0, 0.6, 1.4, 1.0],
             stop_at: None,
-            best_epoch: Some(3),
+            kept: Some(3),
         },
         Case {
             name: "without smoothing the same dip stops",
-            rule: rule(2, 0.0, 0.0),
+            rule: rule(0.0, 2, 0.0),
             metrics: &[1.0, 0.6, 0.9, 1.0],
             stop_at: Some(3),
-            best_epoch: Some(1),
+            kept: Some(1),
         },
         Case {
             name: "NaN stops at once",
-            rule: rule(5, 0.0, 0.0),
+            rule: rule(0.0, 5, 0.0),
             metrics: &[0.5, f64::NAN, 0.9],
             stop_at: Some(2),
-            best_epoch: Some(1),
+            kept: Some(1),
         },
         Case {
             name: "infinity stops at once",
-            rule: rule(5, 0.0, 0.0),
+            rule: rule(0.0, 5, 0.0),
             metrics: &[f64::INFINITY],
             stop_at: Some(1),
-            best_epoch: None,
+            kept: None,
         },
     ];
     for c in cases {
@@ -116,49 +129,71 @@ fn scripted_sequences() {
             }
         }
         assert_eq!(first_stop, c.stop_at, "{}", c.name);
-        assert_eq!(
-            es.state().best.as_ref().map(|b| b.epoch),
-            c.best_epoch,
-            "{}",
-            c.name
-        );
+        assert_eq!(es.kept_epoch(), c.kept, "{}", c.name);
     }
 }
 
 #[test]
+fn patience_counts_epochs_between_sparse_checks() {
+    // Checks every other epoch: the peak at epoch 2, then below it at 4 (2 epochs) and 6 (4).
+    let mut es = EarlyStopping::new(rule(0.0, 3, 0.0));
+    assert!(!es.update(2, 0.5).is_stop());
+    assert!(!es.update(4, 0.4).is_stop());
+    assert!(es.update(6, 0.4).is_stop());
+    assert_eq!(es.kept_epoch(), Some(2));
+}
+
+#[test]
+fn the_update_that_keeps_its_epoch_says_so() {
+    let mut es = EarlyStopping::new(rule(0.05, 3, 0.0));
+    let kept: Vec<bool> = [0.5, 0.6, 0.58, 0.5, 0.59]
+        .iter()
+        .enumerate()
+        .map(|(i, &m)| {
+            es.update(i + 1, m);
+            es.kept_last()
+        })
+        .collect();
+    // 0.5 and 0.6 are peaks, 0.58 on the plateau (≥ 0.57), 0.5 below it, 0.59 on it again.
+    assert_eq!(kept, [true, true, true, false, true]);
+}
+
+#[test]
 fn smoothed_values_are_exponential_moving_averages() {
-    let mut es = EarlyStopping::new(rule(10, 0.0, 0.75));
+    let mut es = EarlyStopping::new(rule(0.0, 10, 0.75));
     for (epoch, m) in [(1, 0.4), (2, 0.8), (3, 0.0)] {
         es.update(epoch, m);
     }
     // 0.4; 0.75·0.4 + 0.25·0.8 = 0.5; 0.75·0.5 + 0 = 0.375.
     assert!((es.state().smoothed.unwrap() - 0.375).abs() < 1e-12);
-    assert_eq!(es.state().best.as_ref().unwrap().epoch, 2);
-    assert!((es.state().best.as_ref().unwrap().metric - 0.5).abs() < 1e-12);
+    let peak = es.state().peak.clone().unwrap();
+    assert_eq!(peak.epoch, 2);
+    assert!((peak.metric - 0.5).abs() < 1e-12);
 }
 
 #[test]
 fn reasons_say_what_happened() {
-    let mut es = EarlyStopping::new(rule(2, 0.0, 0.0));
+    let mut es = EarlyStopping::new(rule(0.0, 2, 0.0));
     es.update(3, 0.7);
     es.update(4, 0.6);
     let d = es.update(5, 0.65);
     match d.reason() {
-        Some(StopReason::PatienceExhausted {
-            best_epoch: 3,
-            best_metric,
-            checks_without_improvement: 2,
+        Some(StopReason::Declined {
+            peak_epoch: 3,
+            peak,
+            kept_epoch: 3,
+            epochs_below: 2,
         }) => {
-            assert_eq!(*best_metric, 0.7)
+            assert_eq!(*peak, 0.7)
         }
         other => panic!("unexpected {other:?}"),
     }
     let text = d.reason().unwrap().to_string();
     assert!(
-        text.contains("patience exhausted") && text.contains("epoch 3"),
+        text.contains("reliance rose") && text.contains("epoch 3") && text.contains("2 epochs"),
         "{text}"
     );
-    let mut es = EarlyStopping::new(rule(2, 0.0, 0.0));
+    let mut es = EarlyStopping::new(rule(0.0, 2, 0.0));
     assert!(matches!(
         es.update(1, f64::NAN),
         Decision::Stop {
@@ -170,7 +205,7 @@ fn reasons_say_what_happened() {
 #[test]
 fn state_round_trips_and_resumes_identically() {
     let metrics = [0.3, 0.5, 0.45, 0.52, 0.40, 0.38, 0.35, 0.6];
-    let r = rule(3, 0.005, 0.3);
+    let r = rule(0.05, 3, 0.3);
     let mut full = EarlyStopping::new(r.clone());
     let all: Vec<Decision> = metrics
         .iter()

@@ -18,15 +18,17 @@
 
 mod config;
 pub(crate) mod files;
+mod label_wave;
 mod record;
 mod stopping;
 
 pub use config::{
     DataConfig, OutputConfig, RelianceConfig, RestoreBestConfig, ScheduleConfig, SnapshotMode,
 };
+pub use label_wave::{LabelWave, LabelWaveRule, LabelWaveState, PredictionChanges};
 pub use record::{read_history, CheckRecord};
 pub use stopping::{
-    Best, Decision, EarlyStopping, EarlyStoppingStrategy, Metric, StopReason, StoppingRule,
+    Best, Decision, EarlyStopping, EarlyStoppingStrategy, Keep, Metric, StopReason, StoppingRule,
     StoppingState,
 };
 
@@ -120,7 +122,7 @@ impl RelianceMonitor {
         config.validate()?;
         if config.restore_best.enabled
             && config.restore_best.mode == SnapshotMode::Memory
-            && state.stopping.best.is_some()
+            && state.stopping.kept.is_some()
         {
             tracing::warn!(
                 "resuming with restore_best.mode: memory; the best weights so far were held by the \
@@ -230,10 +232,7 @@ impl RelianceMonitor {
             None
         };
         let metric_kind = self.config.stopping.metric;
-        let metric = match metric_kind {
-            Metric::Auc => curve.auc,
-            Metric::NormalizedAuc => curve.normalized_auc,
-        };
+        let metric = metric_kind.of(&curve);
         let decision = if !curve.finite {
             self.stopping.stop(StopReason::NonFinite {
                 epoch,
@@ -242,14 +241,8 @@ impl RelianceMonitor {
         } else {
             self.stopping.update(epoch, metric)
         };
-        let improved = self.stopping.improved_last()
-            && self
-                .stopping
-                .state()
-                .best
-                .as_ref()
-                .is_some_and(|b| b.epoch == epoch);
-        if improved && self.config.restore_best.enabled {
+        let kept = self.stopping.kept_last();
+        if kept && self.config.restore_best.enabled {
             match varmap {
                 Some(vm) => self.snapshot(vm)?,
                 None if !self.warned_no_weights => {
@@ -271,7 +264,7 @@ impl RelianceMonitor {
             normalized_auc: curve.normalized_auc,
             unablated_accuracy: curve.unablated_accuracy,
             noise_auc: noise.as_ref().map(|n| n.auc),
-            improved,
+            kept,
             decision: decision.clone(),
             seconds,
             curve,
@@ -296,7 +289,7 @@ impl RelianceMonitor {
             accuracy_0 = record.unablated_accuracy,
             noise_auc = record.noise_auc,
             selectivity = selectivity_log.as_deref(),
-            improved,
+            kept,
             seconds,
             decision = if decision.is_stop() {
                 "stop"
@@ -339,7 +332,7 @@ impl RelianceMonitor {
     /// Ends the run: when `restore_best` is on, puts the weights of the best epoch back into
     /// `varmap` (whether or not training stopped early) and returns that epoch.
     pub fn finish(&mut self, varmap: &VarMap) -> Result<Option<usize>> {
-        let Some(best) = self.stopping.state().best.clone() else {
+        let Some(best) = self.stopping.state().kept.clone() else {
             return Ok(None);
         };
         if !self.config.restore_best.enabled {
@@ -402,9 +395,9 @@ impl RelianceMonitor {
         &self.history
     }
 
-    /// The epoch with the best (smoothed) metric so far.
+    /// The epoch the stopping rule keeps so far: the one `finish` restores.
     pub fn best_epoch(&self) -> Option<usize> {
-        self.stopping.state().best.as_ref().map(|b| b.epoch)
+        self.stopping.kept_epoch()
     }
 
     /// The configuration.

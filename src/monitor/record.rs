@@ -28,8 +28,8 @@ pub struct CheckRecord {
     pub unablated_accuracy: f64,
     /// Noise-curve AUC, when the noise curve is configured.
     pub noise_auc: Option<f64>,
-    /// Whether this check set a new peak.
-    pub improved: bool,
+    /// Whether this check's epoch is the one the rule keeps now (its weights were snapshotted).
+    pub kept: bool,
     /// What the monitor decided: `"decision": "continue"`, or `"stop"` with its `reason`.
     #[serde(flatten)]
     pub decision: Decision,

@@ -1,19 +1,32 @@
-//! The stopping rule: patience on a (smoothed) reliance metric that should stay at its peak while
-//! a network generalizes and fall once it starts to memorize.
+//! The stopping rule: stop once a reliance metric has fallen clearly below its peak, and keep the
+//! last epoch before that fall.
+//!
+//! While a network learns, the ablation metrics rise and then wander on a plateau; once it
+//! starts to memorize (wrong labels, single examples), reliance on single directions rises and
+//! the metric falls. Checks are noisy, so a check that merely fails to beat the peak says
+//! little: the rule waits for the (optionally smoothed) metric to stay more than `tolerance`
+//! below its peak for `patience` epochs, and keeps the **last epoch on the plateau** (the last
+//! check within `tolerance` of the peak), where the network had learned most without yet
+//! memorizing.
 //!
 //! ```
 //! use candle_reliance::monitor::{EarlyStopping, EarlyStoppingStrategy, StoppingRule};
 //!
-//! let mut rule = EarlyStopping::new(StoppingRule { patience: 2, ..Default::default() });
-//! let metrics = [0.50, 0.60, 0.58, 0.59, 0.55];
-//! let decisions: Vec<bool> = metrics
+//! let mut rule = EarlyStopping::new(StoppingRule {
+//!     tolerance: 0.05,
+//!     patience: 2,
+//!     ..Default::default()
+//! });
+//! let metrics = [0.50, 0.60, 0.58, 0.59, 0.55, 0.54];
+//! let stops: Vec<bool> = metrics
 //!     .iter()
 //!     .enumerate()
-//!     .map(|(epoch, m)| rule.update(epoch + 1, *m).is_stop())
+//!     .map(|(i, m)| rule.update(i + 1, *m).is_stop())
 //!     .collect();
-//! // The peak is at epoch 2; epochs 3 and 4 do not beat it, so the rule stops at epoch 4.
-//! assert_eq!(decisions, [false, false, false, true, true]);
-//! assert_eq!(rule.state().best.as_ref().unwrap().epoch, 2);
+//! // Peak 0.60 at epoch 2; 0.58 and 0.59 are within 5% of it (≥ 0.57); 0.55 and 0.54 are not,
+//! // and two epochs below it exhaust the patience at epoch 6.
+//! assert_eq!(stops, [false, false, false, false, false, true]);
+//! assert_eq!(rule.kept_epoch(), Some(4)); // the last epoch on the plateau
 //! ```
 
 use crate::invalid::{Checked, Invalid};
@@ -23,14 +36,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
-    /// Area under the mean ablation curve. It also grows with plain training accuracy.
+    /// Area under the mean ablation curve (accuracy against the labels). It also grows with
+    /// plain training accuracy, including the fitting of wrong labels.
     Auc,
     /// Area under the curve divided by the unablated training accuracy: the share of accuracy
-    /// the network keeps as units are ablated, with plain accuracy growth factored out. The
-    /// default: on noisy labels the raw AUC keeps rising with memorization while this falls
-    /// (see `docs/usage.md`, "Which metric").
-    #[default]
+    /// the network keeps as units are ablated.
     NormalizedAuc,
+    /// Area under the agreement curve: the share of the network's own predictions that
+    /// survive ablation (labels play no part). The default.
+    #[default]
+    AgreementAuc,
 }
 
 impl Metric {
@@ -39,32 +54,57 @@ impl Metric {
         match self {
             Metric::Auc => "auc",
             Metric::NormalizedAuc => "normalized_auc",
+            Metric::AgreementAuc => "agreement_auc",
         }
     }
+
+    /// The metric's value on a curve.
+    pub fn of(self, curve: &crate::AblationCurve) -> f64 {
+        match self {
+            Metric::Auc => curve.auc,
+            Metric::NormalizedAuc => curve.normalized_auc,
+            Metric::AgreementAuc => curve.agreement_auc,
+        }
+    }
+}
+
+/// Which epoch the rule keeps (and the monitor restores).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// The last check within `tolerance` of the peak: the end of the plateau. The default.
+    #[default]
+    LastNearPeak,
+    /// The check with the highest (smoothed) metric.
+    Peak,
 }
 
 /// Parameters of [`EarlyStopping`]: the `stopping:` section of the monitor's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoppingRule {
-    /// Which number of a check the rule follows. Default [`Metric::NormalizedAuc`].
+    /// Which number of a check the rule follows. Default [`Metric::AgreementAuc`].
     pub metric: Metric,
-    /// Checks without improvement before stopping (≥ 1). Default 3.
+    /// How far below its peak the (smoothed) metric must fall for a check to count as below the
+    /// plateau, as a share of the peak, in `[0, 1)`. Default 0.03.
+    pub tolerance: f64,
+    /// Epochs since the last check on the plateau before stopping (≥ 1). Default 5.
     pub patience: usize,
-    /// An improvement must exceed the best so far by more than this (≥ 0). Default 0.
-    pub min_delta: f64,
     /// Exponential smoothing of the metric: `s = smoothing · s_prev + (1 − smoothing) · m`,
     /// in `[0, 1)`; 0 (default) is off.
     pub smoothing: f64,
+    /// Which epoch to keep. Default [`Keep::LastNearPeak`].
+    pub keep: Keep,
 }
 
 impl Default for StoppingRule {
     fn default() -> Self {
         Self {
             metric: Metric::default(),
-            patience: 3,
-            min_delta: 0.0,
+            tolerance: 0.03,
+            patience: 5,
             smoothing: 0.0,
+            keep: Keep::default(),
         }
     }
 }
@@ -76,8 +116,8 @@ impl StoppingRule {
     }
 
     pub(crate) fn check(&self) -> Checked {
+        Invalid::unit_interval_open("tolerance", self.tolerance)?;
         Invalid::at_least("patience", self.patience, 1)?;
-        Invalid::non_negative("min_delta", self.min_delta)?;
         Invalid::unit_interval_open("smoothing", self.smoothing)
     }
 }
@@ -86,15 +126,27 @@ impl StoppingRule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StopReason {
-    /// The metric has not beaten its peak for `patience` checks: reliance on single directions
-    /// is rising.
-    PatienceExhausted {
+    /// The reliance metric has stayed more than `tolerance` below its peak for `patience`
+    /// epochs: reliance on single directions is rising.
+    Declined {
         /// Epoch of the peak.
-        best_epoch: usize,
+        peak_epoch: usize,
         /// The (smoothed) metric at the peak.
-        best_metric: f64,
-        /// Checks since the peak.
-        checks_without_improvement: usize,
+        peak: f64,
+        /// The epoch kept (restored).
+        kept_epoch: usize,
+        /// Epochs since the last check on the plateau.
+        epochs_below: usize,
+    },
+    /// The moving average of prediction changes has not gone below its lowest point for the
+    /// Label Wave patience (see [`LabelWave`](crate::monitor::LabelWave)).
+    PredictionChangesRose {
+        /// Epoch of the lowest moving average.
+        lowest_epoch: usize,
+        /// The lowest moving average of changed predictions.
+        lowest: f64,
+        /// Epochs since that low was known.
+        epochs_since: usize,
     },
     /// A metric or the logits were NaN or infinite: training has diverged.
     NonFinite {
@@ -113,14 +165,24 @@ pub enum StopReason {
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StopReason::PatienceExhausted {
-                best_epoch,
-                best_metric,
-                checks_without_improvement,
+            StopReason::Declined {
+                peak_epoch,
+                peak,
+                kept_epoch,
+                epochs_below,
             } => write!(
                 f,
-                "patience exhausted: no improvement for {checks_without_improvement} checks \
-                 since the peak {best_metric:.4} at epoch {best_epoch}"
+                "reliance rose: the metric has been below its plateau for {epochs_below} epochs \
+                 (peak {peak:.4} at epoch {peak_epoch}); keeping epoch {kept_epoch}"
+            ),
+            StopReason::PredictionChangesRose {
+                lowest_epoch,
+                lowest,
+                epochs_since,
+            } => write!(
+                f,
+                "prediction changes rose: no new low for {epochs_since} epochs since \
+                 {lowest:.1} at epoch {lowest_epoch}"
             ),
             StopReason::NonFinite { epoch, what } => {
                 write!(f, "non-finite {what} at epoch {epoch}")
@@ -158,10 +220,10 @@ impl Decision {
     }
 }
 
-/// The peak of the metric.
+/// A check's epoch and its (smoothed) metric.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Best {
-    /// Epoch of the peak.
+    /// The epoch.
     pub epoch: usize,
     /// The smoothed metric there (equal to the raw metric without smoothing).
     pub metric: f64,
@@ -172,23 +234,27 @@ pub struct Best {
 pub struct StoppingState {
     /// Smoothed metric after the last update.
     pub smoothed: Option<f64>,
-    /// The peak so far.
-    pub best: Option<Best>,
-    /// Updates since the peak.
-    pub checks_without_improvement: usize,
+    /// The highest smoothed metric so far.
+    pub peak: Option<Best>,
+    /// The epoch to keep so far (see [`Keep`]).
+    pub kept: Option<Best>,
+    /// The last check within `tolerance` of the peak.
+    pub last_near_peak: Option<usize>,
+    /// The epoch of the last update.
+    pub last_epoch: Option<usize>,
     /// Updates so far.
     pub checks: usize,
     /// Set once a stop was decided; later updates repeat it.
     pub stopped: Option<StopReason>,
 }
 
-/// A strategy deciding from a stream of metric values whether to stop.
+/// A strategy deciding from a stream of per-epoch values whether to stop.
 pub trait EarlyStoppingStrategy {
-    /// Feeds the metric measured after `epoch`, returns the decision.
-    fn update(&mut self, epoch: usize, metric: f64) -> Decision;
+    /// Feeds the value measured after `epoch`, returns the decision.
+    fn update(&mut self, epoch: usize, value: f64) -> Decision;
 }
 
-/// Patience-based stopping on a higher-is-better metric, with optional smoothing.
+/// The reliance stopping rule (see the [module docs](self)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EarlyStopping {
     rule: StoppingRule,
@@ -219,11 +285,17 @@ impl EarlyStopping {
         &self.rule
     }
 
-    /// Whether the last update set a new peak.
-    pub fn improved_last(&self) -> bool {
-        self.state.checks > 0
-            && self.state.checks_without_improvement == 0
-            && self.state.stopped.is_none()
+    /// The epoch kept so far.
+    pub fn kept_epoch(&self) -> Option<usize> {
+        self.state.kept.as_ref().map(|b| b.epoch)
+    }
+
+    /// Whether the last update chose its own epoch as the one to keep (the moment to snapshot
+    /// the weights).
+    pub fn kept_last(&self) -> bool {
+        self.state.stopped.is_none()
+            && self.state.last_epoch.is_some()
+            && self.kept_epoch() == self.state.last_epoch
     }
 
     /// Records a stop decided elsewhere (e.g. max epochs); later updates repeat it.
@@ -247,35 +319,36 @@ impl EarlyStoppingStrategy for EarlyStopping {
             });
         }
         let a = self.rule.smoothing;
-        let smoothed = match self.state.smoothed {
+        let s = match self.state.smoothed {
             Some(prev) => a * prev + (1.0 - a) * metric,
             None => metric,
         };
-        self.state.smoothed = Some(smoothed);
+        self.state.smoothed = Some(s);
         self.state.checks += 1;
-        let improved = match &self.state.best {
-            None => true,
-            Some(b) => smoothed > b.metric + self.rule.min_delta,
-        };
-        if improved {
-            self.state.best = Some(Best {
-                epoch,
-                metric: smoothed,
-            });
-            self.state.checks_without_improvement = 0;
+        self.state.last_epoch = Some(epoch);
+        let here = Best { epoch, metric: s };
+        let new_peak = self.state.peak.as_ref().map_or(true, |b| s > b.metric);
+        if new_peak {
+            self.state.peak = Some(here.clone());
+        }
+        let peak = self.state.peak.clone().expect("set above");
+        let near = s >= peak.metric - self.rule.tolerance * peak.metric.abs();
+        if near {
+            self.state.last_near_peak = Some(epoch);
+            if self.rule.keep == Keep::LastNearPeak || new_peak {
+                self.state.kept = Some(here);
+            }
             return Decision::Continue;
         }
-        self.state.checks_without_improvement += 1;
-        if self.state.checks_without_improvement >= self.rule.patience {
-            let best = self
-                .state
-                .best
-                .clone()
-                .expect("a best exists after the first check");
-            return self.stop(StopReason::PatienceExhausted {
-                best_epoch: best.epoch,
-                best_metric: best.metric,
-                checks_without_improvement: self.state.checks_without_improvement,
+        let last_near = self.state.last_near_peak.unwrap_or(peak.epoch);
+        let below = epoch.saturating_sub(last_near);
+        if below >= self.rule.patience {
+            let kept_epoch = self.kept_epoch().unwrap_or(peak.epoch);
+            return self.stop(StopReason::Declined {
+                peak_epoch: peak.epoch,
+                peak: peak.metric,
+                kept_epoch,
+                epochs_below: below,
             });
         }
         Decision::Continue
