@@ -72,14 +72,13 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
             probes: stats
                 .probes
                 .iter()
-                .map(|p| PerProbe {
-                    name: p.name.clone(),
-                    offset: p.offset,
-                    units: p.units,
-                    value: accuracy[p.offset..p.offset + p.units]
-                        .iter()
-                        .map(|a| stats.accuracy - a)
-                        .collect(),
+                .map(|p| {
+                    p.with_value(
+                        accuracy[p.offset..p.offset + p.units]
+                            .iter()
+                            .map(|a| stats.accuracy - a)
+                            .collect(),
+                    )
                 })
                 .collect(),
             accuracy,

@@ -151,13 +151,12 @@ impl MutualInformation {
         let probes = activity
             .probes
             .iter()
-            .map(|p| PerProbe {
-                name: p.name.clone(),
-                offset: p.offset,
-                units: p.units,
-                value: (0..p.units)
-                    .map(|u| mutual_information_bits(&p.unit(u), &activity.labels, bins))
-                    .collect(),
+            .map(|p| {
+                p.with_value(
+                    (0..p.units)
+                        .map(|u| mutual_information_bits(&p.unit(u), &activity.labels, bins))
+                        .collect(),
+                )
             })
             .collect();
         Ok(Self {

@@ -41,6 +41,18 @@ pub struct PerProbe<T> {
     pub value: T,
 }
 
+impl<T> PerProbe<T> {
+    /// The same probe and units with another value.
+    pub fn with_value<U>(&self, value: U) -> PerProbe<U> {
+        PerProbe {
+            name: self.name.clone(),
+            offset: self.offset,
+            units: self.units,
+            value,
+        }
+    }
+}
+
 /// Flattening and averaging of per-probe, per-unit numbers.
 ///
 /// ```

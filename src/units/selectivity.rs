@@ -86,23 +86,22 @@ impl Selectivity {
         let probes = stats
             .probes
             .iter()
-            .map(|p| PerProbe {
-                name: p.name.clone(),
-                offset: p.offset,
-                units: p.units,
-                value: (0..p.units)
-                    .map(|u| {
-                        let means: Vec<f64> = p
-                            .value
-                            .class_mean
-                            .iter()
-                            .zip(&stats.class_counts)
-                            .filter(|(_, &k)| k > 0)
-                            .map(|(m, _)| m[u])
-                            .collect();
-                        selectivity_index(&means)
-                    })
-                    .collect(),
+            .map(|p| {
+                p.with_value(
+                    (0..p.units)
+                        .map(|u| {
+                            let means: Vec<f64> = p
+                                .value
+                                .class_mean
+                                .iter()
+                                .zip(&stats.class_counts)
+                                .filter(|(_, &k)| k > 0)
+                                .map(|(m, _)| m[u])
+                                .collect();
+                            selectivity_index(&means)
+                        })
+                        .collect(),
+                )
             })
             .collect();
         Self {

@@ -6,6 +6,7 @@
 //! ```text
 //! cargo run --release --example stopping_benchmark -- run --data mnist --model mlp --seeds 0,1,2
 //! cargo run --release --example stopping_benchmark -- run --quick
+//! cargo run --release --example stopping_benchmark -- report docs/results/stopping/*.jsonl
 //! ```
 //!
 //! One JSON line per run goes to the results file (`--out`). Runs already in the file are
@@ -17,8 +18,9 @@
 //! Fashion-MNIST (`--data fashion`) is read from `/usr/share/datasets/fashion-mnist/`, which
 //! Debian's `dataset-fashion-mnist` package installs (`apt-get install dataset-fashion-mnist`).
 
-#[path = "common/mod.rs"]
+#[path = "../common/mod.rs"]
 mod common;
+mod report;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
@@ -49,6 +51,8 @@ struct Args {
 enum Cmd {
     /// Train the runs of a matrix that are not yet in the results file.
     Run(RunArgs),
+    /// Replay every criterion over recorded runs; print the tables, write choices and plots.
+    Report(report::ReportArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -742,5 +746,6 @@ fn run(mut args: RunArgs) -> Result<()> {
 fn main() -> Result<()> {
     match Args::parse().cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Report(a) => report::report(a),
     }
 }

@@ -1,0 +1,597 @@
+//! `report`: replays every stopping criterion over the recorded runs with the crate's own rules,
+//! and writes the tables (markdown, to stdout), the per-run choices and a summary (JSON), and
+//! plots of the metric against test accuracy with each criterion's epoch marked (SVG).
+//!
+//! A criterion that needs no held-out data only observes the trajectory of a `full` run, so it is
+//! replayed there: its stop epoch (the epochs a user would have trained) and the epoch whose
+//! weights it keeps. Validation-loss stopping needs its own runs (`val10`, `val20`), which stopped
+//! when their patience ran out.
+
+use crate::common::mean_sd;
+use anyhow::{bail, Context, Result};
+use candle_reliance::curves::AblationOrder;
+use candle_reliance::monitor::{
+    EarlyStopping, EarlyStoppingStrategy, Keep, LabelWave, LabelWaveRule, Metric, StopReason,
+    StoppingRule,
+};
+use candle_reliance::plot::{Plot, Series};
+use candle_reliance::RelianceConfig;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Results files written by `run` (JSON lines).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Seeds the defaults were chosen on: reported apart from the held-out ones.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    tuning_seeds: Vec<u64>,
+    /// Folder for the choices, the summary and the plots.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/results/stopping"))]
+    out: PathBuf,
+}
+
+/// What a criterion decided on one run: the epoch it stopped after (the epochs trained) and the
+/// epoch whose weights it keeps.
+#[derive(Debug, Clone, Copy)]
+struct Choice {
+    stop: usize,
+    kept: usize,
+}
+
+/// A recorded run.
+struct Run {
+    v: Value,
+}
+
+impl Run {
+    fn epochs(&self) -> &[Value] {
+        self.v["epochs"].as_array().map_or(&[], |a| a.as_slice())
+    }
+    fn str(&self, k: &str) -> &str {
+        self.v[k].as_str().unwrap_or("")
+    }
+    fn f(&self, epoch: usize, k: &str) -> f64 {
+        self.epochs()[epoch - 1][k].as_f64().unwrap_or(f64::NAN)
+    }
+    /// Data set, model, optimizer and noise: the cell of the matrix.
+    fn cell(&self) -> (String, String, String, String) {
+        (
+            format!("{}-{}", self.str("data"), self.str("model")),
+            self.str("optim").to_string(),
+            format!("{}", self.v["noise"].as_f64().unwrap_or(f64::NAN)),
+            self.str("kind").to_string(),
+        )
+    }
+    fn seed(&self) -> u64 {
+        self.v["seed"].as_u64().unwrap_or(0)
+    }
+}
+
+/// The reliance metric of a recorded check, from its first `orders` random orders: what the
+/// monitor computes from the same curve.
+fn metric_of(check: &Value, metric: Metric, orders: usize) -> Result<f64> {
+    let mean = |key: &str| -> Result<f64> {
+        let v: Vec<f64> = check[key]
+            .as_array()
+            .with_context(|| format!("no `{key}` in a check"))?
+            .iter()
+            .map(|x| x.as_f64().unwrap_or(f64::NAN))
+            .collect();
+        if v.len() < orders {
+            bail!("a check has {} orders of `{key}`, {orders} wanted", v.len());
+        }
+        Ok(v[..orders].iter().sum::<f64>() / orders as f64)
+    };
+    Ok(match metric {
+        Metric::Auc => mean("auc")?,
+        Metric::NormalizedAuc => mean("auc")? / check["acc0"].as_f64().unwrap_or(f64::NAN),
+        // Runs recorded before the agreement curve measured it as a separate curve against the
+        // model's own predictions (`self_auc`): the same quantity.
+        Metric::AgreementAuc => {
+            if check.get("agreement_auc").is_some() {
+                mean("agreement_auc")?
+            } else {
+                mean("self_auc")?
+            }
+        }
+    })
+}
+
+/// The monitor's decisions on a run, replayed epoch by epoch as `RelianceMonitor::on_epoch_end`
+/// makes them, with the configuration's schedule and stopping rule; the kept epoch is what
+/// `finish` restores.
+fn replay_monitor(run: &Run, config: &RelianceConfig) -> Result<Choice> {
+    let orders = match config.ablation.order {
+        AblationOrder::Random { orders, .. } => orders,
+        _ => bail!("the replay needs random orders"),
+    };
+    let mut rule = EarlyStopping::new(config.stopping.clone());
+    let last = run.epochs().len();
+    for epoch in 1..=last {
+        if !config.schedule.is_check_epoch(epoch) {
+            continue;
+        }
+        let check = &run.epochs()[epoch - 1]["check"];
+        let finite = check["finite"].as_bool().unwrap_or(true);
+        let d = if finite {
+            rule.update(epoch, metric_of(check, config.stopping.metric, orders)?)
+        } else {
+            rule.stop(StopReason::NonFinite {
+                epoch,
+                what: "logits".into(),
+            })
+        };
+        if d.is_stop() {
+            return Ok(Choice {
+                stop: epoch,
+                kept: rule.kept_epoch().unwrap_or(epoch),
+            });
+        }
+    }
+    Ok(Choice {
+        stop: last,
+        kept: rule.kept_epoch().unwrap_or(last),
+    })
+}
+
+/// Label Wave on the prediction changes the run recorded from its training batches.
+fn replay_label_wave(run: &Run, rule: &LabelWaveRule) -> Choice {
+    let mut wave = LabelWave::new(rule.clone());
+    let last = run.epochs().len();
+    for epoch in 2..=last {
+        let changes = run.f(epoch, "changes");
+        if wave.update(epoch, changes).is_stop() {
+            return Choice {
+                stop: epoch,
+                kept: wave.kept_epoch().unwrap_or(epoch),
+            };
+        }
+    }
+    Choice {
+        stop: last,
+        kept: wave.kept_epoch().unwrap_or(last),
+    }
+}
+
+/// Validation-loss stopping with patience 5 on a `val` run: the lowest validation loss so far is
+/// kept; the run itself stopped when 5 epochs passed without a lower one.
+fn replay_validation(run: &Run) -> Choice {
+    let last = run.epochs().len();
+    let kept = (1..=last)
+        .min_by(|&a, &b| run.f(a, "val_loss").total_cmp(&run.f(b, "val_loss")))
+        .unwrap_or(last);
+    Choice { stop: last, kept }
+}
+
+fn argbest(run: &Run, key: &str, higher: bool) -> Choice {
+    let last = run.epochs().len();
+    let kept = (1..=last)
+        .max_by(|&a, &b| {
+            let o = run.f(a, key).total_cmp(&run.f(b, key));
+            // Ties: the earlier epoch.
+            if higher { o } else { o.reverse() }.then(b.cmp(&a))
+        })
+        .unwrap_or(last);
+    Choice { stop: last, kept }
+}
+
+type Criterion = (String, Box<dyn Fn(&Run) -> Result<Choice>>);
+
+/// The criteria replayed on `full` runs.
+fn criteria() -> Vec<Criterion> {
+    let default = RelianceConfig::default();
+    let old = RelianceConfig {
+        stopping: StoppingRule {
+            metric: Metric::NormalizedAuc,
+            tolerance: 0.0,
+            patience: 3,
+            smoothing: 0.0,
+            keep: Keep::Peak,
+        },
+        ..Default::default()
+    };
+    let first_check = default.schedule.warmup_epochs.max(1);
+    vec![
+        (
+            "reliance monitor (default)".into(),
+            Box::new(move |r: &Run| replay_monitor(r, &default)),
+        ),
+        (
+            "reliance, earlier default (normalized AUC, patience 3)".into(),
+            Box::new(move |r: &Run| replay_monitor(r, &old)),
+        ),
+        (
+            "Label Wave".into(),
+            Box::new(|r: &Run| Ok(replay_label_wave(r, &LabelWaveRule::default()))),
+        ),
+        (
+            format!("first check (epoch {first_check})"),
+            Box::new(move |r: &Run| {
+                let e = first_check.min(r.epochs().len());
+                Ok(Choice { stop: e, kept: e })
+            }),
+        ),
+        (
+            "epoch 10".into(),
+            Box::new(|r: &Run| {
+                let e = 10.min(r.epochs().len());
+                Ok(Choice { stop: e, kept: e })
+            }),
+        ),
+        (
+            "all epochs".into(),
+            Box::new(|r: &Run| {
+                let e = r.epochs().len();
+                Ok(Choice { stop: e, kept: e })
+            }),
+        ),
+        (
+            "oracle: best test accuracy".into(),
+            Box::new(|r: &Run| Ok(argbest(r, "test_acc", true))),
+        ),
+        (
+            "oracle: best test loss".into(),
+            Box::new(|r: &Run| Ok(argbest(r, "test_loss", false))),
+        ),
+    ]
+}
+
+/// One criterion's outcome on one run.
+#[derive(Debug, Clone)]
+struct Outcome {
+    criterion: String,
+    choice: Choice,
+    test_acc: f64,
+    test_loss: f64,
+    /// Share of the wall time up to the stop spent in checks (reliance criteria only).
+    check_share: Option<f64>,
+}
+
+fn outcome(run: &Run, criterion: &str, choice: Choice, checks: bool) -> Outcome {
+    let check_share = checks.then(|| {
+        let (mut train, mut check) = (0.0, 0.0);
+        for e in 1..=choice.stop {
+            train += run.f(e, "train_s");
+            let c = &run.epochs()[e - 1]["check"];
+            if RelianceConfig::default().schedule.is_check_epoch(e) {
+                check += c["seconds"].as_f64().unwrap_or(0.0);
+            }
+        }
+        check / (train + check)
+    });
+    Outcome {
+        criterion: criterion.to_string(),
+        choice,
+        test_acc: run.f(choice.kept, "test_acc"),
+        test_loss: run.f(choice.kept, "test_loss"),
+        check_share,
+    }
+}
+
+fn load(paths: &[PathBuf]) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("{} line {}", p.display(), i + 1))?;
+            if v["quick"].as_bool() == Some(true) {
+                continue;
+            }
+            runs.push(Run { v });
+        }
+    }
+    Ok(runs)
+}
+
+/// Per run id (without the kind) the outcomes of every criterion, validation ones included.
+fn outcomes(runs: &[Run]) -> Result<BTreeMap<String, (usize, Vec<Outcome>)>> {
+    let mut out: BTreeMap<String, (usize, Vec<Outcome>)> = BTreeMap::new();
+    let key = |r: &Run| {
+        r.str("id")
+            .replacen(&format!("/{}/", r.str("kind")), "/", 1)
+    };
+    let crits = criteria();
+    for (i, r) in runs.iter().enumerate() {
+        match r.str("kind") {
+            "full" => {
+                let entry = out.entry(key(r)).or_insert((i, vec![]));
+                entry.0 = i;
+                for (name, f) in &crits {
+                    let c = f(r).with_context(|| format!("{} on {}", name, r.str("id")))?;
+                    entry
+                        .1
+                        .push(outcome(r, name, c, name.starts_with("reliance")));
+                }
+            }
+            kind @ ("val10" | "val20") => {
+                let name = format!("validation loss, {}% held out", &kind[3..]);
+                let o = outcome(r, &name, replay_validation(r), false);
+                out.entry(key(r)).or_insert((usize::MAX, vec![])).1.push(o);
+            }
+            other => bail!("unknown run kind `{other}`"),
+        }
+    }
+    Ok(out)
+}
+
+pub fn report(args: ReportArgs) -> Result<()> {
+    let runs = load(&args.runs)?;
+    if runs.is_empty() {
+        bail!("no runs in {:?}", args.runs);
+    }
+    let all = outcomes(&runs)?;
+    std::fs::create_dir_all(&args.out)?;
+    // Per-run choices, the raw material of every table.
+    let mut lines = String::new();
+    for (id, (i, outs)) in &all {
+        let seed = runs.get(*i).map(|r| r.seed());
+        for o in outs {
+            lines.push_str(&serde_json::to_string(&json!({
+                "run": id, "seed": seed, "criterion": o.criterion,
+                "stop_epoch": o.choice.stop, "kept_epoch": o.choice.kept,
+                "test_acc": o.test_acc, "test_loss": o.test_loss, "check_share": o.check_share,
+            }))?);
+            lines.push('\n');
+        }
+    }
+    std::fs::write(args.out.join("choices.jsonl"), lines)?;
+
+    let mut summary = Vec::new();
+    for held_out in [true, false] {
+        let title = if held_out {
+            "Held-out seeds and data sets"
+        } else {
+            "Tuning seeds (the defaults were chosen here)"
+        };
+        let selected: Vec<&(usize, Vec<Outcome>)> = all
+            .values()
+            .filter(|(i, _)| {
+                runs.get(*i).is_some_and(|r| {
+                    let tuning = r.str("data") == "mnist" && args.tuning_seeds.contains(&r.seed());
+                    tuning != held_out
+                })
+            })
+            .collect();
+        if selected.is_empty() {
+            continue;
+        }
+        println!("## {title}\n");
+        summary.push(table(&runs, &selected, held_out)?);
+    }
+    std::fs::write(
+        args.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    plots(&runs, &all, &args.tuning_seeds, &args.out)?;
+    Ok(())
+}
+
+/// The tables of one group of runs (held out or tuning), per data set and model; returns their
+/// numbers as JSON.
+fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> Result<Value> {
+    // (data-model) -> (optim, noise) -> criterion -> outcomes
+    type Cells<'a> = BTreeMap<(String, String), BTreeMap<String, Vec<&'a Outcome>>>;
+    let mut by_set: BTreeMap<String, Cells> = BTreeMap::new();
+    let mut order: Vec<String> = vec![];
+    for (i, outs) in selected {
+        let (set, optim, noise, _) = runs[*i].cell();
+        let cell = by_set
+            .entry(set)
+            .or_default()
+            .entry((optim, noise))
+            .or_default();
+        for o in outs {
+            if !order.contains(&o.criterion) {
+                order.push(o.criterion.clone());
+            }
+            cell.entry(o.criterion.clone()).or_default().push(o);
+        }
+    }
+    let optim_rank = |o: &str| ["sgd", "momentum", "adamw"].iter().position(|x| *x == o);
+    let mut json_sets = serde_json::Map::new();
+    for (set, cells) in &by_set {
+        let mut keys: Vec<&(String, String)> = cells.keys().collect();
+        keys.sort_by(|a, b| {
+            optim_rank(&a.0)
+                .cmp(&optim_rank(&b.0))
+                .then(a.1.partial_cmp(&b.1).unwrap())
+        });
+        let seeds = cells
+            .values()
+            .next()
+            .and_then(|c| c.values().next())
+            .map_or(0, |v| v.len());
+        println!("### {set} ({seeds} seeds per cell)\n");
+        println!("Mean test accuracy of the kept epoch ± standard deviation over seeds (%), and in parentheses the mean gap to the accuracy oracle (points):\n");
+        print!("| criterion |");
+        for (o, n) in &keys {
+            print!(" {o}, noise {n} |");
+        }
+        println!(" mean gap, noise ≥ 0.2 | mean epochs run | check share |");
+        print!("|---|");
+        for _ in &keys {
+            print!("---|");
+        }
+        println!("---|---|---|");
+        let mut json_rows = serde_json::Map::new();
+        for crit in &order {
+            let (mut gaps, mut epochs, mut shares) = (vec![], vec![], vec![]);
+            let mut row = format!("| {crit} |");
+            let mut json_cells = serde_json::Map::new();
+            for k in &keys {
+                let cell = &cells[*k];
+                let Some(v) = cell.get(crit) else {
+                    row.push_str(" – |");
+                    continue;
+                };
+                let oracle: Vec<f64> = cell
+                    .get("oracle: best test accuracy")
+                    .map(|o| o.iter().map(|x| x.test_acc).collect())
+                    .unwrap_or_default();
+                let accs: Vec<f64> = v.iter().map(|o| o.test_acc).collect();
+                let (m, sd) = mean_sd(&accs);
+                let gap = if oracle.len() == accs.len() && !oracle.is_empty() {
+                    mean_sd(&oracle).0 - m
+                } else {
+                    f64::NAN
+                };
+                if k.1.parse::<f64>().unwrap_or(0.0) >= 0.2 && gap.is_finite() {
+                    gaps.push(gap);
+                }
+                epochs.extend(v.iter().map(|o| o.choice.stop as f64));
+                shares.extend(v.iter().filter_map(|o| o.check_share));
+                row.push_str(&format!(
+                    " {:.2} ± {:.2} ({:.2}) |",
+                    m * 100.0,
+                    sd * 100.0,
+                    gap * 100.0
+                ));
+                json_cells.insert(
+                    format!("{}/noise{}", k.0, k.1),
+                    json!({"test_acc_mean": m, "test_acc_sd": sd, "gap_to_accuracy_oracle": gap,
+                           "test_loss_mean": mean_sd(&v.iter().map(|o| o.test_loss).collect::<Vec<_>>()).0,
+                           "epochs_run_mean": mean_sd(&v.iter().map(|o| o.choice.stop as f64).collect::<Vec<_>>()).0,
+                           "runs": v.len()}),
+                );
+            }
+            let gap = if gaps.is_empty() {
+                f64::NAN
+            } else {
+                mean_sd(&gaps).0
+            };
+            let share = if shares.is_empty() {
+                "–".to_string()
+            } else {
+                format!("{:.0}%", mean_sd(&shares).0 * 100.0)
+            };
+            println!(
+                "{row} {:.2} | {:.1} | {share} |",
+                gap * 100.0,
+                mean_sd(&epochs).0
+            );
+            json_rows.insert(
+                crit.clone(),
+                json!({"cells": json_cells, "mean_gap_noise_ge_0.2": gap}),
+            );
+        }
+        println!();
+        // The target: the monitor's default at least as good as validation stopping (20% held
+        // out) and Label Wave in every cell with noise ≥ 0.2.
+        let mean_acc = |cell: &BTreeMap<String, Vec<&Outcome>>, c: &str| {
+            cell.get(c)
+                .map(|v| mean_sd(&v.iter().map(|o| o.test_acc).collect::<Vec<_>>()).0)
+        };
+        let mut verdicts = vec![];
+        for k in &keys {
+            if k.1.parse::<f64>().unwrap_or(0.0) < 0.2 {
+                continue;
+            }
+            let cell = &cells[*k];
+            let ours = mean_acc(cell, "reliance monitor (default)");
+            let val = mean_acc(cell, "validation loss, 20% held out");
+            let lw = mean_acc(cell, "Label Wave");
+            if let (Some(a), Some(b), Some(c)) = (ours, val, lw) {
+                verdicts.push(format!(
+                    "{}, noise {}: {} validation (20%) by {:+.2}, {} Label Wave by {:+.2}",
+                    k.0,
+                    k.1,
+                    if a >= b { "≥" } else { "<" },
+                    (a - b) * 100.0,
+                    if a >= c { "≥" } else { "<" },
+                    (a - c) * 100.0
+                ));
+            }
+        }
+        if !verdicts.is_empty() {
+            println!("Reliance monitor (default) against the baselines, per cell (points):\n");
+            for v in &verdicts {
+                println!("- {v}");
+            }
+            println!();
+        }
+        json_sets.insert(set.clone(), Value::Object(json_rows));
+    }
+    Ok(json!({"held_out": held_out, "sets": json_sets}))
+}
+
+/// Per data set, model and optimizer, for the first held-out seed at the highest noise: the
+/// reliance metrics and the test accuracy per epoch, each criterion's kept epoch marked.
+fn plots(
+    runs: &[Run],
+    all: &BTreeMap<String, (usize, Vec<Outcome>)>,
+    tuning: &[u64],
+    dir: &Path,
+) -> Result<()> {
+    let mut done = std::collections::HashSet::new();
+    let mut picks: Vec<&(usize, Vec<Outcome>)> = all
+        .values()
+        .filter(|(i, _)| runs.get(*i).is_some())
+        .collect();
+    // Highest noise first, lowest seed first.
+    picks.sort_by(|a, b| {
+        let (ra, rb) = (&runs[a.0], &runs[b.0]);
+        rb.v["noise"]
+            .as_f64()
+            .partial_cmp(&ra.v["noise"].as_f64())
+            .unwrap()
+            .then(ra.seed().cmp(&rb.seed()))
+    });
+    for (i, outs) in picks {
+        let r = &runs[*i];
+        let (set, optim, noise, _) = r.cell();
+        let held = !(r.str("data") == "mnist" && tuning.contains(&r.seed()));
+        if !held || !done.insert((set.clone(), optim.clone())) {
+            continue;
+        }
+        let n = r.epochs().len();
+        let per_epoch = |m: Metric| -> Vec<(f64, f64)> {
+            (1..=n)
+                .filter_map(|e| {
+                    let c = &r.epochs()[e - 1]["check"];
+                    metric_of(c, m, 3).ok().map(|v| (e as f64, v))
+                })
+                .collect()
+        };
+        let mut plot = Plot::new(format!("{set}, {optim}, noise {noise}, seed {}", r.seed()))
+            .x_label("epoch")
+            .y_label("reliance metric (training subset)")
+            .y2_label("test accuracy")
+            .series(Series::line(
+                "agreement AUC",
+                per_epoch(Metric::AgreementAuc),
+            ))
+            .series(Series::line("normalized AUC", per_epoch(Metric::NormalizedAuc)).dashed())
+            .series(
+                Series::line(
+                    "test accuracy",
+                    (1..=n).map(|e| (e as f64, r.f(e, "test_acc"))).collect(),
+                )
+                .on_right_axis(),
+            );
+        for (name, color) in [
+            ("reliance monitor (default)", "#2ca02c"),
+            ("Label Wave", "#9467bd"),
+            ("validation loss, 20% held out", "#ff7f0e"),
+            ("oracle: best test accuracy", "#7f7f7f"),
+        ] {
+            if let Some(o) = outs.iter().find(|o| o.criterion == name) {
+                plot = plot.marker(
+                    o.choice.kept as f64,
+                    format!("{name}: epoch {}", o.choice.kept),
+                    color,
+                );
+            }
+        }
+        let file = dir.join(format!("{set}-{optim}-noise{noise}-seed{}.svg", r.seed()));
+        plot.save(&file)?;
+        eprintln!("wrote {}", file.display());
+    }
+    Ok(())
+}
