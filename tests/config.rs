@@ -68,7 +68,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(noise.seed, 0);
     assert_eq!(d.stopping.metric, Metric::AgreementAuc);
     assert_eq!(d.stopping.tolerance, 0.03);
-    assert_eq!(d.stopping.patience, 5);
+    assert_eq!(d.stopping.patience, 8);
     assert_eq!(d.stopping.smoothing, 0.0);
     assert_eq!(d.stopping.keep, Keep::LastNearPeak);
     assert!(d.restore_best.enabled);
@@ -589,7 +589,7 @@ fn the_example_file_differs_from_the_defaults_only_in_its_output_files() {
         cfg.output.state_file,
         Some(PathBuf::from("reliance-out/state.json"))
     );
-    assert_eq!(cfg.stopping.patience, 5);
+    assert_eq!(cfg.stopping.patience, 8);
     assert_eq!(cfg.stopping.metric, Metric::AgreementAuc);
     assert_eq!(cfg.ablation.fractions, Fractions::Evenly(17));
     assert_eq!(cfg.restore_best.mode, SnapshotMode::Memory);

@@ -112,17 +112,17 @@ impl PredictionChanges {
 #[serde(default, deny_unknown_fields)]
 pub struct LabelWaveRule {
     /// Epochs in the centred moving average of the change counts (odd, ≥ 1): the value of
-    /// epoch `e` is the mean of epochs `e − w/2 … e + w/2`, known at epoch `e + w/2`. Default 5.
+    /// epoch `e` is the mean of epochs `e − w/2 … e + w/2`, known at epoch `e + w/2`. Default 3.
     pub window: usize,
-    /// Epochs after the moving average's lowest point is known before stopping (≥ 1). Default 3.
+    /// Epochs after the moving average's lowest point is known before stopping (≥ 1). Default 5.
     pub patience: usize,
 }
 
 impl Default for LabelWaveRule {
     fn default() -> Self {
         Self {
-            window: 5,
-            patience: 3,
+            window: 3,
+            patience: 5,
         }
     }
 }

@@ -88,7 +88,7 @@ pub struct StoppingRule {
     /// How far below its peak the (smoothed) metric must fall for a check to count as below the
     /// plateau, as a share of the peak, in `[0, 1)`. Default 0.03.
     pub tolerance: f64,
-    /// Epochs since the last check on the plateau before stopping (≥ 1). Default 5.
+    /// Epochs since the last check on the plateau before stopping (≥ 1). Default 8.
     pub patience: usize,
     /// Exponential smoothing of the metric: `s = smoothing · s_prev + (1 − smoothing) · m`,
     /// in `[0, 1)`; 0 (default) is off.
@@ -102,7 +102,7 @@ impl Default for StoppingRule {
         Self {
             metric: Metric::default(),
             tolerance: 0.03,
-            patience: 5,
+            patience: 8,
             smoothing: 0.0,
             keep: Keep::default(),
         }
