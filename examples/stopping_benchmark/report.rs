@@ -28,6 +28,9 @@ pub struct ReportArgs {
     /// Seeds the defaults were chosen on: reported apart from the held-out ones.
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     tuning_seeds: Vec<u64>,
+    /// Report the runs of `run --quick` (a smoke test), which are left out otherwise.
+    #[arg(long)]
+    quick: bool,
     /// Folder for the choices, the summary and the plots.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/results/stopping"))]
     out: PathBuf,
@@ -271,7 +274,7 @@ fn outcome(run: &Run, criterion: &str, choice: Choice, checks: bool) -> Outcome 
     }
 }
 
-fn load(paths: &[PathBuf]) -> Result<Vec<Run>> {
+fn load(paths: &[PathBuf], quick: bool) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
     for p in paths {
         let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
@@ -281,7 +284,7 @@ fn load(paths: &[PathBuf]) -> Result<Vec<Run>> {
             }
             let v: Value = serde_json::from_str(line)
                 .with_context(|| format!("{} line {}", p.display(), i + 1))?;
-            if v["quick"].as_bool() == Some(true) {
+            if v["quick"].as_bool().unwrap_or(false) != quick {
                 continue;
             }
             runs.push(Run { v });
@@ -322,7 +325,7 @@ fn outcomes(runs: &[Run]) -> Result<BTreeMap<String, (usize, Vec<Outcome>)>> {
 }
 
 pub fn report(args: ReportArgs) -> Result<()> {
-    let runs = load(&args.runs)?;
+    let runs = load(&args.runs, args.quick)?;
     if runs.is_empty() {
         bail!("no runs in {:?}", args.runs);
     }

@@ -5,9 +5,11 @@
 //! `(rows, units, inner)`: `inner` is 1 for a dense activation `(N, U)` and `H·W` for a
 //! convolutional one `(N, C, H, W)`, whose units are whole feature maps.
 //!
-//! A measurement evaluates `L` levels (masks or noise scales) at once. The first probe a forward
-//! pass reaches *expands* its input from `M` rows to `L·M` rows, level-major; later probes see
-//! `L·M` rows and apply the level's setting to the rows of that level.
+//! A measurement evaluates `L` variants (masks or noise settings) at once; here and in the
+//! kernels a variant is called a *level* (`L` levels). The first probe a forward pass reaches
+//! *expands* its input from `M` rows to `L·M` rows, level-major; later probes see `L·M` rows and
+//! apply the level's setting to the rows of that level. These are test hooks and kernels'
+//! plumbing, not part of the API.
 
 /// Evaluates `$body` with `$x` bound to the data of a float storage — `$data` is a
 /// `CpuStorage` or a `CudaStorageSlice` (`$kind`), whose variants share their names — so that
