@@ -64,6 +64,7 @@
 pub mod curves;
 pub mod data;
 mod invalid;
+mod json;
 pub mod measurement;
 pub mod monitor;
 #[doc(hidden)]

@@ -159,6 +159,36 @@ fn the_update_that_keeps_its_epoch_says_so() {
 }
 
 #[test]
+fn degenerate_checks_are_never_kept_and_stop_after_the_patience() {
+    let mut es = EarlyStopping::new(rule(0.0, 2, 0.0));
+    es.update(1, 0.5);
+    es.update(2, 0.6);
+    // A degenerate network would have the highest metric of all; it is not even looked at.
+    assert!(!es.degenerate(3, "silent").is_stop());
+    assert!(!es.kept_last());
+    match es.degenerate(4, "silent").reason() {
+        Some(StopReason::Collapsed {
+            epoch: 4,
+            kept_epoch: Some(2),
+            what,
+        }) => assert_eq!(what, "silent"),
+        r => panic!("unexpected {r:?}"),
+    }
+    // Degenerate from the first check: nothing is kept, the patience counts from that check.
+    let mut es = EarlyStopping::new(rule(0.0, 2, 0.0));
+    assert!(!es.degenerate(2, "one class").is_stop());
+    assert!(!es.degenerate(3, "one class").is_stop());
+    assert!(matches!(
+        es.degenerate(4, "one class").reason(),
+        Some(StopReason::Collapsed {
+            kept_epoch: None,
+            ..
+        })
+    ));
+    assert_eq!(es.kept_epoch(), None);
+}
+
+#[test]
 fn smoothed_values_are_exponential_moving_averages() {
     let mut es = EarlyStopping::new(rule(0.0, 10, 0.75));
     for (epoch, m) in [(1, 0.4), (2, 0.8), (3, 0.0)] {

@@ -338,14 +338,17 @@ pub struct AblationCurve {
     /// Accuracy at each fraction for each order.
     pub per_order: Vec<Vec<f64>>,
     /// Mean over orders of the trapezoid area under each order's curve.
+    #[serde(with = "crate::json::float")]
     pub auc: f64,
     /// Area under each order's curve.
     pub auc_per_order: Vec<f64>,
     /// 95% Student-t interval of `auc` over orders; `None` with a single order.
     pub auc_ci: Option<[f64; 2]>,
     /// Accuracy with nothing clamped.
+    #[serde(with = "crate::json::float")]
     pub unablated_accuracy: f64,
     /// `auc / unablated_accuracy`: reliance with plain accuracy factored out.
+    #[serde(with = "crate::json::float")]
     pub normalized_auc: f64,
     /// Agreement at each fraction, mean over orders: the share of samples whose prediction is
     /// the unablated one (1 with nothing clamped). Labels play no part, so fitting wrong labels
@@ -356,7 +359,7 @@ pub struct AblationCurve {
     #[serde(default)]
     pub agreement_per_order: Vec<Vec<f64>>,
     /// Mean over orders of the area under each order's agreement curve.
-    #[serde(default)]
+    #[serde(default, with = "crate::json::float")]
     pub agreement_auc: f64,
     /// Area under each order's agreement curve.
     #[serde(default)]

@@ -89,14 +89,17 @@ pub struct NoiseCurve {
     /// Accuracy at each scale for each draw.
     pub per_draw: Vec<Vec<f64>>,
     /// Mean over draws of the area under the curve against normalized log-scale.
+    #[serde(with = "crate::json::float")]
     pub auc: f64,
     /// Area per draw.
     pub auc_per_draw: Vec<f64>,
     /// 95% Student-t interval of `auc` over draws; `None` with a single draw.
     pub auc_ci: Option<[f64; 2]>,
     /// Accuracy without noise.
+    #[serde(with = "crate::json::float")]
     pub unablated_accuracy: f64,
     /// `auc / unablated_accuracy`.
+    #[serde(with = "crate::json::float")]
     pub normalized_auc: f64,
     /// Whether all noise-free logits were finite.
     pub finite: bool,

@@ -32,6 +32,7 @@ pub use stopping::{
     StoppingState,
 };
 
+use crate::measurement::UnitStatistics;
 use crate::units::Selectivity;
 use crate::{Measurement, ProbeData, ProbeSet};
 use candle_core::{Module, Result, Tensor};
@@ -233,13 +234,20 @@ impl RelianceMonitor {
         };
         let metric_kind = self.config.stopping.metric;
         let metric = metric_kind.of(&curve);
-        let decision = if !curve.finite {
-            self.stopping.stop(StopReason::NonFinite {
+        let stats = m.statistics()?;
+        let non_finite = match varmap.map(non_finite_weights).transpose()?.flatten() {
+            Some(what) => Some(what),
+            None if !curve.finite => Some("logits on the probe data".to_string()),
+            None => non_finite_activations(stats),
+        };
+        let degenerate = degenerate(stats, metric_kind);
+        let decision = match (&non_finite, &degenerate) {
+            (Some(what), _) => self.stopping.stop(StopReason::NonFinite {
                 epoch,
-                what: "logits on the probe data".into(),
-            })
-        } else {
-            self.stopping.update(epoch, metric)
+                what: what.clone(),
+            }),
+            (None, Some(what)) => self.stopping.degenerate(epoch, what),
+            (None, None) => self.stopping.update(epoch, metric),
         };
         let kept = self.stopping.kept_last();
         if kept && self.config.restore_best.enabled {
@@ -270,6 +278,7 @@ impl RelianceMonitor {
             curve,
             noise,
             selectivity,
+            degenerate: degenerate.clone(),
         };
         let selectivity_log = record
             .selectivity
@@ -297,6 +306,7 @@ impl RelianceMonitor {
                 "continue"
             },
             reason = decision.reason().map(tracing::field::display),
+            degenerate = degenerate.as_deref(),
             batched = record.curve.batched,
             "reliance check"
         );
@@ -409,4 +419,66 @@ impl RelianceMonitor {
     pub fn data(&self) -> &ProbeData {
         &self.data
     }
+}
+
+/// The first weight of `varmap` holding a NaN or an infinity, named.
+fn non_finite_weights(varmap: &VarMap) -> Result<Option<String>> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let v = vars[name].as_tensor();
+        if !v.dtype().is_float() {
+            continue;
+        }
+        // x − x is 0 for every finite x and NaN for NaN and ±inf: one reduction per variable.
+        let x = v.to_dtype(candle_core::DType::F32)?;
+        if !x.sub(&x)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            return Ok(Some(format!("weights in `{name}`")));
+        }
+    }
+    Ok(None)
+}
+
+/// The first probe whose activations were NaN or infinite in the statistics pass, named.
+fn non_finite_activations(stats: &UnitStatistics) -> Option<String> {
+    stats
+        .probes
+        .iter()
+        .find(|p| {
+            p.value
+                .mean
+                .iter()
+                .chain(&p.value.std)
+                .any(|v| !v.is_finite())
+        })
+        .map(|p| format!("activations at probe `{}`", p.name))
+}
+
+/// How the network is degenerate on the probe subset, if it is: one predicted class for every
+/// sample (while the labels hold several), every probed unit silent, or (for the normalized AUC,
+/// a ratio to the accuracy) no sample predicted right.
+fn degenerate(stats: &UnitStatistics, metric: Metric) -> Option<String> {
+    if metric == Metric::NormalizedAuc && stats.accuracy == 0.0 {
+        return Some(
+            "no sample of the probe subset is predicted right (the normalized AUC is undefined)"
+                .to_string(),
+        );
+    }
+    let label_classes = stats.class_counts.iter().filter(|&&k| k > 0).count();
+    if let Some(&first) = stats.predictions.first() {
+        if label_classes > 1 && stats.predictions.iter().all(|&p| p == first) {
+            return Some(format!(
+                "it predicts class {first} for every sample of the probe subset"
+            ));
+        }
+    }
+    let silent = stats
+        .probes
+        .iter()
+        .all(|p| p.value.mean.iter().all(|&m| m == 0.0) && p.value.std.iter().all(|&s| s == 0.0));
+    silent.then(|| "every probed unit is silent (zero) on the probe subset".to_string())
 }

@@ -15,18 +15,24 @@ pub struct CheckRecord {
     /// The metric the stopping rule follows.
     pub metric: Metric,
     /// Its value at this check.
+    #[serde(with = "crate::json::float")]
     pub value: f64,
     /// The value after smoothing (equal to `value` without smoothing).
+    #[serde(with = "crate::json::float")]
     pub smoothed: f64,
     /// Ablation AUC (mean over orders).
+    #[serde(with = "crate::json::float")]
     pub auc: f64,
     /// 95% interval of `auc` over orders.
     pub auc_ci: Option<[f64; 2]>,
     /// AUC divided by the unablated accuracy.
+    #[serde(with = "crate::json::float")]
     pub normalized_auc: f64,
     /// Training-subset accuracy with nothing ablated.
+    #[serde(with = "crate::json::float")]
     pub unablated_accuracy: f64,
     /// Noise-curve AUC, when the noise curve is configured.
+    #[serde(with = "crate::json::option")]
     pub noise_auc: Option<f64>,
     /// Whether this check's epoch is the one the rule keeps now (its weights were snapshotted).
     pub kept: bool,
@@ -43,6 +49,10 @@ pub struct CheckRecord {
     /// `selectivity` is on.
     #[serde(default)]
     pub selectivity: Option<Vec<f64>>,
+    /// How the network was degenerate at this check (one predicted class, or every probed unit
+    /// silent), when it was: such a check is never kept.
+    #[serde(default)]
+    pub degenerate: Option<String>,
 }
 
 /// Reads a history file written by the monitor (one [`CheckRecord`] per line); errors name the

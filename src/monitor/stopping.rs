@@ -132,6 +132,7 @@ pub enum StopReason {
         /// Epoch of the peak.
         peak_epoch: usize,
         /// The (smoothed) metric at the peak.
+        #[serde(with = "crate::json::float")]
         peak: f64,
         /// The epoch kept (restored).
         kept_epoch: usize,
@@ -148,7 +149,20 @@ pub enum StopReason {
         /// Epochs since that low was known.
         epochs_since: usize,
     },
-    /// A metric or the logits were NaN or infinite: training has diverged.
+    /// The network has been degenerate — one predicted class for every sample, or every probed
+    /// unit silent — at every check for `patience` epochs since the last check on the plateau
+    /// (or since the first check). A degenerate check is never kept: its reliance metric says
+    /// nothing (a constant network keeps all of its "decisions" under any ablation).
+    Collapsed {
+        /// Epoch of the check.
+        epoch: usize,
+        /// What was degenerate.
+        what: String,
+        /// The epoch kept (restored), if any check was kept before.
+        kept_epoch: Option<usize>,
+    },
+    /// A metric, the logits, the activations at a probe or the weights were NaN or infinite:
+    /// training has diverged.
     NonFinite {
         /// Epoch of the check.
         epoch: usize,
@@ -184,6 +198,17 @@ impl std::fmt::Display for StopReason {
                 "prediction changes rose: no new low for {epochs_since} epochs since \
                  {lowest:.1} at epoch {lowest_epoch}"
             ),
+            StopReason::Collapsed {
+                epoch,
+                what,
+                kept_epoch,
+            } => {
+                write!(f, "the network collapsed: {what} at epoch {epoch}; ")?;
+                match kept_epoch {
+                    Some(k) => write!(f, "keeping epoch {k}"),
+                    None => write!(f, "no epoch to keep"),
+                }
+            }
             StopReason::NonFinite { epoch, what } => {
                 write!(f, "non-finite {what} at epoch {epoch}")
             }
@@ -226,6 +251,7 @@ pub struct Best {
     /// The epoch.
     pub epoch: usize,
     /// The smoothed metric there (equal to the raw metric without smoothing).
+    #[serde(with = "crate::json::float")]
     pub metric: f64,
 }
 
@@ -233,6 +259,7 @@ pub struct Best {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StoppingState {
     /// Smoothed metric after the last update.
+    #[serde(with = "crate::json::option")]
     pub smoothed: Option<f64>,
     /// The highest smoothed metric so far.
     pub peak: Option<Best>,
@@ -242,6 +269,9 @@ pub struct StoppingState {
     pub last_near_peak: Option<usize>,
     /// The epoch of the last update.
     pub last_epoch: Option<usize>,
+    /// The epoch of the first update.
+    #[serde(default)]
+    pub first_epoch: Option<usize>,
     /// Updates so far.
     pub checks: usize,
     /// Set once a stop was decided; later updates repeat it.
@@ -303,6 +333,29 @@ impl EarlyStopping {
         let reason = self.state.stopped.get_or_insert(reason).clone();
         Decision::Stop { reason }
     }
+
+    /// Feeds a check whose network is degenerate (`what` says how): it is off the plateau and
+    /// never kept, whatever its metric; after `patience` epochs without a check on the plateau
+    /// the rule stops with [`StopReason::Collapsed`].
+    pub fn degenerate(&mut self, epoch: usize, what: &str) -> Decision {
+        if let Some(reason) = &self.state.stopped {
+            return Decision::Stop {
+                reason: reason.clone(),
+            };
+        }
+        self.state.checks += 1;
+        self.state.last_epoch = Some(epoch);
+        let since = *self.state.first_epoch.get_or_insert(epoch);
+        let since = self.state.last_near_peak.unwrap_or(since);
+        if epoch.saturating_sub(since) >= self.rule.patience {
+            return self.stop(StopReason::Collapsed {
+                epoch,
+                what: what.to_string(),
+                kept_epoch: self.kept_epoch(),
+            });
+        }
+        Decision::Continue
+    }
 }
 
 impl EarlyStoppingStrategy for EarlyStopping {
@@ -326,6 +379,7 @@ impl EarlyStoppingStrategy for EarlyStopping {
         self.state.smoothed = Some(s);
         self.state.checks += 1;
         self.state.last_epoch = Some(epoch);
+        self.state.first_epoch.get_or_insert(epoch);
         let here = Best { epoch, metric: s };
         let new_peak = self.state.peak.as_ref().map_or(true, |b| s > b.metric);
         if new_peak {

@@ -1,6 +1,8 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod scripted;
+
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_reliance::{ProbeData, ProbeSet};
 
