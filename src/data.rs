@@ -114,13 +114,10 @@ impl ProbeData {
         })
     }
 
-    /// Samples `start..start + len` (clipped to the end).
-    pub(crate) fn chunk(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+    /// The inputs of samples `start..start + len` (clipped to the end).
+    pub(crate) fn chunk(&self, start: usize, len: usize) -> Result<Tensor> {
         let len = len.min(self.len() - start);
-        Ok((
-            self.xs.narrow(0, start, len)?,
-            self.labels.narrow(0, start, len)?,
-        ))
+        self.xs.narrow(0, start, len)
     }
 }
 

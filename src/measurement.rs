@@ -267,7 +267,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         let (mut correct, mut classes, mut finite, mut first_probe) = (0u64, 0usize, true, 0usize);
         let mut predictions = Vec::with_capacity(n);
         for start in (0..n).step_by(batch_size) {
-            let (xs, labels) = data.chunk(start, batch_size)?;
+            let xs = data.chunk(start, batch_size)?;
             let chunk_labels = &data.label_values()[start..start + xs.dim(0)?];
             guard.start_forward_labelled(
                 start,
@@ -284,9 +284,9 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 .to_vec1::<f32>()?
                 .iter()
                 .all(|v| v.is_finite());
-            let pred = logits.argmax(D::Minus1)?;
-            correct += count_hits(&pred, &labels, 1)?[0];
-            predictions.extend(pred.to_vec1::<u32>()?);
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            correct += count_hits(&pred, &data.label_values()[start..start + rows], 1)[0];
+            predictions.extend(pred);
             if start == 0 {
                 first_probe = guard.call_order()?[0];
             }
@@ -437,10 +437,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         let (probes, data) = (self.probes, self.data);
         let n = data.len();
         let max_rows = self.max_rows()?.max(1);
-        let predictions = Tensor::new(
-            self.statistics()?.predictions.as_slice(),
-            data.xs().device(),
-        )?;
+        let predictions = &self.statistics()?.predictions;
         let mut run = VariantRun {
             correct: vec![0; variants],
             agreeing: vec![0; variants],
@@ -458,7 +455,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                     guard.set_action(make_action(range.clone())?, range.len(), true)?;
                 }
                 for start in (0..n).step_by(m) {
-                    match self.batched_forward(&guard, &predictions, start, m, range.len()) {
+                    match self.batched_forward(&guard, predictions, start, m, range.len()) {
                         Ok((correct, agreeing)) => {
                             for (c, k) in run.correct[range.clone()].iter_mut().zip(correct) {
                                 *c += k;
@@ -497,15 +494,15 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 guard.set_action(make_action(variant..variant + 1)?, 1, false)?;
             }
             for start in (0..n).step_by(chunk) {
-                let (xs, labels) = data.chunk(start, chunk)?;
+                let xs = data.chunk(start, chunk)?;
                 guard.start_forward(start, n)?;
                 let logits = self.model.forward(&xs)?;
                 guard.finish_forward()?;
                 let rows = checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?.0;
-                let pred = logits.argmax(D::Minus1)?;
-                run.correct[variant] += count_hits(&pred, &labels, 1)?[0];
-                run.agreeing[variant] +=
-                    count_hits(&pred, &predictions.narrow(0, start, rows)?, 1)?[0];
+                let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                let span = start..start + rows;
+                run.correct[variant] += count_hits(&pred, &data.label_values()[span.clone()], 1)[0];
+                run.agreeing[variant] += count_hits(&pred, &predictions[span], 1)[0];
             }
         }
         Ok(run)
@@ -516,14 +513,14 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
     fn batched_forward(
         &self,
         guard: &PassGuard<'_>,
-        predictions: &Tensor,
+        predictions: &[u32],
         start: usize,
         m: usize,
         variants: usize,
     ) -> std::result::Result<(Vec<u64>, Vec<u64>), String> {
         let data = self.data;
-        let (xs, labels) = data.chunk(start, m).map_err(|e| e.to_string())?;
-        let rows_in = labels.dims()[0];
+        let xs = data.chunk(start, m).map_err(|e| e.to_string())?;
+        let rows_in = xs.dims()[0];
         guard
             .start_forward(start, data.len())
             .map_err(|e| e.to_string())?;
@@ -536,14 +533,16 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 variants * rows_in
             ));
         }
-        let counts = || -> Result<(Vec<u64>, Vec<u64>)> {
-            let pred = logits.argmax(D::Minus1)?;
-            Ok((
-                count_hits(&pred, &labels, variants)?,
-                count_hits(&pred, &predictions.narrow(0, start, rows_in)?, variants)?,
-            ))
-        };
-        counts().map_err(|e| e.to_string())
+        // One copy of the arg-max to the host: `variants × rows_in` small integers.
+        let pred = logits
+            .argmax(D::Minus1)
+            .and_then(|p| p.to_vec1::<u32>())
+            .map_err(|e| e.to_string())?;
+        let span = start..start + rows_in;
+        Ok((
+            count_hits(&pred, &data.label_values()[span.clone()], variants),
+            count_hits(&pred, &predictions[span], variants),
+        ))
     }
 }
 
@@ -567,16 +566,13 @@ fn checked_logits(logits: &Tensor, samples: usize, labels: &[u32]) -> Result<(us
     Ok((rows, classes))
 }
 
-/// Per variant, the predictions `(variants·m,)` equal to `targets` `(m,)` (labels, or the
-/// unablated predictions).
-fn count_hits(pred: &Tensor, targets: &Tensor, variants: usize) -> Result<Vec<u64>> {
-    let m = targets.dim(0)?;
-    let pred = pred.reshape((variants, m))?;
-    let hits = pred
-        .broadcast_eq(&targets.unsqueeze(0)?)?
-        .to_dtype(DType::U32)?
-        .sum(1)?;
-    Ok(hits.to_vec1::<u32>()?.into_iter().map(u64::from).collect())
+/// Per variant, how many of the predictions `pred` (`variants × m`, variant-major) equal
+/// `targets` (`m`: the labels, or the unablated predictions).
+fn count_hits(pred: &[u32], targets: &[u32], variants: usize) -> Vec<u64> {
+    pred.chunks(targets.len().max(1))
+        .take(variants)
+        .map(|row| row.iter().zip(targets).filter(|(p, t)| p == t).count() as u64)
+        .collect()
 }
 
 /// How the variant evaluation ran.

@@ -193,7 +193,7 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
         let n = data.len();
         let mut out: Vec<Option<PerProbe<Vec<f32>>>> = vec![None; names.len()];
         for start in (0..n).step_by(batch_size) {
-            let (xs, _) = data.chunk(start, batch_size)?;
+            let xs = data.chunk(start, batch_size)?;
             let rows = xs.dim(0)?;
             guard.start_forward(start, n)?;
             self.model().forward(&xs)?;
