@@ -253,13 +253,19 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         self.batching.validate()?;
         let (probes, data) = (self.probes, self.data);
         let batch_size = self.batching.batch_size;
-        let guard = probes.begin(Action::Stats, 1, false)?;
         let n = data.len();
-        let label_classes = data
-            .label_values()
-            .iter()
-            .max()
-            .map_or(0, |&m| m as usize + 1);
+        // The model's class count, from one sample with the probes idle, bounds the labels
+        // before anything is sized by them: a stray label of 4 billion must be an error, not a
+        // 34 GB allocation.
+        let (_, model_classes) = logits_dims(&self.model.forward(&data.chunk(0, 1)?)?)?;
+        let max_label = data.label_values().iter().copied().max().unwrap_or(0);
+        if max_label as usize >= model_classes {
+            candle_core::bail!(
+                "label {max_label} is out of range for a model with {model_classes} logits"
+            );
+        }
+        let label_classes = max_label as usize + 1;
+        let guard = probes.begin(Action::Stats, 1, false)?;
         let mut class_counts = vec![0u64; label_classes];
         data.label_values()
             .iter()

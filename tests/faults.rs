@@ -152,3 +152,26 @@ fn a_check_with_no_right_answer_keeps_the_files_readable() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_huge_label_is_an_error_before_anything_is_sized_by_it() -> Result<()> {
+    // Sized by the label first, the class sums of u32::MAX classes were a 34 GB allocation that
+    // aborted the process.
+    let (_, net, probes, data) = setup()?;
+    let mut labels = data.label_values().to_vec();
+    labels[3] = u32::MAX;
+    let n = labels.len();
+    let bad = candle_reliance::ProbeData::new(
+        data.xs().clone(),
+        Tensor::from_vec(labels, n, &Device::Cpu)?,
+    )?;
+    let e = candle_reliance::Measurement::new(&net, &probes, &bad)
+        .statistics()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("label 4294967295 is out of range for a model with 2 logits"),
+        "{e}"
+    );
+    Ok(())
+}

@@ -56,8 +56,9 @@ fn added_noise_has_the_unit_scaled_standard_deviation() -> Result<()> {
     let mut count = 0usize;
     let clean = data.xs().to_vec2::<f32>()?;
     let mut sample = 0usize;
-    for out in chunks.iter().skip(1) {
-        // skip(1): the statistics pass comes first, unperturbed.
+    for out in chunks.iter().skip(2) {
+        // skip(2): one sample's forward (the model's class count) and the statistics pass come
+        // first, unperturbed.
         let rows = out.to_vec2::<f32>()?;
         let m = rows.len() / 2;
         for level in 0..2 {
