@@ -39,6 +39,16 @@ impl Invalid {
         Ok(())
     }
 
+    pub fn at_most(key: &str, v: usize, max: usize, why: &str) -> Checked {
+        if v > max {
+            return Err(Self::new(
+                key,
+                format!("must be at most {max}, got {v} ({why})"),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn unit_interval_open(key: &str, v: f64) -> Checked {
         if !(0.0..1.0).contains(&v) {
             return Err(Self::new(key, format!("must be in [0, 1), got {v}")));

@@ -175,3 +175,45 @@ fn a_huge_label_is_an_error_before_anything_is_sized_by_it() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn sizes_beyond_what_a_check_needs_are_refused_fast() {
+    // Each once hung or aborted: a curve of 10^8 fractions, 10^6 or 10^9 orders, 10^6 noise
+    // draws, and 200 KB of brackets under one key (parsed in quadratic time).
+    let cases: &[(&str, &str)] = &[
+        ("ablation:\n  fractions: 100000000\n", "ablation.fractions"),
+        ("ablation:\n  orders: 1000000\n", "ablation.orders"),
+        ("ablation:\n  orders: 1000000000\n", "ablation.orders"),
+        (
+            "ablation:\n  orders: 200\n  fractions: 1000\n",
+            "ablation.orders",
+        ),
+        ("noise:\n  draws: 1000000\n", "noise.draws"),
+        ("noise:\n  draws: 18446744073709551615\n", "noise.draws"),
+    ];
+    for (yaml, key) in cases {
+        let t = std::time::Instant::now();
+        let e = RelianceConfig::from_yaml_str(yaml).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("at most"), "{yaml}: {e}");
+        assert!(
+            t.elapsed().as_secs_f64() < 1.0,
+            "{yaml} took {:?}",
+            t.elapsed()
+        );
+    }
+    let deep = format!("stopping:\n  patience: {}\n", "[".repeat(200_000));
+    let t = std::time::Instant::now();
+    let e = RelianceConfig::from_yaml_str(&deep)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nested more than") && e.contains("line 2"),
+        "{e}"
+    );
+    assert!(t.elapsed().as_secs_f64() < 1.0, "{:?}", t.elapsed());
+    let big = format!("# {}\n", "x".repeat(2 << 20));
+    let e = RelianceConfig::from_yaml_str(&big).unwrap_err().to_string();
+    assert!(e.contains("at most 1048576"), "{e}");
+    // Within the bounds, a large curve is fine.
+    RelianceConfig::from_yaml_str("ablation:\n  fractions: 1025\n  orders: 97\n").unwrap();
+}

@@ -9,6 +9,16 @@ use crate::Measurement;
 use candle_core::{Module, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The most fractions a curve may have (steps of 1/1024).
+pub const MAX_FRACTIONS: usize = 1025;
+/// The most random orders a curve may have.
+pub const MAX_ORDERS: usize = 10_000;
+/// The most memory the random orders of one curve may hold (16 bytes per order and unit).
+const MAX_ORDER_BYTES: usize = 1 << 30;
+/// The most variants (orders × fractions, or noise scales × draws) a curve may evaluate: each
+/// is a forward pass over the subset.
+pub const MAX_VARIANTS: usize = 100_000;
+
 /// The fractions of units clamped, the curve's x axis: a count of evenly spaced fractions
 /// `0, 1/(n−1), …, 1` (YAML `fractions: 17`), or the fractions themselves, strictly increasing
 /// in `[0, 1]` (YAML `fractions: [0, 0.25, 0.5, 1]`).
@@ -55,8 +65,27 @@ impl Fractions {
         }
     }
 
+    /// How many fractions there are.
+    pub fn len(&self) -> usize {
+        match self {
+            Fractions::Evenly(n) => *n,
+            Fractions::Explicit(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none (never valid).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub(crate) fn check(&self) -> Checked {
         let bad = |msg: String| Err(Invalid::new("fractions", msg));
+        Invalid::at_most(
+            "fractions",
+            self.len(),
+            MAX_FRACTIONS,
+            "steps of 1/1024 are finer than any check needs",
+        )?;
         match self {
             Fractions::Evenly(n) if *n < 2 => {
                 bad(format!("need at least 2 to form a curve, got {n}"))
@@ -317,6 +346,13 @@ impl AblationSpec {
         self.fractions.check()?;
         if let AblationOrder::Random { orders, .. } = self.order {
             Invalid::at_least("orders", orders, 1)?;
+            Invalid::at_most("orders", orders, MAX_ORDERS, "each order is drawn and held")?;
+            Invalid::at_most(
+                "orders",
+                orders.saturating_mul(self.fractions.len()),
+                MAX_VARIANTS,
+                "orders × fractions is the number of forward passes over the subset",
+            )?;
         }
         Ok(())
     }
@@ -385,6 +421,18 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
         spec.validate()?;
         let stats = self.statistics()?;
         let total = stats.total_units();
+        if let AblationOrder::Random { orders, .. } = spec.order {
+            // Every order is a permutation of all units, held with its ranks.
+            let bytes = orders.saturating_mul(total).saturating_mul(16);
+            if bytes > MAX_ORDER_BYTES {
+                candle_core::bail!(
+                    "ablation.orders: {orders} orders of {total} units need {:.1} GiB; at most \
+                     {:.0} GiB: use fewer orders",
+                    bytes as f64 / (1u64 << 30) as f64,
+                    MAX_ORDER_BYTES as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
         let orders = match &spec.order {
             AblationOrder::MostSelectiveFirst => vec![ordering::by_selectivity(self, true)?],
             AblationOrder::LeastSelectiveFirst => vec![ordering::by_selectivity(self, false)?],
@@ -416,17 +464,15 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
         // Variants are the distinct masks: nothing and everything clamped are the same for
         // every order.
         let mut masks: Vec<(usize, usize)> = Vec::new(); // (order, k)
+        let mut seen = std::collections::HashMap::new();
         let mut index = vec![vec![0; units_ablated.len()]; orders.len()];
         for (r, row) in index.iter_mut().enumerate() {
             for (i, &k) in units_ablated.iter().enumerate() {
                 let key = if k == 0 || k == total { (0, k) } else { (r, k) };
-                row[i] = match masks.iter().position(|m| *m == key) {
-                    Some(p) => p,
-                    None => {
-                        masks.push(key);
-                        masks.len() - 1
-                    }
-                };
+                row[i] = *seen.entry(key).or_insert_with(|| {
+                    masks.push(key);
+                    masks.len() - 1
+                });
             }
         }
         let run = self.evaluate_clamped(masks.len(), spec.clamp, |variant, p, keep| {

@@ -31,6 +31,8 @@ mod auc;
 mod noise;
 
 pub use crate::measurement::Clamp;
-pub use ablation::{AblationCurve, AblationOrder, AblationSpec, Fractions};
+pub use ablation::{
+    AblationCurve, AblationOrder, AblationSpec, Fractions, MAX_FRACTIONS, MAX_ORDERS, MAX_VARIANTS,
+};
 pub use auc::{mean_and_ci95, trapezoid_auc};
 pub use noise::{log_spaced, NoiseCurve, NoiseSpec};

@@ -59,7 +59,19 @@ impl NoiseSpec {
         if s.windows(2).any(|w| w[1] <= w[0]) {
             return bad(format!("must be strictly increasing, got {s:?}"));
         }
-        Invalid::at_least("draws", self.draws, 1)
+        Invalid::at_most(
+            "scales",
+            s.len(),
+            super::ablation::MAX_FRACTIONS,
+            "more scales than any curve needs",
+        )?;
+        Invalid::at_least("draws", self.draws, 1)?;
+        Invalid::at_most(
+            "draws",
+            self.draws.saturating_mul(s.len()),
+            super::ablation::MAX_VARIANTS,
+            "draws × scales is the number of forward passes over the subset",
+        )
     }
     /// Sets the scales.
     pub fn with_scales(mut self, scales: Vec<f64>) -> Self {

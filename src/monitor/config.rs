@@ -161,8 +161,11 @@ pub struct OutputConfig {
 }
 
 impl RelianceConfig {
-    /// Parses YAML text; an empty document gives the defaults.
+    /// Parses YAML text; an empty document gives the defaults. Text over 1 MiB, or nested more
+    /// than 32 brackets deep, is refused before parsing (a configuration needs neither, and the
+    /// parser's time grows fast with them).
     pub fn from_yaml_str(text: &str) -> Result<Self> {
+        bounded(text)?;
         let err = |e: serde_norway::Error| candle_core::Error::Msg(format!("reliance config: {e}"));
         // A file of comments only is an empty document, which a struct cannot be read from.
         let empty = matches!(
@@ -226,6 +229,45 @@ impl RelianceConfig {
         }
         Ok(())
     }
+}
+
+/// The most bytes and the deepest bracket nesting a configuration may have.
+const MAX_TEXT: usize = 1 << 20;
+const MAX_DEPTH: usize = 32;
+
+/// Refuses text too large or too deeply nested to be a configuration, naming the line.
+fn bounded(text: &str) -> Result<()> {
+    if text.len() > MAX_TEXT {
+        candle_core::bail!(
+            "reliance config: {} bytes, at most {MAX_TEXT}: not a configuration file",
+            text.len()
+        );
+    }
+    // Flow collections may span lines: the depth carries over; quotes and comments do not.
+    let mut depth = 0usize;
+    for (i, line) in text.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        candle_core::bail!(
+                            "reliance config: brackets nested more than {MAX_DEPTH} deep at line {}",
+                            i + 1
+                        );
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A section header with nothing under it (`stopping:` with every key commented out) reads as
