@@ -217,3 +217,263 @@ fn sizes_beyond_what_a_check_needs_are_refused_fast() {
     // Within the bounds, a large curve is fine.
     RelianceConfig::from_yaml_str("ablation:\n  fractions: 1025\n  orders: 97\n").unwrap();
 }
+
+/// The configuration of the crash test: every file on, the kept weights on disk.
+fn crash_config(dir: &std::path::Path) -> Result<RelianceConfig> {
+    config(
+        dir,
+        &format!(
+            "restore_best: {{mode: disk, path: {}}}\n",
+            dir.join("best.safetensors").display()
+        ),
+    )
+}
+
+/// Trains the scripted run from `from` to its stop or epoch 10; returns the stop epoch.
+fn train_on(
+    monitor: &mut RelianceMonitor,
+    varmap: &candle_nn::VarMap,
+    net: &Net,
+    from: usize,
+) -> Result<usize> {
+    for epoch in from..=10 {
+        train_epoch(varmap, epoch)?;
+        if monitor.on_epoch_end(epoch, net, varmap)?.is_stop() {
+            return Ok(epoch);
+        }
+    }
+    Ok(10)
+}
+
+/// Run in a child process by `a_crash_at_any_write_leaves_files_a_resume_continues_from`, which
+/// makes it abort at its k-th write; does nothing in a normal test run.
+#[test]
+fn crash_child() -> Result<()> {
+    let Ok(dir) = std::env::var("CANDLE_RELIANCE_CRASH_DIR") else {
+        return Ok(());
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(crash_config(&dir)?, probes, data)?;
+    train_on(&mut monitor, &varmap, &net, 1)?;
+    monitor.finish(&varmap)?;
+    Ok(())
+}
+
+#[test]
+fn a_crash_at_any_write_leaves_files_a_resume_continues_from() -> Result<()> {
+    // The uninterrupted run.
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(crash_config(dir.path())?, probes, data)?;
+    let want_stop = train_on(&mut monitor, &varmap, &net, 1)?;
+    let want_kept = monitor.finish(&varmap)?;
+    let want_history: Vec<(usize, bool)> = read_history(dir.path().join("hist.jsonl"))?
+        .iter()
+        .map(|r| (r.epoch, r.kept))
+        .collect();
+    drop(monitor);
+
+    let exe = std::env::current_exe().unwrap();
+    let mut crashes = 0;
+    for k in 1.. {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(&exe)
+            .args(["crash_child", "--exact", "--test-threads=1", "--quiet"])
+            .env("CANDLE_RELIANCE_CRASH_DIR", dir.path())
+            .env("CANDLE_RELIANCE_ABORT_AT_WRITE", k.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        if status.success() {
+            break; // the run has fewer than k writes
+        }
+        crashes += 1;
+        // Resume from what the crash left: the state when there is one, else a fresh start.
+        let (varmap, net, probes, data) = setup()?;
+        let cfg = crash_config(dir.path())?;
+        let state_file = dir.path().join("state.json");
+        let mut stopped_at = None;
+        let (mut monitor, from) = if state_file.exists() {
+            let state = RelianceMonitor::load_state(&state_file)
+                .unwrap_or_else(|e| panic!("crash at write {k}: unreadable state: {e}"));
+            let from = state.last_epoch.map_or(1, |e| e + 1);
+            if state.stopping.stopped.is_some() {
+                stopped_at = state.last_epoch; // the stop was committed before the crash
+            }
+            // The kept epoch's weights are in the snapshot the state names.
+            if let Some(kept) = state.stopping.kept.as_ref().map(|b| b.epoch) {
+                assert!(
+                    dir.path()
+                        .join(format!("best.safetensors.epoch{kept}"))
+                        .exists(),
+                    "crash at write {k}: no snapshot of the kept epoch {kept}"
+                );
+            }
+            let m = RelianceMonitor::resume(cfg, probes, data, state)
+                .unwrap_or_else(|e| panic!("crash at write {k}: cannot resume: {e}"));
+            (m, from)
+        } else {
+            (RelianceMonitor::new(cfg, probes, data)?, 1)
+        };
+        let stop = train_on(&mut monitor, &varmap, &net, from)?;
+        let stop = stopped_at.unwrap_or(stop);
+        let kept = monitor.finish(&varmap)?;
+        assert_eq!((stop, kept), (want_stop, want_kept), "crash at write {k}");
+        let history: Vec<(usize, bool)> = read_history(dir.path().join("hist.jsonl"))?
+            .iter()
+            .map(|r| (r.epoch, r.kept))
+            .collect();
+        assert_eq!(history, want_history, "crash at write {k}");
+        let kept = kept.expect("the scripted run keeps an epoch");
+        assert_eq!(
+            values(&varmap)[1].1,
+            weights(kept)?.1.flatten_all()?.to_vec1::<f32>()?,
+            "crash at write {k}: the kept epoch's weights"
+        );
+        // Nothing half-written or stale is left: no temporary files, no other snapshots (a
+        // fresh start, with no state to trust, moves an earlier run's files aside as `.bak`).
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.ends_with(".tmp") && (!n.contains(".epoch") || n.ends_with(".bak"))),
+            "crash at write {k}: left {names:?}"
+        );
+    }
+    assert!(crashes >= 10, "only {crashes} writes were crashed at");
+    eprintln!("crashed and resumed at each of {crashes} writes");
+    Ok(())
+}
+
+#[test]
+fn output_paths_are_checked_against_each_other_and_locked() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // One file for two outputs destroyed the history or the weights.
+    for (yaml, key) in [
+        (
+            format!("output: {{history_file: {d}/a, state_file: {d}/a}}\n"),
+            "output.state_file",
+        ),
+        (
+            format!("output: {{state_file: {d}/s}}\nrestore_best: {{mode: disk, path: {d}/s}}\n"),
+            "restore_best.path",
+        ),
+    ] {
+        let e = RelianceConfig::from_yaml_str(&yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains("same file"), "{e}");
+    }
+    // The snapshot path may equal another output while the snapshot is kept in memory.
+    RelianceConfig::from_yaml_str(&format!(
+        "output: {{state_file: {d}/s}}\nrestore_best: {{path: {d}/s}}\n"
+    ))?;
+
+    // A second monitor on the same folder is refused while the first lives, naming it.
+    let (_, _, probes, data) = setup()?;
+    let first = RelianceMonitor::new(config(dir.path(), "")?, probes.clone(), data.clone())?;
+    let e = RelianceMonitor::new(config(dir.path(), "")?, probes.clone(), data.clone())
+        .err()
+        .expect("a second monitor on the same folder")
+        .to_string();
+    assert!(
+        e.contains(&format!("process {}", std::process::id())) && e.contains("writing to"),
+        "{e}"
+    );
+    drop(first);
+    let second = RelianceMonitor::new(config(dir.path(), "")?, probes.clone(), data.clone())?;
+    drop(second);
+
+    // A folder named as an output file, and a snapshot folder that cannot be made, are errors
+    // at creation, not at the first new best.
+    std::fs::create_dir(dir.path().join("hist.jsonl.d")).unwrap();
+    let mut cfg = config(dir.path(), "")?;
+    cfg.output.history_file = Some(dir.path().join("hist.jsonl.d"));
+    let e = RelianceMonitor::new(cfg, probes.clone(), data.clone())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("output.history_file") && e.contains("is a directory"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("not-a-folder"), b"x").unwrap();
+    let e = RelianceMonitor::new(
+        config(
+            dir.path(),
+            &format!("restore_best: {{mode: disk, path: {d}/not-a-folder/best.safetensors}}\n"),
+        )?,
+        probes,
+        data,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("not-a-folder"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn a_resume_with_other_deciding_settings_is_refused_naming_them() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let cfg = config(dir.path(), "")?;
+    let mut monitor = RelianceMonitor::new(cfg.clone(), probes.clone(), data.clone())?;
+    for epoch in 1..=3 {
+        train_epoch(&varmap, epoch)?;
+        monitor.on_epoch_end(epoch, &net, &varmap)?;
+    }
+    drop(monitor);
+    let state = RelianceMonitor::load_state(dir.path().join("state.json"))?;
+    let mut other = cfg.clone();
+    other.stopping.metric = candle_reliance::monitor::Metric::NormalizedAuc;
+    other.data.subset_size = 10;
+    let e = RelianceMonitor::resume(other, probes.clone(), data.clone(), state.clone())
+        .err()
+        .expect("other settings")
+        .to_string();
+    assert!(
+        e.contains("stopping.metric") && e.contains("data.subset_size") && !e.contains("patience"),
+        "{e}"
+    );
+    // Settings that do not decide (files, batching) may change.
+    let mut fine = cfg;
+    fine.batching.batch_size = 7;
+    RelianceMonitor::resume(fine, probes, data, state)?;
+    Ok(())
+}
+
+#[test]
+fn a_kept_epoch_whose_snapshot_cannot_be_written_is_not_recorded() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let best = dir.path().join("snap").join("best.safetensors");
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(
+        config(
+            dir.path(),
+            &format!("restore_best: {{mode: disk, path: {}}}\n", best.display()),
+        )?,
+        probes,
+        data,
+    )?;
+    train_epoch(&varmap, 1)?;
+    monitor.on_epoch_end(1, &net, &varmap)?;
+    // The snapshot folder turns into a file: epoch 2's kept weights cannot be written.
+    std::fs::remove_dir_all(dir.path().join("snap")).unwrap();
+    std::fs::write(dir.path().join("snap"), b"in the way").unwrap();
+    train_epoch(&varmap, 2)?;
+    assert!(monitor.on_epoch_end(2, &net, &varmap).is_err());
+    assert_eq!(
+        monitor.best_epoch(),
+        Some(1),
+        "epoch 2 was kept without its weights"
+    );
+    assert_eq!(read_history(dir.path().join("hist.jsonl"))?.len(), 1);
+    Ok(())
+}

@@ -191,6 +191,9 @@ fn max_epochs_and_non_finite_stop() -> Result<()> {
         }
     );
 
+    // The first monitor holds the output folder until it is dropped.
+    assert!(RelianceMonitor::new(cfg.clone(), probes.clone(), data.clone()).is_err());
+    drop(monitor);
     let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
     train_epoch(&varmap, 1)?;
     assert!(!monitor.on_epoch_end(1, &net, &varmap)?.is_stop());

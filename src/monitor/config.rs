@@ -84,7 +84,7 @@ impl ScheduleConfig {
     /// Whether a check runs after `epoch`.
     pub fn is_check_epoch(&self, epoch: usize) -> bool {
         epoch >= self.warmup_epochs.max(1)
-            && (epoch - self.warmup_epochs.max(1)) % self.check_every == 0
+            && (epoch - self.warmup_epochs.max(1)).is_multiple_of(self.check_every)
     }
 
     fn check(&self) -> Checked {
@@ -225,6 +225,23 @@ impl RelianceConfig {
         for (key, path) in paths {
             if path.is_some_and(|p| p.as_os_str().is_empty()) {
                 return Err(Invalid::new(key, "must not be empty"));
+            }
+        }
+        // Two outputs in one file destroy each other (the snapshot path matters with disk mode).
+        let snapshot = (self.restore_best.enabled && self.restore_best.mode == SnapshotMode::Disk)
+            .then_some(&self.restore_best.path);
+        let outputs = [
+            ("output.history_file", self.output.history_file.as_ref()),
+            ("output.state_file", self.output.state_file.as_ref()),
+            ("restore_best.path", snapshot),
+        ];
+        for (i, (key, path)) in outputs.iter().enumerate() {
+            let Some(path) = path else { continue };
+            if let Some((other, _)) = outputs[..i].iter().find(|(_, p)| *p == Some(*path)) {
+                return Err(Invalid::new(
+                    *key,
+                    format!("is the same file as {other} ({})", path.display()),
+                ));
             }
         }
         Ok(())

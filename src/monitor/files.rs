@@ -1,13 +1,55 @@
-//! The monitor's files, written safely: existing files are moved aside, never overwritten by a
-//! fresh run; state and snapshots are replaced atomically; history lines are appended whole.
+//! The monitor's files, written so that a crash at any point leaves them consistent with each
+//! other (see `docs/usage.md`, "Faults and recovery"):
+//!
+//! - the state file is written last, atomically, and is authoritative;
+//! - a history line is appended whole, in one write; on resume the history is rewritten from
+//!   the state, dropping lines of checks the state never committed;
+//! - the kept weights go to a snapshot file named by its epoch (`PATH.epochE`), tagged with that
+//!   epoch inside; the previous one is removed only after the state naming the new one is
+//!   committed, and `finish` moves the kept one to `PATH`;
+//! - temporary files are removed on resume; existing files are moved aside by a fresh run, never
+//!   overwritten;
+//! - an advisory lock on each output folder keeps two monitors out of each other's files.
 
-use candle_core::Result;
+use candle_core::{Result, Tensor};
+use candle_nn::VarMap;
 use serde::Serialize;
-use std::io::Write;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 pub(crate) fn io_err(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// A place where a crash would leave the files half-written. Debug builds abort the process at
+/// the k-th such place when `CANDLE_RELIANCE_ABORT_AT_WRITE=k` is set, so that the tests can
+/// crash a run at every write and check what a resume makes of the files.
+pub(crate) fn fault_point() {
+    #[cfg(debug_assertions)]
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static LEFT: AtomicUsize = AtomicUsize::new(usize::MAX);
+        static INIT: std::sync::Once = std::sync::Once::new();
+        INIT.call_once(|| {
+            if let Some(k) = std::env::var("CANDLE_RELIANCE_ABORT_AT_WRITE")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+            {
+                LEFT.store(k, Ordering::SeqCst);
+            }
+        });
+        if LEFT.fetch_sub(1, Ordering::SeqCst) == 1 {
+            std::process::abort();
+        }
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// Moves an existing file to the first free `NAME.N.bak`, returning where it went.
@@ -16,9 +58,7 @@ pub(crate) fn move_aside(path: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     for n in 1.. {
-        let mut name = path.as_os_str().to_owned();
-        name.push(format!(".{n}.bak"));
-        let target = PathBuf::from(name);
+        let target = with_suffix(path, &format!(".{n}.bak"));
         if !target.exists() {
             std::fs::rename(path, &target).map_err(|e| io_err("move aside", path, e))?;
             return Ok(Some(target));
@@ -36,25 +76,224 @@ pub(crate) fn ensure_parent(path: &Path) -> Result<()> {
     }
 }
 
-/// Appends one JSON line and flushes it, so a crash loses at most the line being written.
+/// Checks now, not at the first write, that `path` can be written: its folder exists (or is
+/// created) and takes a file, and `path` itself is not a folder.
+pub(crate) fn check_writable(key: &str, path: &Path) -> Result<()> {
+    if path.is_dir() {
+        candle_core::bail!(
+            "reliance config: {key}: {} is a directory, not a file",
+            path.display()
+        );
+    }
+    ensure_parent(path)?;
+    let probe = with_suffix(path, ".write-check");
+    File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "reliance config: {key}: cannot write next to {}: {e}",
+                path.display()
+            ))
+        })
+}
+
+/// Appends one JSON line in a single write, so a crash leaves at most one cut line at the end.
 pub(crate) fn append_json_line<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let line = serde_json::to_string(value).map_err(candle_core::Error::msg)?;
+    let mut line = serde_json::to_string(value).map_err(candle_core::Error::msg)?;
+    line.push('\n');
+    fault_point();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| io_err("open", path, e))?;
-    writeln!(f, "{line}").map_err(|e| io_err("write", path, e))?;
-    f.flush().map_err(|e| io_err("write", path, e))
+    f.write_all(line.as_bytes())
+        .map_err(|e| io_err("write", path, e))
 }
 
 /// Writes through a temporary file and renames it over `path`, so the old content survives a
 /// crash mid-write.
 pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     ensure_parent(path)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = with_suffix(path, ".tmp");
+    fault_point();
     write(&tmp)?;
+    fault_point();
     std::fs::rename(&tmp, path).map_err(|e| io_err("replace", path, e))
+}
+
+/// `lines` as the whole content of `path`, atomically.
+pub(crate) fn rewrite_json_lines<T: Serialize>(path: &Path, lines: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for l in lines {
+        text.push_str(&serde_json::to_string(l).map_err(candle_core::Error::msg)?);
+        text.push('\n');
+    }
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, &text).map_err(|e| io_err("write", tmp, e))
+    })
+}
+
+/// The snapshot file of epoch `epoch`.
+pub(crate) fn snapshot_path(path: &Path, epoch: usize) -> PathBuf {
+    with_suffix(path, &format!(".epoch{epoch}"))
+}
+
+/// The name of the tensor that tags a snapshot with its epoch.
+const EPOCH_TAG: &str = "__candle_reliance.epoch";
+
+/// Writes every variable of `varmap`, tagged with `epoch`, to [`snapshot_path`], atomically.
+pub(crate) fn save_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Result<()> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+    let mut tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let device = candle_core::Device::Cpu;
+    tensors.insert(EPOCH_TAG.into(), Tensor::new(&[epoch as u32], &device)?);
+    drop(vars);
+    let file = snapshot_path(path, epoch);
+    write_atomic(&file, |tmp| candle_core::safetensors::save(&tensors, tmp))
+}
+
+/// Loads the snapshot of `epoch` into `varmap`: from `PATH.epochE`, or from `PATH` once
+/// `finish` has moved it there. The file's epoch tag must be `epoch`; every variable must be in
+/// it. Nothing is set unless all of it loads.
+pub(crate) fn load_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Result<PathBuf> {
+    let named = snapshot_path(path, epoch);
+    let file = if named.exists() {
+        named
+    } else {
+        path.to_path_buf()
+    };
+    let device = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?
+        .values()
+        .next()
+        .map(|v| v.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let mut saved = candle_core::safetensors::load(&file, &device).map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "cannot load the kept weights {}: {e}",
+            file.display()
+        ))
+    })?;
+    let tag = saved
+        .remove(EPOCH_TAG)
+        .map(|t| t.to_device(&candle_core::Device::Cpu)?.to_vec1::<u32>())
+        .transpose()?;
+    if tag.as_deref() != Some(&[epoch as u32]) {
+        candle_core::bail!(
+            "{} holds the weights of epoch {}, not of the kept epoch {epoch}",
+            file.display(),
+            tag.and_then(|t| t.first().map(|e| e.to_string()))
+                .unwrap_or_else(|| "(untagged)".into())
+        );
+    }
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+    if let Some(missing) = vars.keys().find(|k| !saved.contains_key(*k)) {
+        candle_core::bail!("{} has no `{missing}`", file.display());
+    }
+    drop(vars);
+    varmap.clone().set(saved.iter())?;
+    Ok(file)
+}
+
+/// Removes temporary files left by a crash (`PATH.epochE.tmp`) and, unless `tmp_only`, the
+/// snapshot files `PATH.epochE` other than `keep`.
+pub(crate) fn remove_stale_snapshots(
+    path: &Path,
+    keep: Option<usize>,
+    tmp_only: bool,
+) -> Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let prefix = format!("{name}.epoch");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let stale = match rest.strip_suffix(".tmp") {
+            Some(_) => true,
+            None => !tmp_only && rest.parse::<usize>().ok().is_some_and(|e| Some(e) != keep),
+        };
+        if stale {
+            fault_point();
+            std::fs::remove_file(entry.path()).map_err(|e| io_err("remove", &entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes `PATH.tmp`, left by a crash in [`write_atomic`].
+pub(crate) fn remove_tmp(path: &Path) -> Result<()> {
+    let tmp = with_suffix(path, ".tmp");
+    if tmp.exists() {
+        std::fs::remove_file(&tmp).map_err(|e| io_err("remove", &tmp, e))?;
+    }
+    Ok(())
+}
+
+/// An advisory lock on an output folder, held while the monitor lives (the operating system
+/// releases it when the process ends, however it ends).
+#[derive(Debug)]
+pub(crate) struct DirLock {
+    _file: File,
+}
+
+/// The lock file of a folder.
+pub(crate) const LOCK_FILE: &str = ".candle-reliance.lock";
+
+/// Takes the lock of the folder `path` is in; an error names the process holding it.
+pub(crate) fn lock_dir(path: &Path) -> Result<DirLock> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| io_err("create directory", &dir, e))?;
+    let lock = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock)
+        .map_err(|e| io_err("open lock file", &lock, e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.set_len(0);
+            let _ = write!(file, "{}", std::process::id());
+            Ok(DirLock { _file: file })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = File::open(&lock).and_then(|mut f| f.read_to_string(&mut holder));
+            let holder = holder.trim();
+            candle_core::bail!(
+                "another reliance monitor (process {}) is writing to {}; \
+                 give this run its own output folder or wait for that one to end",
+                if holder.is_empty() { "unknown" } else { holder },
+                dir.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err("lock", &lock, e)),
+    }
 }

@@ -135,7 +135,7 @@ impl LabelWaveRule {
 
     pub(crate) fn check(&self) -> Checked {
         Invalid::at_least("window", self.window, 1)?;
-        if self.window % 2 == 0 {
+        if self.window.is_multiple_of(2) {
             return Err(Invalid::new(
                 "window",
                 format!("must be odd (a centred average), got {}", self.window),
@@ -201,7 +201,7 @@ impl EarlyStoppingStrategy for LabelWave {
             let tail = &c[c.len() - w..];
             let mean = tail.iter().map(|(_, v)| v).sum::<f64>() / w as f64;
             let centre = tail[h].0;
-            if self.state.lowest.map_or(true, |(_, low)| mean < low) {
+            if self.state.lowest.is_none_or(|(_, low)| mean < low) {
                 self.state.lowest = Some((centre, mean));
             }
         }

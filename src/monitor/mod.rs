@@ -37,7 +37,7 @@ use crate::units::Selectivity;
 use crate::{Measurement, ProbeData, ProbeSet};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarMap;
-use files::{append_json_line, ensure_parent, io_err, move_aside, write_atomic};
+use files::{append_json_line, io_err, move_aside, write_atomic, DirLock};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -51,6 +51,39 @@ pub struct MonitorState {
     pub history: Vec<CheckRecord>,
     /// The last epoch reported.
     pub last_epoch: Option<usize>,
+    /// The settings that decide (schedule, data, ablation, stopping) as they were when the state
+    /// was written: a resume with other settings is refused, naming the keys that differ.
+    #[serde(default)]
+    pub decides: Option<serde_json::Value>,
+}
+
+/// The sections of `config` whose values change the decisions.
+fn decides(config: &RelianceConfig) -> Result<serde_json::Value> {
+    let v = serde_json::to_value(config).map_err(candle_core::Error::msg)?;
+    Ok(serde_json::json!({
+        "schedule": v["schedule"], "data": v["data"], "ablation": v["ablation"],
+        "stopping": v["stopping"],
+    }))
+}
+
+/// `section.key` of every value that differs between two [`decides`] objects.
+fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    let mut out = vec![];
+    for section in ["schedule", "data", "ablation", "stopping"] {
+        let (x, y) = (&a[section], &b[section]);
+        let keys: std::collections::BTreeSet<&String> = x
+            .as_object()
+            .into_iter()
+            .chain(y.as_object())
+            .flat_map(|o| o.keys())
+            .collect();
+        out.extend(
+            keys.into_iter()
+                .filter(|k| x.get(*k) != y.get(*k))
+                .map(|k| format!("{section}.{k}")),
+        );
+    }
+    out
 }
 
 /// Measures the ablation AUC on a fixed training subset every `check_every` epochs and signals
@@ -63,7 +96,10 @@ pub struct RelianceMonitor {
     history: Vec<CheckRecord>,
     last_epoch: Option<usize>,
     snapshot: Option<Vec<(String, Tensor)>>,
+    /// The epoch of the snapshot file the last committed state names (disk mode).
+    committed_snapshot: Option<usize>,
     warned_no_weights: bool,
+    _locks: Vec<DirLock>,
 }
 
 impl RelianceMonitor {
@@ -72,33 +108,48 @@ impl RelianceMonitor {
     /// `NAME.N.bak`, never overwritten.
     pub fn new(config: RelianceConfig, probes: ProbeSet, data: ProbeData) -> Result<Self> {
         config.validate()?;
-        let out = &config.output;
-        let best_file = (config.restore_best.enabled
-            && config.restore_best.mode == SnapshotMode::Disk)
-            .then_some(&config.restore_best.path);
-        for path in [
-            out.history_file.as_ref(),
-            out.state_file.as_ref(),
-            best_file,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        let locks = Self::prepare_files(&config)?;
+        for (_, path) in output_files(&config) {
+            // Half-written files of a crashed run: never the user's, never worth keeping.
+            files::remove_tmp(path)?;
             if let Some(to) = move_aside(path)? {
                 tracing::warn!(from = %path.display(), to = %to.display(), "moved an existing file aside");
             }
-            ensure_parent(path)?;
         }
-        Self::build(
-            config,
-            probes,
-            data,
-            MonitorState {
-                stopping: Default::default(),
-                history: vec![],
-                last_epoch: None,
-            },
-        )
+        if let Some(path) = disk_snapshot(&config) {
+            files::remove_stale_snapshots(path, None, true)?;
+            move_aside_snapshots(path)?;
+        }
+        let state = MonitorState {
+            stopping: Default::default(),
+            history: vec![],
+            last_epoch: None,
+            decides: Some(decides(&config)?),
+        };
+        Self::build(config, probes, data, state, locks)
+    }
+
+    /// Checks the output paths (distinct, writable, not folders) and locks their folders.
+    fn prepare_files(config: &RelianceConfig) -> Result<Vec<DirLock>> {
+        let files = output_files(config);
+        for (key, path) in &files {
+            files::check_writable(key, path)?;
+        }
+        let mut dirs: Vec<std::path::PathBuf> = vec![];
+        let mut locks = vec![];
+        for (_, path) in &files {
+            let dir = std::fs::canonicalize(
+                path.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new(".")),
+            )
+            .map_err(|e| io_err("resolve", path, e))?;
+            if !dirs.contains(&dir) {
+                locks.push(files::lock_dir(path)?);
+                dirs.push(dir);
+            }
+        }
+        Ok(locks)
     }
 
     /// [`RelianceMonitor::new`] with the configuration read from a YAML file.
@@ -121,6 +172,35 @@ impl RelianceMonitor {
         state: MonitorState,
     ) -> Result<Self> {
         config.validate()?;
+        let now = decides(&config)?;
+        match &state.decides {
+            Some(then) if *then != now => candle_core::bail!(
+                "cannot resume with other settings than the interrupted run's: {} differ",
+                differing_keys(then, &now).join(", ")
+            ),
+            Some(_) => {}
+            None => tracing::warn!(
+                "the state holds no settings to compare with (written by an earlier version); \
+                 resuming with the given ones"
+            ),
+        }
+        let locks = Self::prepare_files(&config)?;
+        // The state is authoritative: the history is what it holds (lines of checks it never
+        // committed are dropped), snapshot files it does not name and temporary files go.
+        if let Some(path) = &config.output.history_file {
+            files::rewrite_json_lines(path, &state.history)?;
+        }
+        if let Some(path) = &config.output.state_file {
+            files::remove_tmp(path)?;
+        }
+        if let Some(path) = disk_snapshot(&config) {
+            files::remove_tmp(path)?;
+            files::remove_stale_snapshots(
+                path,
+                state.stopping.kept.as_ref().map(|b| b.epoch),
+                false,
+            )?;
+        }
         if config.restore_best.enabled
             && config.restore_best.mode == SnapshotMode::Memory
             && state.stopping.kept.is_some()
@@ -130,7 +210,9 @@ impl RelianceMonitor {
                  interrupted process and can only be restored if a later epoch becomes the best"
             );
         }
-        Self::build(config, probes, data, state)
+        let mut monitor = Self::build(config, probes, data, state, locks)?;
+        monitor.committed_snapshot = monitor.stopping.kept_epoch();
+        Ok(monitor)
     }
 
     /// Reads a state file written through `output.state_file` or [`RelianceMonitor::save_state`].
@@ -147,6 +229,7 @@ impl RelianceMonitor {
         probes: ProbeSet,
         data: ProbeData,
         state: MonitorState,
+        locks: Vec<DirLock>,
     ) -> Result<Self> {
         let data = data.subset(config.data.subset_size, config.data.seed)?;
         let stopping = EarlyStopping::with_state(config.stopping.clone(), state.stopping);
@@ -158,7 +241,9 @@ impl RelianceMonitor {
             history: state.history,
             last_epoch: state.last_epoch,
             snapshot: None,
+            committed_snapshot: None,
             warned_no_weights: false,
+            _locks: locks,
         })
     }
 
@@ -208,6 +293,14 @@ impl RelianceMonitor {
             tracing::info!(epoch, decision = "stop", reason = %decision.reason().unwrap(), "reliance monitor");
         }
         self.save_state_if_configured()?;
+        // Only now, with the state naming the new snapshot committed, may the old one go.
+        if let Some(path) = disk_snapshot(&self.config) {
+            let kept = self.stopping.kept_epoch();
+            if kept != self.committed_snapshot {
+                files::remove_stale_snapshots(path, kept, false)?;
+                self.committed_snapshot = kept;
+            }
+        }
         Ok(decision)
     }
 
@@ -241,6 +334,8 @@ impl RelianceMonitor {
             None => non_finite_activations(stats),
         };
         let degenerate = degenerate(stats, metric_kind);
+        // Undone if the kept weights cannot be written: a kept epoch always has its snapshot.
+        let before = self.stopping.clone();
         let decision = match (&non_finite, &degenerate) {
             (Some(what), _) => self.stopping.stop(StopReason::NonFinite {
                 epoch,
@@ -252,7 +347,12 @@ impl RelianceMonitor {
         let kept = self.stopping.kept_last();
         if kept && self.config.restore_best.enabled {
             match varmap {
-                Some(vm) => self.snapshot(vm)?,
+                Some(vm) => {
+                    if let Err(e) = self.snapshot(vm, epoch) {
+                        self.stopping = before;
+                        return Err(e);
+                    }
+                }
                 None if !self.warned_no_weights => {
                     self.warned_no_weights = true;
                     tracing::warn!("restore_best is on but no VarMap was given (use on_epoch_end); weights are not snapshotted");
@@ -317,7 +417,7 @@ impl RelianceMonitor {
         Ok(decision)
     }
 
-    fn snapshot(&mut self, varmap: &VarMap) -> Result<()> {
+    fn snapshot(&mut self, varmap: &VarMap, epoch: usize) -> Result<()> {
         match self.config.restore_best.mode {
             SnapshotMode::Memory => {
                 let vars = varmap
@@ -332,8 +432,7 @@ impl RelianceMonitor {
                 self.snapshot = Some(snap);
             }
             SnapshotMode::Disk => {
-                let path = self.config.restore_best.path.clone();
-                write_atomic(&path, |tmp| varmap.save(tmp))?;
+                files::save_snapshot(varmap, &self.config.restore_best.path, epoch)?
             }
         }
         Ok(())
@@ -348,11 +447,12 @@ impl RelianceMonitor {
         if !self.config.restore_best.enabled {
             return Ok(None);
         }
-        // A clone shares the variables: setting through it sets the caller's.
-        let mut target = varmap.clone();
         match self.config.restore_best.mode {
+            // A clone shares the variables: setting through it sets the caller's.
             SnapshotMode::Memory => match &self.snapshot {
-                Some(s) => target.set(s.iter().map(|(name, value)| (name, value)))?,
+                Some(s) => varmap
+                    .clone()
+                    .set(s.iter().map(|(name, value)| (name, value)))?,
                 None => {
                     tracing::warn!(best_epoch = best.epoch, "no in-memory snapshot of the best epoch (resumed run?); weights left as they are");
                     return Ok(None);
@@ -360,12 +460,12 @@ impl RelianceMonitor {
             },
             SnapshotMode::Disk => {
                 let path = &self.config.restore_best.path;
-                target.load(path).map_err(|e| {
-                    candle_core::Error::Msg(format!(
-                        "cannot load best weights {}: {e}",
-                        path.display()
-                    ))
-                })?
+                let file = files::load_snapshot(varmap, path, best.epoch)?;
+                // The kept weights end where the configuration says, under their own name.
+                if file != *path {
+                    files::fault_point();
+                    std::fs::rename(&file, path).map_err(|e| io_err("rename", &file, e))?;
+                }
             }
         }
         tracing::info!(
@@ -382,6 +482,7 @@ impl RelianceMonitor {
             stopping: self.stopping.state().clone(),
             history: self.history.clone(),
             last_epoch: self.last_epoch,
+            decides: decides(&self.config).ok(),
         }
     }
 
@@ -481,4 +582,55 @@ fn degenerate(stats: &UnitStatistics, metric: Metric) -> Option<String> {
         .iter()
         .all(|p| p.value.mean.iter().all(|&m| m == 0.0) && p.value.std.iter().all(|&s| s == 0.0));
     silent.then(|| "every probed unit is silent (zero) on the probe subset".to_string())
+}
+
+/// The files the monitor writes, with their configuration keys.
+fn output_files(config: &RelianceConfig) -> Vec<(&'static str, &Path)> {
+    let out = &config.output;
+    [
+        ("output.history_file", out.history_file.as_deref()),
+        ("output.state_file", out.state_file.as_deref()),
+        ("restore_best.path", disk_snapshot(config)),
+    ]
+    .into_iter()
+    .filter_map(|(k, p)| p.map(|p| (k, p)))
+    .collect()
+}
+
+/// The snapshot file, when the kept weights go to disk.
+fn disk_snapshot(config: &RelianceConfig) -> Option<&Path> {
+    (config.restore_best.enabled && config.restore_best.mode == SnapshotMode::Disk)
+        .then_some(config.restore_best.path.as_path())
+}
+
+/// Moves the epoch snapshots of an earlier run (`PATH.epochE`) aside, as a fresh run does with
+/// every file it would write.
+fn move_aside_snapshots(path: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{name}.epoch");
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io_err("read", dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .and_then(|f| f.strip_prefix(&prefix))
+                .is_some_and(|rest| rest.parse::<usize>().is_ok())
+        })
+        .collect();
+    found.sort();
+    for p in found {
+        if let Some(to) = move_aside(&p)? {
+            tracing::warn!(from = %p.display(), to = %to.display(), "moved an existing file aside");
+        }
+    }
+    Ok(())
 }

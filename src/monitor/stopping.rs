@@ -381,7 +381,7 @@ impl EarlyStoppingStrategy for EarlyStopping {
         self.state.last_epoch = Some(epoch);
         self.state.first_epoch.get_or_insert(epoch);
         let here = Best { epoch, metric: s };
-        let new_peak = self.state.peak.as_ref().map_or(true, |b| s > b.metric);
+        let new_peak = self.state.peak.as_ref().is_none_or(|b| s > b.metric);
         if new_peak {
             self.state.peak = Some(here.clone());
         }
