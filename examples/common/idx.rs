@@ -29,29 +29,41 @@ fn err(path: &Path, msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("{}: {msg}", path.display()))
 }
 
-/// The file's bytes, gunzipped when it starts with the gzip magic.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| err(path, e))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| err(path, format!("corrupt gzip data: {e}")))?;
-        Ok(out)
-    } else {
-        Ok(raw)
-    }
-}
+/// The most bytes of pixels or labels a file may announce (the full MNIST training images are
+/// 47 MB).
+const MAX_BODY: usize = 1 << 30;
 
-fn header(bytes: &[u8], path: &Path, magic: u32, dims: usize) -> Result<Vec<usize>> {
+/// Reads an IDX file — gunzipped when it starts with the gzip magic — checking its header
+/// (`magic`, then `dims` big-endian sizes) before the body: the body is read, and inflated, no
+/// further than the header promises, so a small file cannot claim or inflate to gigabytes.
+fn read_idx(path: &Path, magic: u32, dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
+    let file = std::fs::File::open(path).map_err(|e| err(path, e))?;
+    let mut raw = std::io::BufReader::new(file);
+    let gz = std::io::BufRead::fill_buf(&mut raw)
+        .map_err(|e| err(path, e))?
+        .starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(raw))
+    } else {
+        Box::new(raw)
+    };
+    let corrupt = |e: std::io::Error| err(path, format!("unreadable (corrupt gzip data?): {e}"));
     let need = 4 + 4 * dims;
-    if bytes.len() < need {
+    let mut head = vec![0u8; need];
+    let mut got = 0;
+    while got < need {
+        match reader.read(&mut head[got..]).map_err(corrupt)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got < need {
         return Err(err(
             path,
-            format!("too short for an IDX header ({} bytes)", bytes.len()),
+            format!("too short for an IDX header ({got} bytes)"),
         ));
     }
-    let word = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let word = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
     if word(0) != magic {
         return Err(err(
             path,
@@ -59,38 +71,52 @@ fn header(bytes: &[u8], path: &Path, magic: u32, dims: usize) -> Result<Vec<usiz
         ));
     }
     let shape: Vec<usize> = (0..dims).map(|d| word(4 + 4 * d) as usize).collect();
-    let body: usize = shape.iter().product();
-    if bytes.len() != need + body {
+    let body = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&b| b <= MAX_BODY)
+        .ok_or_else(|| {
+            err(
+                path,
+                format!("header announces {shape:?}: more than {MAX_BODY} bytes of data"),
+            )
+        })?;
+    // One byte past the promise tells a longer body from an exact one.
+    let mut data = Vec::with_capacity(body.min(1 << 24));
+    reader
+        .take(body as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(corrupt)?;
+    if data.len() != body {
         return Err(err(
             path,
             format!(
                 "header announces {shape:?} ({body} bytes of data) but the file holds {}",
-                bytes.len() - need
+                if data.len() > body {
+                    "more".to_string()
+                } else {
+                    data.len().to_string()
+                }
             ),
         ));
     }
-    Ok(shape)
+    Ok((shape, data))
 }
 
 /// Reads an IDX3 image file (magic `0x00000803`).
 pub fn read_idx_images(path: impl AsRef<Path>) -> Result<IdxImages> {
-    let path = path.as_ref();
-    let bytes = read_maybe_gz(path)?;
-    let s = header(&bytes, path, 0x0803, 3)?;
+    let (s, pixels) = read_idx(path.as_ref(), 0x0803, 3)?;
     Ok(IdxImages {
         count: s[0],
         rows: s[1],
         cols: s[2],
-        pixels: bytes[16..].to_vec(),
+        pixels,
     })
 }
 
 /// Reads an IDX1 label file (magic `0x00000801`).
 pub fn read_idx_labels(path: impl AsRef<Path>) -> Result<Vec<u8>> {
-    let path = path.as_ref();
-    let bytes = read_maybe_gz(path)?;
-    header(&bytes, path, 0x0801, 1)?;
-    Ok(bytes[8..].to_vec())
+    Ok(read_idx(path.as_ref(), 0x0801, 1)?.1)
 }
 
 /// Images as `(N, rows·cols)` f32 in `[0, 1]` and labels as `(N,)` u32.
@@ -185,10 +211,17 @@ pub fn load_mnist_dir(dir: impl AsRef<Path>, test_size: usize, device: &Device) 
         pick(dir, "t10k", "-labels-idx1-ubyte"),
     );
     if let (Some(ti), Some(tl), Some(vi), Some(vl)) = std_files {
-        return Ok(Mnist {
-            train: load_split(&ti, &tl, device)?,
-            test: load_split(&vi, &vl, device)?,
-        });
+        let (train, test) = (load_split(&ti, &tl, device)?, load_split(&vi, &vl, device)?);
+        for (split, file) in [(&train, &ti), (&test, &vi)] {
+            let pixels = split.images.dims()[1];
+            if pixels != 28 * 28 {
+                candle_core::bail!(
+                    "{}: images of {pixels} pixels; MNIST-format sets have 28×28",
+                    file.display()
+                );
+            }
+        }
+        return Ok(Mnist { train, test });
     }
     let images = find(dir, "-images-idx3-ubyte")?;
     let labels = find(dir, "-labels-idx1-ubyte")?;
@@ -204,7 +237,20 @@ pub fn load_mnist_dir(dir: impl AsRef<Path>, test_size: usize, device: &Device) 
         ),
     };
     let all = load_split(&images, &labels, device)?;
+    let pixels = all.images.dims()[1];
+    if pixels != 28 * 28 {
+        candle_core::bail!(
+            "{}: images of {pixels} pixels; MNIST-format sets have 28×28",
+            images.display()
+        );
+    }
     let n = all.len();
+    if n < 2 {
+        candle_core::bail!(
+            "{}: {n} samples, too few to split into a training and a test set",
+            images.display()
+        );
+    }
     if test_size == 0 || test_size >= n {
         candle_core::bail!(
             "test_size must be in 1..{n} for {} samples, got {test_size}",
