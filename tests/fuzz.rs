@@ -3,7 +3,6 @@
 //! hang or allocate without bound. Bounded: a few hundred cases per reader.
 
 #[path = "../examples/common/idx.rs"]
-#[allow(dead_code)]
 mod idx;
 
 use candle_reliance::monitor::read_history;
