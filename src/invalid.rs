@@ -56,3 +56,35 @@ impl Invalid {
         Ok(())
     }
 }
+
+/// `#[serde(deserialize_with = "crate::invalid::seed")]`: a seed is an integer in
+/// `0 … 2^64 − 1`; a negative number, a float or a string is an error saying so. (An integer past
+/// `u64` is refused by the parser itself, whose message names the value and the line.)
+pub(crate) fn seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a seed: an integer from 0 to 18446744073709551615")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom(format!("a seed is not negative, got {v}")))
+        }
+        fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| {
+                E::custom(format!(
+                    "a seed is at most 18446744073709551615 (2^64 − 1), got {v}"
+                ))
+            })
+        }
+        fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| {
+                E::custom(format!("a seed is an integer from 0 to 2^64 − 1, got {v}"))
+            })
+        }
+    }
+    d.deserialize_any(V)
+}

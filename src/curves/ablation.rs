@@ -220,6 +220,7 @@ struct AblationSection {
     clamp: Clamp,
     order: OrderKey,
     orders: usize,
+    #[serde(deserialize_with = "crate::invalid::seed")]
     seed: u64,
 }
 

@@ -20,6 +20,7 @@ pub struct NoiseSpec {
     /// Independent noise draws (≥ 1); the curve is their mean. Default 2.
     pub draws: usize,
     /// Seed of the counter-based generator. Default 0.
+    #[serde(deserialize_with = "crate::invalid::seed")]
     pub seed: u64,
 }
 

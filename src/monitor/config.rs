@@ -103,6 +103,7 @@ pub struct DataConfig {
     /// Samples drawn (once, fixed) from the data given to the monitor (≥ 1). Default 1000.
     pub subset_size: usize,
     /// Seed of the subset draw. Default 0.
+    #[serde(deserialize_with = "crate::invalid::seed")]
     pub seed: u64,
 }
 
