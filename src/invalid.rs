@@ -81,9 +81,8 @@ pub(crate) fn seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Err
             })
         }
         fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<u64, E> {
-            u64::try_from(v).map_err(|_| {
-                E::custom(format!("a seed is an integer from 0 to 2^64 − 1, got {v}"))
-            })
+            u64::try_from(v)
+                .map_err(|_| E::custom(format!("a seed is an integer from 0 to 2^64 − 1, got {v}")))
         }
     }
     d.deserialize_any(V)
