@@ -47,7 +47,8 @@
 //!
 //! # Modules
 //!
-//! * [`probe`] — [`Probe`] layers and the [`ProbeSet`] that drives them during a measurement.
+//! * [`probe`] — [`Probe`] layers, the [`ProbeSet`] that drives them during a measurement, and
+//!   [`ProbedLayer`]: a probe fused with the layer it feeds, which makes checks cheaper.
 //! * [`data`] — the fixed training subset a measurement runs on ([`ProbeData`]).
 //! * [`measurement`] — [`Measurement`]: a model, its probes and data, the statistics pass run
 //!   once and shared by every measurement below.
@@ -81,7 +82,7 @@ pub use measurement::Measurement;
 pub use monitor::{
     CheckRecord, Decision, MonitorState, RelianceConfig, RelianceMonitor, StopReason,
 };
-pub use probe::{Probe, ProbeSet};
+pub use probe::{Probe, ProbeSet, ProbedLayer};
 
 // The examples in docs/selectivity.md run as doctests, so that they stay true.
 #[cfg(doctest)]

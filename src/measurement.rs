@@ -44,6 +44,11 @@ pub struct Batching {
     /// one forward per variant, the slow reference way. Not a configuration key.
     #[serde(skip, default = "yes")]
     pub batched: bool,
+    /// Let a [`ProbedLayer`](crate::probe::ProbedLayer) that the forward pass reaches first
+    /// compute its layer incrementally across nested clamp masks (default); `false` clamps then
+    /// applies the layer to every variant. Not a configuration key.
+    #[serde(skip, default = "yes")]
+    pub incremental: bool,
 }
 
 fn yes() -> bool {
@@ -56,6 +61,7 @@ impl Default for Batching {
             batch_size: 512,
             max_batch_rows: None,
             batched: true,
+            incremental: true,
         }
     }
 }
@@ -214,6 +220,13 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
     /// Batched (default) or one forward per variant, the slow reference way.
     pub fn with_batched(mut self, batched: bool) -> Self {
         self.batching.batched = batched;
+        self
+    }
+
+    /// Incremental layers after [`ProbedLayer`](crate::probe::ProbedLayer)s (default) or
+    /// clamp-then-layer for every variant.
+    pub fn with_incremental(mut self, incremental: bool) -> Self {
+        self.batching.incremental = incremental;
         self
     }
 
@@ -448,12 +461,29 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             correct: vec![0; variants],
             agreeing: vec![0; variants],
             fallback: None,
+            incremental: false,
         };
         if self.batching.batched && variants > 0 {
             let group = variants.min(max_rows);
             let m = (max_rows / group).clamp(1, n);
             let first = make_action(0..group)?;
             let guard = probes.begin(first, group, true)?;
+            guard.set_incremental(self.batching.incremental)?;
+            // Finite moments mean finite activations: a probe's sums over them are finite.
+            let stats = self.statistics()?;
+            guard.set_finite(
+                stats
+                    .probes
+                    .iter()
+                    .map(|p| {
+                        p.value
+                            .mean
+                            .iter()
+                            .chain(&p.value.std)
+                            .all(|v| v.is_finite())
+                    })
+                    .collect(),
+            )?;
             let mut failure = None;
             'groups: for g0 in (0..variants).step_by(group) {
                 let range = g0..(g0 + group).min(variants);
@@ -477,6 +507,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                     }
                 }
             }
+            run.incremental = guard.incremental_used()?;
             drop(guard);
             match failure {
                 None => return Ok(run),
@@ -490,6 +521,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                     run.fallback = Some(reason);
                     run.correct.iter_mut().for_each(|c| *c = 0);
                     run.agreeing.iter_mut().for_each(|c| *c = 0);
+                    run.incremental = false;
                 }
             }
         }
@@ -589,4 +621,6 @@ pub(crate) struct VariantRun {
     pub agreeing: Vec<u64>,
     /// Why the batched pass was abandoned for one pass per variant, if it was.
     pub fallback: Option<String>,
+    /// Whether a probed layer was computed incrementally.
+    pub incremental: bool,
 }

@@ -19,6 +19,9 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod fused;
+pub use fused::{NextLayer, ProbedLayer};
+
 use crate::ops::{level_clamp, level_noise, rows_units_inner, LevelNoise};
 use candle_core::{DType, Module, Result, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -117,6 +120,15 @@ pub(crate) struct Pass {
     pub sums: Vec<Option<UnitSums>>,
     /// Per probe, the activation recorded by the last forward of a capture pass.
     pub captured: Vec<Option<Tensor>>,
+    /// Whether a [`ProbedLayer`] may compute its layer incrementally during a clamp pass.
+    pub incremental: bool,
+    /// Per probe, the incremental plan of the current action (built at its first forward).
+    plans: Vec<Option<std::sync::Arc<fused::Plan>>>,
+    /// Whether some forward of this pass took the incremental path.
+    pub incremental_used: bool,
+    /// Per probe, whether its activations on the data are known to be finite (from the
+    /// statistics pass); unknown ones are checked per forward.
+    pub finite: Vec<bool>,
 }
 
 impl ProbeSet {
@@ -194,6 +206,10 @@ impl ProbeSet {
             labels: None,
             sums: vec![None; n],
             captured: vec![None; n],
+            incremental: true,
+            plans: vec![None; n],
+            incremental_used: false,
+            finite: vec![false; n],
         });
         self.shared.active.store(true, Ordering::Release);
         Ok(PassGuard { set: self })
@@ -264,8 +280,32 @@ impl PassGuard<'_> {
             p.action = action;
             p.variants = variants;
             p.expand = expand;
+            p.plans.iter_mut().for_each(|plan| *plan = None);
             Ok(())
         })
+    }
+
+    /// Allows or forbids the incremental path of [`ProbedLayer`]s (allowed by default).
+    pub fn set_incremental(&self, incremental: bool) -> Result<()> {
+        self.with(|p| {
+            p.incremental = incremental;
+            Ok(())
+        })
+    }
+
+    /// Records which probes' activations are known to be finite on the data.
+    pub fn set_finite(&self, finite: Vec<bool>) -> Result<()> {
+        self.with(|p| {
+            if finite.len() == p.finite.len() {
+                p.finite = finite;
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether some forward of this pass took the incremental path.
+    pub fn incremental_used(&self) -> Result<bool> {
+        self.with(|p| Ok(p.incremental_used))
     }
 
     /// The probes in the order the last forward pass reached them.

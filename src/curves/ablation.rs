@@ -405,6 +405,10 @@ pub struct AblationCurve {
     pub finite: bool,
     /// Whether the batched pass was used (false: one forward per variant).
     pub batched: bool,
+    /// Whether the layer after the first probe was computed incrementally across the nested
+    /// masks (the first probe reached is a [`ProbedLayer`](crate::probe::ProbedLayer)).
+    #[serde(default)]
+    pub incremental: bool,
 }
 
 impl<M: Module + ?Sized> Measurement<'_, M> {
@@ -511,6 +515,7 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
             unablated_accuracy: stats.accuracy,
             finite: stats.finite,
             batched: self.batching().batched && run.fallback.is_none(),
+            incremental: run.incremental,
         })
     }
 }

@@ -1,0 +1,419 @@
+//! A probe fused with the layer that reads it, so that a clamp measurement can compute that
+//! layer's output incrementally.
+//!
+//! Cumulative ablation masks are nested: the units clamped at one fraction of an order are
+//! those of the previous fraction plus a few more. When the layer after a probe is linear in its
+//! input, its output at the next fraction is the previous output minus the contribution of the
+//! newly clamped units, `z' = z − W[:, Δ] (h − c)[Δ]`, so an order costs about one product of
+//! that layer instead of one per fraction. [`ProbedLayer`] is the probe and that layer in one
+//! module; outside measurements it is exactly `layer(probe(x))`.
+//!
+//! ```
+//! use candle_core::{Device, Module, Tensor};
+//! use candle_nn::Linear;
+//! use candle_reliance::ProbeSet;
+//!
+//! let probes = ProbeSet::new();
+//! let w = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?;
+//! // The probe after fc1's activation, fused with fc2, which reads it.
+//! let fc2 = probes.add("fc1")?.feeding(Linear::new(w, None));
+//! let h = Tensor::new(&[[1f32, 1.0]], &Device::Cpu)?;
+//! assert_eq!(fc2.forward(&h)?.to_vec2::<f32>()?, vec![vec![3.0, 7.0]]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use super::{lock, Action, Probe};
+use crate::ops::rows_units_inner;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Linear};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The layer a [`ProbedLayer`] feeds: linear in the probed activation.
+#[derive(Debug, Clone)]
+pub enum NextLayer {
+    /// A dense layer. After a feature map `(N, C, H, W)` it reads the map flattened from
+    /// dimension 1 (as `flatten_from(1)` then the layer), so its input width must be `C·H·W`.
+    Linear(Linear),
+    /// A 2-D convolution (`groups: 1`; other groups are measured the batched way).
+    Conv2d(Conv2d),
+}
+
+impl From<Linear> for NextLayer {
+    fn from(l: Linear) -> Self {
+        NextLayer::Linear(l)
+    }
+}
+
+impl From<Conv2d> for NextLayer {
+    fn from(c: Conv2d) -> Self {
+        NextLayer::Conv2d(c)
+    }
+}
+
+impl Module for NextLayer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            NextLayer::Linear(l) if xs.rank() == 4 => l.forward(&xs.flatten_from(1)?),
+            NextLayer::Linear(l) => l.forward(xs),
+            NextLayer::Conv2d(c) => c.forward(xs),
+        }
+    }
+}
+
+impl NextLayer {
+    /// Whether the incremental path applies to input `xs`.
+    fn supports(&self, xs: &Tensor) -> bool {
+        match (self, xs.rank()) {
+            (NextLayer::Linear(l), 2) => l.weight().dim(1).ok() == xs.dim(1).ok(),
+            (NextLayer::Linear(l), 4) => {
+                l.weight().dim(1).ok() == Some(xs.dims()[1..].iter().product())
+            }
+            (NextLayer::Conv2d(c), 4) => c.config().groups == 1,
+            _ => false,
+        }
+    }
+}
+
+/// A [`Probe`] and the layer that reads its output, as one module: `layer(probe(x))`. Created
+/// by [`Probe::feeding`].
+///
+/// During a clamp measurement in which this probe is the first one the forward pass reaches, the
+/// layer's output for every variant is computed incrementally from the unclamped one (see the
+/// [module documentation](self)); it differs from clamping then applying the layer only by
+/// floating-point reassociation. Otherwise, and whenever the probed activation holds a
+/// non-finite value, it is the probe then the layer.
+///
+/// Keep nothing between the probe and the layer that is not the identity at evaluation time: a
+/// max-pool between a feature map and the next convolution belongs before the probe (clamping a
+/// channel to zero commutes with max-pooling it).
+#[derive(Debug, Clone)]
+pub struct ProbedLayer {
+    probe: Probe,
+    layer: NextLayer,
+}
+
+impl Probe {
+    /// Fuses this probe with `layer`, the layer that reads the probed activation, for a cheaper
+    /// ablation curve. Use the result in place of both in the model's forward pass.
+    pub fn feeding(self, layer: impl Into<NextLayer>) -> ProbedLayer {
+        ProbedLayer {
+            probe: self,
+            layer: layer.into(),
+        }
+    }
+}
+
+impl ProbedLayer {
+    /// The probe.
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
+    /// The layer it feeds.
+    pub fn layer(&self) -> &NextLayer {
+        &self.layer
+    }
+}
+
+impl Module for ProbedLayer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let shared = &self.probe.shared;
+        if !shared.active.load(Ordering::Acquire) {
+            return self.layer.forward(xs);
+        }
+        match self.claim(xs)? {
+            Some((plan, values)) => incremental(xs, &self.layer, &plan, &values),
+            None => self.layer.forward(&self.probe.forward(xs)?),
+        }
+    }
+}
+
+/// How each variant's output is reached: from a base (an earlier variant whose clamped set is
+/// contained in this one's, or the unclamped output) by removing the newly clamped inputs. The
+/// plan is tensors, so that a forward runs a fixed handful of ops whatever the variant count.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    variants: usize,
+    /// Whether every clamp value is zero (then the removed input is the activation itself).
+    zero: bool,
+    /// Newly clamped input indices of every variant, padded to `width` with index 0 (whose
+    /// weights are zero there): `(variants · width,)` u32.
+    gather: Tensor,
+    width: usize,
+    /// The weight restricted to each variant's new inputs (zeros at the padding): a dense layer
+    /// `(variants, width, out)`; a convolution `(variants · out, width, kh, kw)`.
+    weights: Tensor,
+    /// Each variant's base (`None`: the unclamped output); always an earlier variant.
+    bases: Vec<Option<usize>>,
+    /// `chain[v][w] = 1` when variant `w` is `v` or one of its bases: a variant's output is the
+    /// unclamped one minus the sum of the removals along its chain. `(variants, variants)`; what
+    /// devices without [`ChainSub`] use.
+    chain: Tensor,
+}
+
+/// `out[v] = (bases[v] ? out[bases[v]] : unclamped) − removed[v]` on the CPU: one pass over the
+/// output, where the chain matrix product costs `variants` times more.
+struct ChainSub<'a> {
+    bases: &'a [Option<usize>],
+}
+
+impl candle_core::CustomOp2 for ChainSub<'_> {
+    fn name(&self) -> &'static str {
+        "chain-sub"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        fn run<T: Copy + std::ops::Sub<Output = T>>(
+            unclamped: &[T],
+            removed: &[T],
+            bases: &[Option<usize>],
+        ) -> Vec<T> {
+            let p = unclamped.len();
+            let mut out: Vec<T> = Vec::with_capacity(removed.len());
+            for (v, r) in removed.chunks_exact(p).enumerate() {
+                match bases[v] {
+                    Some(b) => out.extend_from_within(b * p..(b + 1) * p),
+                    None => out.extend_from_slice(unclamped),
+                }
+                let start = out.len() - p;
+                out[start..]
+                    .iter_mut()
+                    .zip(r)
+                    .for_each(|(o, &d)| *o = *o - d);
+            }
+            out
+        }
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("chain-sub: inputs must be contiguous");
+        };
+        let shape = l2.shape().clone();
+        let out = match (s1, s2) {
+            (S::F32(u), S::F32(r)) => S::F32(run(&u[a0..a1], &r[b0..b1], self.bases)),
+            (S::F64(u), S::F64(r)) => S::F64(run(&u[a0..a1], &r[b0..b1], self.bases)),
+            _ => candle_core::bail!("chain-sub: f32 or f64 only"),
+        };
+        Ok((out, shape))
+    }
+}
+
+impl ProbedLayer {
+    /// Takes the incremental path when it applies: records the probe as reached (as
+    /// [`Probe::forward`] would) and returns the plan and the clamp values. `None`: use the
+    /// probe, then the layer.
+    fn claim(&self, xs: &Tensor) -> Result<Option<(Arc<Plan>, Tensor)>> {
+        let mut inner = lock(&self.probe.shared)?;
+        let i = self.probe.index;
+        let Some(pass) = inner.pass.as_mut() else {
+            return Ok(None);
+        };
+        let Action::Clamp { keep, values } = &pass.action else {
+            return Ok(None);
+        };
+        // Only the first probe reached sees the unexpanded batch, the same for every variant.
+        let applies = pass.incremental
+            && pass.expand
+            && pass.rows_in.is_none()
+            && !pass.seen[i]
+            && self.layer.supports(xs);
+        // A clamped inf or NaN must vanish, as the batched select makes it; `h − c` cannot.
+        if !applies || !(pass.finite[i] || all_finite(xs)?) {
+            return Ok(None);
+        }
+        let values = values[i].clone();
+        let plan = match &pass.plans[i] {
+            Some(p) => p.clone(),
+            None => {
+                let p = Arc::new(build_plan(&keep[i], &values, xs.dims(), &self.layer)?);
+                pass.plans[i] = Some(p.clone());
+                p
+            }
+        };
+        let (rows, _, _) = rows_units_inner(xs.dims())?;
+        pass.seen[i] = true;
+        pass.call_order.push(i);
+        pass.rows_in = Some(rows);
+        pass.incremental_used = true;
+        Ok(Some((plan, values)))
+    }
+}
+
+fn all_finite(xs: &Tensor) -> Result<bool> {
+    // x − x is 0 where x is finite and NaN where it is not; one NaN makes the sum NaN.
+    let s = xs
+        .sub(xs)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    Ok(s == 0.0)
+}
+
+/// For each variant (a row of `keep`, 0 = clamped), the base with the most clamped units among
+/// the earlier variants whose clamped sets it contains, and the units it adds to it.
+/// How many earlier variants are searched for a base.
+const LOOK_BACK: usize = 64;
+
+/// For each variant (a row of `keep`, 0 = clamped), the base with the most clamped units among
+/// the earlier variants whose clamped sets it contains, and the units it adds to it.
+fn build_plan(keep: &Tensor, values: &Tensor, dims: &[usize], layer: &NextLayer) -> Result<Plan> {
+    let keep = keep.to_vec2::<u8>()?;
+    let zero = values
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|&v| v == 0.0);
+    let (variants, units) = (keep.len(), dims[1]);
+    // A dense layer after a feature map reads `positions` flattened columns per channel.
+    let per_unit = match layer {
+        NextLayer::Linear(_) if dims.len() == 4 => dims[2] * dims[3],
+        _ => 1,
+    };
+    let clamped: Vec<Vec<usize>> = keep
+        .iter()
+        .map(|row| (0..units).filter(|&u| row[u] == 0).collect())
+        .collect();
+    let mut bases = Vec::with_capacity(variants);
+    let mut added: Vec<Vec<u32>> = Vec::with_capacity(variants);
+    let mut in_set = vec![false; units];
+    for (v, set) in clamped.iter().enumerate() {
+        set.iter().for_each(|&u| in_set[u] = true);
+        // Variants come order by order, fraction by fraction, so the base is nearly always the
+        // previous one; looking back a bounded distance keeps planning linear in the variants.
+        let mut base: Option<usize> = None;
+        let mut best = 0;
+        for w in (v.saturating_sub(LOOK_BACK)..v).rev() {
+            let other = &clamped[w];
+            if other.len() > best && other.len() <= set.len() && other.iter().all(|&u| in_set[u]) {
+                base = Some(w);
+                best = other.len();
+                if best == set.len() {
+                    break;
+                }
+            }
+        }
+        set.iter().for_each(|&u| in_set[u] = false);
+        let from: &[usize] = base.map_or(&[], |b| &clamped[b]);
+        from.iter().for_each(|&u| in_set[u] = true);
+        added.push(
+            set.iter()
+                .filter(|&&u| !in_set[u])
+                .flat_map(|&u| (u * per_unit..(u + 1) * per_unit).map(|c| c as u32))
+                .collect(),
+        );
+        from.iter().for_each(|&u| in_set[u] = false);
+        bases.push(base);
+    }
+    let width = added.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    // Padding gathers input 0 against zero weights: it adds exact zeros (the input is finite).
+    let gather: Vec<u32> = added
+        .iter()
+        .flat_map(|a| a.iter().copied().chain(std::iter::repeat(0)).take(width))
+        .collect();
+    let real: Vec<f32> = added
+        .iter()
+        .flat_map(|a| (0..width).map(move |j| if j < a.len() { 1.0 } else { 0.0 }))
+        .collect();
+    let (device, dtype) = match layer {
+        NextLayer::Linear(l) => (l.weight().device(), l.weight().dtype()),
+        NextLayer::Conv2d(c) => (c.weight().device(), c.weight().dtype()),
+    };
+    let gather = Tensor::new(gather.as_slice(), device)?;
+    let real = Tensor::new(real.as_slice(), device)?.to_dtype(dtype)?;
+    let weights = match layer {
+        NextLayer::Linear(l) => {
+            // (out, inputs) gathered to (out, variants · width), padding zeroed.
+            let w = l.weight().index_select(&gather, 1)?;
+            let out = w.dim(0)?;
+            w.broadcast_mul(&real.unsqueeze(0)?)?
+                .t()?
+                .reshape((variants, width, out))?
+        }
+        NextLayer::Conv2d(c) => {
+            let w = c.weight().index_select(&gather, 1)?; // (out, variants · width, kh, kw)
+            let (out, _, kh, kw) = w.dims4()?;
+            w.broadcast_mul(&real.reshape((1, variants * width, 1, 1))?)?
+                .reshape((out, variants, width, kh, kw))?
+                .transpose(0, 1)?
+                .reshape((variants * out, width, kh, kw))?
+        }
+    }
+    .contiguous()?;
+    let mut chain = vec![0f32; variants * variants];
+    for v in 0..variants {
+        let mut w = Some(v);
+        while let Some(i) = w {
+            chain[v * variants + i] = 1.0;
+            w = bases[i];
+        }
+    }
+    let chain = Tensor::from_vec(chain, (variants, variants), device)?.to_dtype(dtype)?;
+    Ok(Plan {
+        variants,
+        zero,
+        bases,
+        gather,
+        width,
+        weights,
+        chain,
+    })
+}
+
+/// The layer's output for every variant, variant-major: `(variants · N, ...)`.
+fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> Result<Tensor> {
+    let unclamped = layer.forward(xs)?;
+    // What clamping removes from the input: h − c (h itself for the zero clamp).
+    let d = if plan.zero {
+        xs.clone()
+    } else {
+        let mut shape = vec![1; xs.rank()];
+        shape[1] = xs.dim(1)?;
+        xs.broadcast_sub(&values.to_dtype(xs.dtype())?.reshape(shape)?)?
+    };
+    let (v, width) = (plan.variants, plan.width);
+    let m = xs.dim(0)?;
+    let removed = match layer {
+        NextLayer::Linear(_) => {
+            // (m, inputs) gathered to (variants, m, width).
+            let part = d
+                .flatten_from(1)?
+                .index_select(&plan.gather, 1)?
+                .reshape((m, v, width))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            part.matmul(&plan.weights)? // (variants, m, out)
+        }
+        NextLayer::Conv2d(c) => {
+            // (m, variants · width, h, w): one group per variant.
+            let part = d.index_select(&plan.gather, 1)?;
+            let cfg = c.config();
+            let r = part.conv2d(&plan.weights, cfg.padding, cfg.stride, cfg.dilation, v)?;
+            let (_, _, oh, ow) = r.dims4()?;
+            let out = r.dim(1)? / v;
+            r.reshape((m, v, out, oh, ow))?
+                .transpose(0, 1)?
+                .contiguous()?
+        }
+    };
+    let per_variant: Vec<usize> = removed.dims()[1..].to_vec();
+    let cpu_op =
+        unclamped.device().is_cpu() && matches!(unclamped.dtype(), DType::F32 | DType::F64);
+    let out = if cpu_op {
+        let op = ChainSub { bases: &plan.bases };
+        unclamped.contiguous()?.apply_op2_no_bwd(&removed, &op)?
+    } else {
+        let flat = removed.reshape((v, per_variant.iter().product::<usize>()))?;
+        let along_chain = plan.chain.matmul(&flat)?.reshape(removed.shape())?;
+        unclamped.unsqueeze(0)?.broadcast_sub(&along_chain)?
+    };
+    let mut dims = per_variant;
+    dims[0] *= v;
+    out.reshape(dims)
+}

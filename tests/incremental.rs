@@ -1,0 +1,303 @@
+//! The incremental path of a probe fused with the layer it feeds, against clamping then applying
+//! the layer (the batched path): bit for bit on integer-valued networks, where every sum is exact
+//! in f32 and reassociation cannot change a bit; within a sample per point on float networks.
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear};
+use candle_reliance::curves::{AblationCurve, AblationOrder, AblationSpec, Clamp};
+use candle_reliance::probe::ProbedLayer;
+use candle_reliance::rng::SplitMix64;
+use candle_reliance::{Measurement, ProbeData, ProbeSet};
+
+const DEV: Device = Device::Cpu;
+
+/// A tensor of `dims` with integer values in `lo..=hi` (or uniform floats in `[lo, hi)`).
+fn random(rng: &mut SplitMix64, dims: &[usize], lo: i32, hi: i32, integer: bool) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            if integer {
+                (lo + rng.below((hi - lo + 1) as usize) as i32) as f32
+            } else {
+                (lo as f64 + rng.uniform() * (hi - lo) as f64) as f32
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &DEV)
+}
+
+/// MLP `d_in → h1 → h2 → classes` with a fused probe after each hidden activation.
+struct Mlp {
+    fc1: Linear,
+    fc2: ProbedLayer,
+    fc3: ProbedLayer,
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(xs)?.relu()?;
+        let h = self.fc2.forward(&h)?.relu()?;
+        self.fc3.forward(&h)
+    }
+}
+
+fn linear(rng: &mut SplitMix64, d_in: usize, d_out: usize, integer: bool) -> Result<Linear> {
+    let (lo, hi) = if integer { (-3, 3) } else { (-1, 1) };
+    Ok(Linear::new(
+        random(rng, &[d_out, d_in], lo, hi, integer)?,
+        Some(random(rng, &[d_out], lo, hi, integer)?),
+    ))
+}
+
+fn mlp(seed: u64, integer: bool) -> Result<(ProbeSet, Mlp, ProbeData)> {
+    let mut rng = SplitMix64::new(seed);
+    let probes = ProbeSet::new();
+    let model = Mlp {
+        fc1: linear(&mut rng, 12, 16, integer)?,
+        fc2: probes
+            .add("fc1")?
+            .feeding(linear(&mut rng, 16, 24, integer)?),
+        fc3: probes
+            .add("fc2")?
+            .feeding(linear(&mut rng, 24, 5, integer)?),
+    };
+    let xs = random(&mut rng, &[150, 12], 0, 3, integer)?;
+    let data = labelled(&mut rng, &model, xs)?;
+    Ok((probes, model, data))
+}
+
+/// conv 3×3 (1 → 4) → ReLU → [probe, fused conv 3×3 (4 → 6, padding 1)] → ReLU →
+/// [probe, fused dense layer over the flattened map] → classes.
+struct Cnn {
+    c1: Conv2d,
+    c2: ProbedLayer,
+    fc: ProbedLayer,
+}
+
+impl Module for Cnn {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.c1.forward(xs)?.relu()?;
+        let h = self.c2.forward(&h)?.relu()?;
+        self.fc.forward(&h)
+    }
+}
+
+fn cnn(seed: u64, integer: bool, stride: usize) -> Result<(ProbeSet, Cnn, ProbeData)> {
+    let mut rng = SplitMix64::new(seed);
+    let (lo, hi) = if integer { (-2, 2) } else { (-1, 1) };
+    let probes = ProbeSet::new();
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    let c1 = Conv2d::new(
+        random(&mut rng, &[4, 1, 3, 3], lo, hi, integer)?,
+        Some(random(&mut rng, &[4], lo, hi, integer)?),
+        Conv2dConfig::default(),
+    );
+    let c2 = Conv2d::new(
+        random(&mut rng, &[6, 4, 3, 3], lo, hi, integer)?,
+        Some(random(&mut rng, &[6], lo, hi, integer)?),
+        cfg,
+    );
+    let side = (6 + 2 - 3) / stride + 1; // 8×8 input → 6×6 after c1 → c2's output side
+    let fc = linear(&mut rng, 6 * side * side, 4, integer)?;
+    let model = Cnn {
+        c1,
+        c2: probes.add("c1")?.feeding(c2),
+        fc: probes.add("c2")?.feeding(fc),
+    };
+    let xs = random(&mut rng, &[80, 1, 8, 8], 0, 2, integer)?;
+    let data = labelled(&mut rng, &model, xs)?;
+    Ok((probes, model, data))
+}
+
+/// Labels: the model's own predictions, a fifth of them replaced by random classes, so that the
+/// curve falls from near 1 as units are clamped.
+fn labelled(rng: &mut SplitMix64, model: &impl Module, xs: Tensor) -> Result<ProbeData> {
+    let logits = model.forward(&xs)?;
+    let classes = logits.dim(1)?;
+    let ys: Vec<u32> = logits
+        .argmax(1)?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|y| {
+            if rng.below(5) == 0 {
+                rng.below(classes) as u32
+            } else {
+                y
+            }
+        })
+        .collect();
+    ProbeData::new(xs, Tensor::new(ys.as_slice(), &DEV)?)
+}
+
+fn spec(clamp: Clamp, orders: usize, seed: u64) -> AblationSpec {
+    AblationSpec::default()
+        .with_fractions(9)
+        .with_clamp(clamp)
+        .with_order(AblationOrder::Random { orders, seed })
+}
+
+/// The curve with and without the incremental path, at `max_rows` rows per expanded forward.
+fn both<M: Module>(
+    model: &M,
+    probes: &ProbeSet,
+    data: &ProbeData,
+    spec: &AblationSpec,
+    max_rows: usize,
+) -> Result<(AblationCurve, AblationCurve)> {
+    let m = |inc| {
+        Measurement::new(model, probes, data)
+            .with_max_batch_rows(max_rows)
+            .with_incremental(inc)
+    };
+    Ok((
+        m(true).ablation_curve(spec)?,
+        m(false).ablation_curve(spec)?,
+    ))
+}
+
+#[test]
+fn integer_mlp_is_bit_identical() -> Result<()> {
+    for seed in 0..4 {
+        let (probes, model, data) = mlp(seed, true)?;
+        // Rows bounds that cut the variants into groups and the samples into chunks.
+        for max_rows in [100_000, 500, 37] {
+            let (inc, reference) = both(
+                &model,
+                &probes,
+                &data,
+                &spec(Clamp::Zero, 4, seed),
+                max_rows,
+            )?;
+            assert!(inc.incremental && !reference.incremental);
+            assert_eq!(
+                inc.per_order, reference.per_order,
+                "seed {seed} rows {max_rows}"
+            );
+            assert_eq!(inc.agreement_per_order, reference.agreement_per_order);
+            // The curve is not flat: the comparison is not between two constant vectors.
+            assert!(inc.accuracy.first() != inc.accuracy.last());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn integer_cnn_is_bit_identical() -> Result<()> {
+    for (seed, stride) in [(0, 1), (1, 1), (2, 2)] {
+        let (probes, model, data) = cnn(seed, true, stride)?;
+        for max_rows in [100_000, 211] {
+            let (inc, reference) = both(
+                &model,
+                &probes,
+                &data,
+                &spec(Clamp::Zero, 3, seed),
+                max_rows,
+            )?;
+            assert!(inc.incremental);
+            assert_eq!(
+                inc.per_order, reference.per_order,
+                "seed {seed} stride {stride}"
+            );
+            assert_eq!(inc.agreement_per_order, reference.agreement_per_order);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn single_unit_deltas_are_bit_identical() -> Result<()> {
+    // Importance clamps one unit per variant: each variant's base is the unclamped output.
+    let (probes, model, data) = mlp(7, true)?;
+    let sets: Vec<Vec<usize>> = (0..40)
+        .map(|u| vec![u])
+        .chain([vec![], vec![3, 17, 20]])
+        .collect();
+    let m = |inc| Measurement::new(&model, &probes, &data).with_incremental(inc);
+    let inc = m(true).ablation_accuracies(&sets, Clamp::Zero)?;
+    let reference = m(false).ablation_accuracies(&sets, Clamp::Zero)?;
+    assert_eq!(inc, reference);
+    Ok(())
+}
+
+/// Float networks: the layer's output differs from the reference only by reassociation (relative
+/// error about 1e-6), which moves a prediction only where two logits lie that close. With
+/// continuous random weights that is rare; one sample per point is a loose bound on it.
+#[test]
+fn float_networks_agree_within_a_sample() -> Result<()> {
+    let within = |a: &AblationCurve, b: &AblationCurve, n: usize| {
+        a.per_order
+            .iter()
+            .flatten()
+            .zip(b.per_order.iter().flatten())
+            .all(|(x, y)| (x - y).abs() <= 1.0 / n as f64 + 1e-12)
+    };
+    for seed in 0..3 {
+        for clamp in [Clamp::Zero, Clamp::Mean] {
+            let (probes, model, data) = mlp(100 + seed, false)?;
+            let (inc, reference) = both(&model, &probes, &data, &spec(clamp, 3, seed), 100_000)?;
+            assert!(inc.incremental);
+            assert!(
+                within(&inc, &reference, data.len()),
+                "{clamp:?}: {:?} vs {:?}",
+                inc.per_order,
+                reference.per_order
+            );
+            let (probes, model, data) = cnn(100 + seed, false, 1)?;
+            let (inc, reference) = both(&model, &probes, &data, &spec(clamp, 3, seed), 100_000)?;
+            assert!(inc.incremental);
+            assert!(
+                within(&inc, &reference, data.len()),
+                "{clamp:?}: {:?} vs {:?}",
+                inc.per_order,
+                reference.per_order
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn mean_clamp_hand_worked() -> Result<()> {
+    // One unit pair into y = 1·h0 + 2·h1; h = (1, 3) and (3, 1): means (2, 2).
+    let probes = ProbeSet::new();
+    let w = Tensor::new(&[[1f32, 2.0], [0.0, 0.0]], &DEV)?;
+    let layer = probes
+        .add("h")?
+        .feeding(Linear::new(w, Some(Tensor::new(&[0f32, 6.5], &DEV)?)));
+    let model = move |xs: &Tensor| layer.forward(xs);
+    let xs = Tensor::new(&[[1f32, 3.0], [3.0, 1.0]], &DEV)?;
+    let data = ProbeData::new(xs, Tensor::new(&[0u32, 1], &DEV)?)?;
+    let spec = AblationSpec::default()
+        .with_fractions(vec![0.0, 0.5, 1.0])
+        .with_clamp(Clamp::Mean)
+        .with_order(AblationOrder::Explicit(vec![1, 0]));
+    let c = Measurement::new(&model, &probes, &data).ablation_curve(&spec)?;
+    assert!(c.incremental);
+    // Logit 0 per sample (logit 1 is 6.5): none clamped 7, 5 → classes 0, 1: both right.
+    // h1 → 2: 5, 7 → classes 1, 0: both wrong. Both → 2: 6, 6 → class 1: sample 1 right.
+    assert_eq!(c.accuracy, vec![1.0, 0.0, 0.5]);
+    Ok(())
+}
+
+#[test]
+fn non_finite_activations_take_the_batched_path() -> Result<()> {
+    let (probes, mut model, data) = mlp(3, true)?;
+    let mut w: Vec<f32> = model.fc1.weight().flatten_all()?.to_vec1()?;
+    w[5] = f32::INFINITY;
+    model.fc1 = Linear::new(
+        Tensor::from_vec(w, (16, 12), &DEV)?,
+        model.fc1.bias().cloned(),
+    );
+    let (inc, reference) = both(&model, &probes, &data, &spec(Clamp::Zero, 2, 0), 100_000)?;
+    // fc1's output holds inf or NaN: the fused layer clamps first, exactly as the batched path.
+    assert!(!inc.incremental);
+    assert_eq!(
+        format!("{:?}", inc.per_order),
+        format!("{:?}", reference.per_order)
+    );
+    Ok(())
+}
