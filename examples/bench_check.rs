@@ -1,20 +1,24 @@
-//! Cost of one reliance check, batched versus one forward per level, against the matrix
-//! products any implementation must run. Prints one JSON line.
+//! Cost of one reliance check: incremental (probes fused with the layer they feed), batched
+//! (clamp, then every layer on the expanded batch) and one forward per level, against the matrix
+//! products the batched path runs; then a check of the monitor's default size against a training
+//! epoch, for the MNIST example's MLP and a small CNN. Prints one JSON line.
 //!
 //! MLP 784-256-256-10, 2000 samples, 17 fractions (i/16), 5 random orders, zero clamp.
 //! ```text
 //! cargo run --release --example bench_check [-- --reps 5]
+//! cargo run --release --example bench_check -- --peak-rss 10000   # peak memory of one check
 //! ```
 
 #[path = "common/mod.rs"]
 mod common;
 
 use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::Optimizer;
 use candle_nn::VarMap;
 use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp};
 use candle_reliance::measurement::auto_batch_rows;
 use candle_reliance::ops::level_clamp_for_tests;
-use candle_reliance::{Measurement, ProbeData, ProbeSet};
+use candle_reliance::{Measurement, ProbeData, ProbeSet, ProbedLayer};
 use std::time::Instant;
 
 #[derive(clap::Parser, Debug)]
@@ -23,6 +27,10 @@ struct Args {
     /// Timed repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Only run one default-size check (incremental) of the MNIST MLP on this many samples and
+    /// print the process's peak resident memory.
+    #[arg(long)]
+    peak_rss: Option<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -42,7 +50,11 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let reps = <Args as clap::Parser>::parse().reps;
+    let args = <Args as clap::Parser>::parse();
+    if let Some(n) = args.peak_rss {
+        return peak_rss(n);
+    }
+    let reps = args.reps;
     let (n, d_in, hidden, classes) = (2000, 784, 256, 10);
     let dev = Device::Cpu;
     let varmap = VarMap::new();
@@ -58,11 +70,22 @@ fn main() -> Result<()> {
 
     // A new measurement each time, so that every timing includes the statistics pass.
     let measure = || Measurement::new(&model, &probes, &data);
-    let batched = time(reps, || measure().ablation_curve(&spec))?;
+    // Incremental and batched interleaved, so that drift on a shared machine hits both alike.
+    let (mut inc_t, mut bat_t) = (vec![], vec![]);
+    for _ in 0..reps {
+        inc_t.push(time(1, || measure().ablation_curve(&spec))?);
+        bat_t.push(time(1, || {
+            measure().with_incremental(false).ablation_curve(&spec)
+        })?);
+    }
+    let (incremental, batched) = (median(inc_t), median(bat_t));
     // The statistics pass inside every curve: unit counts, means, the unablated accuracy.
     let stats = time(reps, || measure().statistics().cloned())?;
     let per_level = time(reps.min(3), || {
-        measure().with_batched(false).ablation_curve(&spec)
+        measure()
+            .with_batched(false)
+            .with_incremental(false)
+            .ablation_curve(&spec)
     })?;
 
     // The products no implementation can skip: the first layer once per sample, the later
@@ -161,10 +184,12 @@ fn main() -> Result<()> {
     println!(
         "{{\"bench\":\"ablation_check\",\"model\":\"mlp-784-256-256-10\",\"samples\":{n},\"fractions\":17,\
          \"orders\":5,\"clamp\":\"zero\",\"distinct_masks\":{masks},\"threads\":{threads},\"reps\":{reps},\
-         \"batched_s\":{batched:.4},\"stats_pass_s\":{stats:.4},\"per_level_s\":{per_level:.4},\"speedup\":{speedup:.2},\
-         \"batch_rows\":{rows},\"matmul_whole_s\":{whole:.4},\"matmul_blocked_s\":{blocked:.4},\"unavoidable_matmul_s\":{matmul:.4},\"batched_over_matmul\":{ratio:.3},\"model_forward_s\":{model_forward:.4},\"batched_over_model_forward\":{ratio_fwd:.3},\"target_batched_over_matmul\":1.5,\"forward_idle_probes_s\":{idle:.5},\"forward_no_probes_s\":{bare:.5},\"idle_probe_ratio\":{idle_ratio:.3},\"later_probe_clamp_s\":{later_clamp:.4},\"later_probe_clamp_in_place_s\":{later_clamp_in_place:.4}}}",
+         \"incremental_s\":{incremental:.4},\"batched_s\":{batched:.4},\"batched_over_incremental\":{inc_speedup:.2},\"stats_pass_s\":{stats:.4},\"per_level_s\":{per_level:.4},\"speedup\":{speedup:.2},\
+         \"batch_rows\":{rows},\"matmul_whole_s\":{whole:.4},\"matmul_blocked_s\":{blocked:.4},\"unavoidable_matmul_s\":{matmul:.4},\"batched_over_matmul\":{ratio:.3},\"model_forward_s\":{model_forward:.4},\"batched_over_model_forward\":{ratio_fwd:.3},\"target_batched_over_matmul\":1.5,\"forward_idle_probes_s\":{idle:.5},\"forward_no_probes_s\":{bare:.5},\"idle_probe_ratio\":{idle_ratio:.3},\"later_probe_clamp_s\":{later_clamp:.4},\"later_probe_clamp_in_place_s\":{later_clamp_in_place:.4},\"default_check\":{per_epoch}}}",
         threads = rayon_threads(),
         speedup = per_level / batched,
+        inc_speedup = batched / incremental,
+        per_epoch = check_per_epoch(reps)?,
         ratio = batched / matmul,
         ratio_fwd = batched / model_forward,
         idle_ratio = idle / bare,
@@ -176,4 +201,125 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// A check of the monitor's default size (1 000 samples, 17 fractions, 3 random orders, zero
+/// clamp, with its statistics pass) against one training epoch on the 8 000 shipped training
+/// digits, for the MNIST example's MLP (784-512-512-10, AdamW, batch 64) and a small CNN (two
+/// 3×3 convolutions with probes on their pooled feature maps, SGD, batch 64). JSON object.
+fn check_per_epoch(reps: usize) -> Result<String> {
+    let mnist = common::mnist()?;
+    let (xs, ys) = (&mnist.train.images, &mnist.train.labels);
+    let data = ProbeData::new(xs.clone(), ys.clone())?.subset(1000, 0)?;
+    let spec = candle_reliance::RelianceConfig::default().ablation;
+    let mut out = vec![];
+    for kind in ["mlp", "cnn"] {
+        let varmap = VarMap::new();
+        let probes = ProbeSet::new();
+        let model: Box<dyn Module> = if kind == "mlp" {
+            Box::new(common::Mlp::new(&varmap, &[512, 512], 0.0, &probes, 0)?)
+        } else {
+            Box::new(SmallCnn::new(&varmap, &probes)?)
+        };
+        let mut rng = common::Rng::new(0);
+        let reps = reps.clamp(1, 3);
+        let epoch = if kind == "mlp" {
+            let mut opt = common::adamw(varmap.all_vars(), 1e-3)?;
+            time(reps, || {
+                common::train_epoch(|x| model.forward(x), &mut opt, xs, ys, 64, &mut rng)
+            })?
+        } else {
+            let mut opt = candle_nn::SGD::new(varmap.all_vars(), 0.05)?;
+            time(reps, || {
+                common::train_epoch(|x| model.forward(x), &mut opt, xs, ys, 64, &mut rng)
+            })?
+        };
+        let m = || Measurement::new(&*model, &probes, &data);
+        let (mut inc_t, mut bat_t) = (vec![], vec![]);
+        for _ in 0..reps.max(3) {
+            inc_t.push(time(1, || m().ablation_curve(&spec))?);
+            bat_t.push(time(1, || {
+                m().with_incremental(false).ablation_curve(&spec)
+            })?);
+        }
+        let (inc, bat) = (median(inc_t), median(bat_t));
+        out.push(format!(
+            "\"{kind}\":{{\"epoch_s\":{epoch:.3},\"check_incremental_s\":{inc:.4},\"check_batched_s\":{bat:.4},\
+             \"incremental_over_epoch\":{:.4},\"batched_over_epoch\":{:.4}}}",
+            inc / epoch,
+            bat / epoch
+        ));
+    }
+    Ok(format!("{{{}}}", out.join(",")))
+}
+
+/// 28×28 digits: conv 3×3 (16) → ReLU → max-pool → [probe, conv 3×3 (32)] → ReLU → max-pool →
+/// [probe, linear 32·7·7 → 10]. The probes see pooled feature maps (units are channels).
+struct SmallCnn {
+    c1: candle_nn::Conv2d,
+    c2: ProbedLayer,
+    fc: ProbedLayer,
+}
+
+impl SmallCnn {
+    fn new(varmap: &VarMap, probes: &ProbeSet) -> Result<Self> {
+        let vb = candle_nn::VarBuilder::from_varmap(varmap, candle_core::DType::F32, &Device::Cpu);
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let net = Self {
+            c1: candle_nn::conv2d(1, 16, 3, cfg, vb.pp("conv1"))?,
+            c2: probes
+                .add("conv1")?
+                .feeding(candle_nn::conv2d(16, 32, 3, cfg, vb.pp("conv2"))?),
+            fc: probes
+                .add("conv2")?
+                .feeding(candle_nn::linear(32 * 7 * 7, 10, vb.pp("fc"))?),
+        };
+        common::seeded_init(varmap, 0)?;
+        Ok(net)
+    }
+}
+
+impl Module for SmallCnn {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = xs.reshape((xs.dim(0)?, 1, 28, 28))?;
+        let h = self.c1.forward(&x)?.relu()?.max_pool2d(2)?;
+        let h = self.c2.forward(&h)?.relu()?.max_pool2d(2)?;
+        self.fc.forward(&h)
+    }
+}
+
+/// One default-size check of the MNIST MLP on `n` shipped digits (repeated from the training
+/// set when `n` exceeds it); prints the peak resident memory before and after.
+fn peak_rss(n: usize) -> Result<()> {
+    let mnist = common::mnist()?;
+    let reps = n.div_ceil(mnist.train.images.dim(0)?);
+    let xs = Tensor::cat(&vec![&mnist.train.images; reps], 0)?.narrow(0, 0, n)?;
+    let ys = Tensor::cat(&vec![&mnist.train.labels; reps], 0)?.narrow(0, 0, n)?;
+    let varmap = VarMap::new();
+    let probes = ProbeSet::new();
+    let model = common::Mlp::new(&varmap, &[512, 512], 0.0, &probes, 0)?;
+    let data = ProbeData::new(xs, ys)?;
+    let before = vm_hwm_kib();
+    let spec = candle_reliance::RelianceConfig::default().ablation;
+    let c = Measurement::new(&model, &probes, &data).ablation_curve(&spec)?;
+    println!(
+        "{{\"bench\":\"peak_rss\",\"samples\":{n},\"incremental\":{},\"peak_rss_before_check_kib\":{before},\"peak_rss_kib\":{}}}",
+        c.incremental,
+        vm_hwm_kib()
+    );
+    Ok(())
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }

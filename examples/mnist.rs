@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear, loss, AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use candle_reliance::data::corrupt_labels;
 use candle_reliance::rng::SplitMix64;
-use candle_reliance::{Probe, ProbeData, ProbeSet, RelianceMonitor};
+use candle_reliance::{ProbeData, ProbeSet, ProbedLayer, RelianceMonitor};
 use clap::Parser;
 use idx::load_mnist_dir;
 use std::path::PathBuf;
@@ -52,31 +52,33 @@ struct Args {
     log_json: bool,
 }
 
+/// The probes sit after the hidden activations, each fused with the layer that reads it
+/// (`probe.feeding(layer)`), so that a check computes that layer incrementally.
 struct Mlp {
     fc1: Linear,
-    fc2: Linear,
-    fc3: Linear,
-    probe1: Probe,
-    probe2: Probe,
+    fc2: ProbedLayer,
+    fc3: ProbedLayer,
 }
 
 impl Mlp {
     fn new(vb: VarBuilder, hidden: usize, probes: &ProbeSet) -> Result<Self> {
         Ok(Self {
             fc1: linear(784, hidden, vb.pp("fc1"))?,
-            fc2: linear(hidden, hidden, vb.pp("fc2"))?,
-            fc3: linear(hidden, 10, vb.pp("fc3"))?,
-            probe1: probes.add("fc1")?,
-            probe2: probes.add("fc2")?,
+            fc2: probes
+                .add("fc1")?
+                .feeding(linear(hidden, hidden, vb.pp("fc2"))?),
+            fc3: probes
+                .add("fc2")?
+                .feeding(linear(hidden, 10, vb.pp("fc3"))?),
         })
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.probe1.forward(&self.fc1.forward(xs)?.relu()?)?;
-        let h = self.probe2.forward(&self.fc2.forward(&h)?.relu()?)?;
-        self.fc3.forward(&h)
+        let h = self.fc1.forward(xs)?.relu()?;
+        let h = self.fc2.forward(&h)?.relu()?; // probe "fc1", then fc2
+        self.fc3.forward(&h) // probe "fc2", then fc3
     }
 }
 

@@ -7,7 +7,7 @@ pub mod idx;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
 // `ModuleT` for candle-nn's Dropout.
 use candle_nn::{linear, loss, Dropout, Linear, Optimizer, VarBuilder, VarMap};
-use candle_reliance::{Probe, ProbeSet};
+use candle_reliance::{ProbeSet, ProbedLayer};
 use idx::{load_mnist_dir, Mnist};
 
 /// The 10 000 shipped digits: 8 000 for training, the last 2 000 as the test set.
@@ -51,11 +51,12 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// MLP 784 → hidden … → 10 with ReLU, a probe after every hidden activation and optional
-/// dropout after each probe (training only).
+/// MLP 784 → hidden … → 10 with ReLU, a probe after every hidden activation (fused with the
+/// layer that reads it) and optional dropout after each activation (training only).
 pub struct Mlp {
     pub layers: Vec<Linear>,
-    pub probes: Vec<Probe>,
+    /// `layers[i + 1]` behind the probe after activation `i`.
+    pub fused: Vec<ProbedLayer>,
     pub dropout: Option<Dropout>,
 }
 
@@ -76,13 +77,17 @@ impl Mlp {
             .enumerate()
             .map(|(i, d)| linear(d[0], d[1], vb.pp(format!("fc{}", i + 1))))
             .collect::<Result<Vec<_>>>()?;
-        let probes = (0..hidden.len())
-            .map(|i| probes.add(format!("fc{}", i + 1)))
+        let fused = (0..hidden.len())
+            .map(|i| {
+                Ok(probes
+                    .add(format!("fc{}", i + 1))?
+                    .feeding(layers[i + 1].clone()))
+            })
             .collect::<Result<_>>()?;
         seeded_init(varmap, seed)?;
         Ok(Self {
             layers,
-            probes,
+            fused,
             dropout: (dropout > 0.0).then(|| Dropout::new(dropout)),
         })
     }
@@ -91,15 +96,15 @@ impl Mlp {
 impl Mlp {
     /// Forward pass; dropout is active only when `train`.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = xs.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h)?;
-            if let Some(p) = self.probes.get(i) {
-                h = p.forward(&h.relu()?)?;
-                if let Some(d) = &self.dropout {
-                    h = d.forward_t(&h, train)?;
-                }
+        let mut h = self.layers[0].forward(xs)?;
+        for next in &self.fused {
+            h = h.relu()?;
+            // Dropout before the probe: the same network, as probes are identities in training
+            // and dropout is one at evaluation.
+            if let Some(d) = &self.dropout {
+                h = d.forward_t(&h, train)?;
             }
+            h = next.forward(&h)?;
         }
         Ok(h)
     }
