@@ -223,7 +223,9 @@ impl Momentum {
                     None => g.clone(),
                 };
                 v.set(&v.sub(&(&next * self.lr)?)?)?;
-                *b = Some(next);
+                // Detached: the buffer must not keep this step's graph (and, through it, every
+                // earlier step's) alive.
+                *b = Some(next.detach());
             }
         }
         Ok(())
