@@ -80,6 +80,12 @@ pub(crate) fn seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Err
                 ))
             })
         }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u64, E> {
+            // YAML reads an integer too long for 128 bits as a float.
+            Err(E::custom(format!(
+                "a seed is an integer from 0 to 2^64 − 1, got {v}"
+            )))
+        }
         fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<u64, E> {
             u64::try_from(v)
                 .map_err(|_| E::custom(format!("a seed is an integer from 0 to 2^64 − 1, got {v}")))

@@ -278,6 +278,27 @@ const BAD: &[Bad] = &[
         line: Some(2),
     },
     Bad {
+        yaml: "data:\n  seed: 18446744073709551616\n",
+        expect: &["data", "seed", "18446744073709551616", "2^64"],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "data:\n  seed: 1000000000000000000000000000000000000000\n",
+        expect: &[
+            "data",
+            "seed",
+            "1000000000000000000000000000000000000000",
+            "2^64",
+            "integer",
+        ],
+        line: Some(2),
+    },
+    Bad {
+        yaml: "data:\n  seed: -3\n",
+        expect: &["data", "seed", "-3", "not negative"],
+        line: Some(2),
+    },
+    Bad {
         yaml: "data:\n  seed: 1\nselectivity: maybe\n",
         expect: &["selectivity", "maybe"],
         line: Some(3),

@@ -169,10 +169,11 @@ impl RelianceConfig {
         bounded(text)?;
         let err = |e: serde_norway::Error| candle_core::Error::Msg(format!("reliance config: {e}"));
         // A file of comments only is an empty document, which a struct cannot be read from.
-        let empty = matches!(
-            serde_norway::from_str(text).map_err(err)?,
-            serde_norway::Value::Null
-        );
+        // (`IgnoredAny`, not `Value`, which cannot hold an integer beyond 64 bits and would
+        // hide the key's own message about it.)
+        let empty = serde_norway::from_str::<Option<serde::de::IgnoredAny>>(text)
+            .map_err(err)?
+            .is_none();
         let cfg: Self = if empty {
             Self::default()
         } else {
