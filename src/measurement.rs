@@ -143,6 +143,12 @@ pub struct UnitStatistics {
     /// The arg-max class of each sample, nothing clamped: what the agreement of a perturbed
     /// network is counted against.
     pub predictions: Vec<u32>,
+    /// Whether the model's logits for the first sample differed between a forward of that
+    /// sample alone and one of its chunk: batch norm in training mode, active dropout or
+    /// another batch-dependent layer, which makes every measurement depend on how samples are
+    /// chunked (a warning is logged).
+    #[serde(default)]
+    pub batch_dependent: bool,
 }
 
 impl UnitStatistics {
@@ -270,7 +276,8 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         // The model's class count, from one sample with the probes idle, bounds the labels
         // before anything is sized by them: a stray label of 4 billion must be an error, not a
         // 34 GB allocation.
-        let (_, model_classes) = logits_dims(&self.model.forward(&data.chunk(0, 1)?)?)?;
+        let alone = self.model.forward(&data.chunk(0, 1)?)?;
+        let (_, model_classes) = logits_dims(&alone)?;
         let max_label = data.label_values().iter().copied().max().unwrap_or(0);
         if max_label as usize >= model_classes {
             candle_core::bail!(
@@ -284,6 +291,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             .iter()
             .for_each(|&l| class_counts[l as usize] += 1);
         let (mut correct, mut classes, mut finite, mut first_probe) = (0u64, 0usize, true, 0usize);
+        let mut batch_dependent = false;
         let mut predictions = Vec::with_capacity(n);
         for start in (0..n).step_by(batch_size) {
             let xs = data.chunk(start, batch_size)?;
@@ -308,11 +316,19 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             predictions.extend(pred);
             if start == 0 {
                 first_probe = guard.call_order()?[0];
+                batch_dependent = differs(&alone, &logits.narrow(0, 0, 1)?)?;
             }
             debug_assert_eq!(rows, xs.dim(0)?);
         }
         let sums = guard.take_sums()?;
         drop(guard);
+        if batch_dependent {
+            tracing::warn!(
+                "the model's output for a sample changes with the rest of its batch (batch norm \
+                 in training mode, or active dropout?): measurements then depend on how samples \
+                 are chunked; measure the model in evaluation mode"
+            );
+        }
         let mut offset = 0;
         let mut out = Vec::with_capacity(sums.len());
         for (name, s) in probes.names().into_iter().zip(sums) {
@@ -362,6 +378,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             class_counts,
             first_probe,
             predictions,
+            batch_dependent,
         })
     }
 
@@ -582,6 +599,17 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             count_hits(&pred, &predictions[span], variants),
         ))
     }
+}
+
+/// Whether two logit rows differ by more than the rounding of differently blocked products.
+fn differs(a: &Tensor, b: &Tensor) -> Result<bool> {
+    let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+    Ok(a.len() != b.len()
+        || a.iter()
+            .zip(&b)
+            .any(|(x, y)| x.is_finite() && y.is_finite() && (x - y).abs() > 1e-3 * scale))
 }
 
 fn logits_dims(logits: &Tensor) -> Result<(usize, usize)> {

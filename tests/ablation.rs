@@ -489,3 +489,23 @@ fn probe_data_rejects_infinite_inputs_but_not_large_ones() -> Result<()> {
     assert!(ProbeData::new(xs, labels).is_ok());
     Ok(())
 }
+
+#[test]
+fn a_batch_dependent_model_is_flagged() -> Result<()> {
+    let xs = Tensor::new(&[[3f32, 1.0], [1.0, 2.0], [2.0, 0.5], [0.0, 4.0]], &dev())?;
+    let data = ProbeData::new(xs, Tensor::new(&[0u32, 1, 0, 1], &dev())?)?;
+    // Normalizing over the batch, as batch norm does in training mode: sample 0 alone becomes
+    // (0, 0); in its chunk of four, (3 − 1.5, 1 − 1.875) = (1.5, −0.875).
+    let probes = ProbeSet::new();
+    let p = probes.add("h")?;
+    let over_batch = move |xs: &Tensor| p.forward(&xs.broadcast_sub(&xs.mean_keepdim(0)?)?.relu()?);
+    let m = Measurement::new(&over_batch, &probes, &data);
+    assert!(m.statistics()?.batch_dependent);
+    // The same layer without the batch: each sample's output is its own.
+    let probes = ProbeSet::new();
+    let p = probes.add("h")?;
+    let per_sample = move |xs: &Tensor| p.forward(&xs.relu()?);
+    let m = Measurement::new(&per_sample, &probes, &data);
+    assert!(!m.statistics()?.batch_dependent);
+    Ok(())
+}
