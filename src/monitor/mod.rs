@@ -408,6 +408,7 @@ impl RelianceMonitor {
             reason = decision.reason().map(tracing::field::display),
             degenerate = degenerate.as_deref(),
             batched = record.curve.batched,
+            incremental = record.curve.incremental,
             "reliance check"
         );
         if let Some(path) = &self.config.output.history_file {
