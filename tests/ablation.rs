@@ -189,16 +189,11 @@ fn conv_channels_are_ablated_whole() -> Result<()> {
     Ok(())
 }
 
-/// Reproducible pseudo-random values, uniform in [-scale, scale] (a 64-bit LCG).
+/// Reproducible pseudo-random values, uniform in [-scale, scale] (the crate's generator).
 fn fixed_random(shape: (usize, usize), seed: u64, scale: f32) -> Result<Tensor> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = candle_reliance::rng::SplitMix64::new(seed);
     let v: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
+        .map(|_| ((rng.uniform() * 2.0 - 1.0) as f32) * scale)
         .collect();
     Tensor::from_vec(v, shape, &dev())
 }

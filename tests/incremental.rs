@@ -26,20 +26,23 @@ fn random(rng: &mut SplitMix64, dims: &[usize], lo: i32, hi: i32, integer: bool)
     Tensor::from_vec(v, dims, &DEV)
 }
 
-/// MLP `d_in → h1 → h2 → classes` with a fused probe after each hidden activation.
-struct Mlp {
-    fc1: Linear,
-    fc2: ProbedLayer,
-    fc3: ProbedLayer,
+/// A first layer, then two fused probes (each after a ReLU) with the layers they feed.
+struct Net<L> {
+    first: L,
+    second: ProbedLayer,
+    third: ProbedLayer,
 }
 
-impl Module for Mlp {
+impl<L: Module> Module for Net<L> {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(xs)?.relu()?;
-        let h = self.fc2.forward(&h)?.relu()?;
-        self.fc3.forward(&h)
+        let h = self.first.forward(xs)?.relu()?;
+        let h = self.second.forward(&h)?.relu()?;
+        self.third.forward(&h)
     }
 }
+
+/// MLP `d_in → h1 → h2 → classes` with a fused probe after each hidden activation.
+type Mlp = Net<Linear>;
 
 fn linear(rng: &mut SplitMix64, d_in: usize, d_out: usize, integer: bool) -> Result<Linear> {
     let (lo, hi) = if integer { (-3, 3) } else { (-1, 1) };
@@ -53,11 +56,11 @@ fn mlp(seed: u64, integer: bool) -> Result<(ProbeSet, Mlp, ProbeData)> {
     let mut rng = SplitMix64::new(seed);
     let probes = ProbeSet::new();
     let model = Mlp {
-        fc1: linear(&mut rng, 12, 16, integer)?,
-        fc2: probes
+        first: linear(&mut rng, 12, 16, integer)?,
+        second: probes
             .add("fc1")?
             .feeding(linear(&mut rng, 16, 24, integer)?),
-        fc3: probes
+        third: probes
             .add("fc2")?
             .feeding(linear(&mut rng, 24, 5, integer)?),
     };
@@ -68,19 +71,7 @@ fn mlp(seed: u64, integer: bool) -> Result<(ProbeSet, Mlp, ProbeData)> {
 
 /// conv 3×3 (1 → 4) → ReLU → [probe, fused conv 3×3 (4 → 6, padding 1)] → ReLU →
 /// [probe, fused dense layer over the flattened map] → classes.
-struct Cnn {
-    c1: Conv2d,
-    c2: ProbedLayer,
-    fc: ProbedLayer,
-}
-
-impl Module for Cnn {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.c1.forward(xs)?.relu()?;
-        let h = self.c2.forward(&h)?.relu()?;
-        self.fc.forward(&h)
-    }
-}
+type Cnn = Net<Conv2d>;
 
 fn cnn(seed: u64, integer: bool, stride: usize) -> Result<(ProbeSet, Cnn, ProbeData)> {
     let mut rng = SplitMix64::new(seed);
@@ -104,9 +95,9 @@ fn cnn(seed: u64, integer: bool, stride: usize) -> Result<(ProbeSet, Cnn, ProbeD
     let side = (6 + 2 - 3) / stride + 1; // 8×8 input → 6×6 after c1 → c2's output side
     let fc = linear(&mut rng, 6 * side * side, 4, integer)?;
     let model = Cnn {
-        c1,
-        c2: probes.add("c1")?.feeding(c2),
-        fc: probes.add("c2")?.feeding(fc),
+        first: c1,
+        second: probes.add("c1")?.feeding(c2),
+        third: probes.add("c2")?.feeding(fc),
     };
     let xs = random(&mut rng, &[80, 1, 8, 8], 0, 2, integer)?;
     let data = labelled(&mut rng, &model, xs)?;
@@ -235,26 +226,28 @@ fn float_networks_agree_within_a_sample() -> Result<()> {
             .zip(b.per_order.iter().flatten())
             .all(|(x, y)| (x - y).abs() <= 1.0 / n as f64 + 1e-12)
     };
+    let check = |(inc, reference): (AblationCurve, AblationCurve), n: usize| -> Result<()> {
+        assert!(inc.incremental);
+        assert!(
+            within(&inc, &reference, n),
+            "{:?} vs {:?}",
+            inc.per_order,
+            reference.per_order
+        );
+        Ok(())
+    };
     for seed in 0..3 {
         for clamp in [Clamp::Zero, Clamp::Mean] {
             let (probes, model, data) = mlp(100 + seed, false)?;
-            let (inc, reference) = both(&model, &probes, &data, &spec(clamp, 3, seed), 100_000)?;
-            assert!(inc.incremental);
-            assert!(
-                within(&inc, &reference, data.len()),
-                "{clamp:?}: {:?} vs {:?}",
-                inc.per_order,
-                reference.per_order
-            );
+            check(
+                both(&model, &probes, &data, &spec(clamp, 3, seed), 100_000)?,
+                data.len(),
+            )?;
             let (probes, model, data) = cnn(100 + seed, false, 1)?;
-            let (inc, reference) = both(&model, &probes, &data, &spec(clamp, 3, seed), 100_000)?;
-            assert!(inc.incremental);
-            assert!(
-                within(&inc, &reference, data.len()),
-                "{clamp:?}: {:?} vs {:?}",
-                inc.per_order,
-                reference.per_order
-            );
+            check(
+                both(&model, &probes, &data, &spec(clamp, 3, seed), 100_000)?,
+                data.len(),
+            )?;
         }
     }
     Ok(())
@@ -286,11 +279,11 @@ fn mean_clamp_hand_worked() -> Result<()> {
 #[test]
 fn non_finite_activations_take_the_batched_path() -> Result<()> {
     let (probes, mut model, data) = mlp(3, true)?;
-    let mut w: Vec<f32> = model.fc1.weight().flatten_all()?.to_vec1()?;
+    let mut w: Vec<f32> = model.first.weight().flatten_all()?.to_vec1()?;
     w[5] = f32::INFINITY;
-    model.fc1 = Linear::new(
+    model.first = Linear::new(
         Tensor::from_vec(w, (16, 12), &DEV)?,
-        model.fc1.bias().cloned(),
+        model.first.bias().cloned(),
     );
     let (inc, reference) = both(&model, &probes, &data, &spec(Clamp::Zero, 2, 0), 100_000)?;
     // fc1's output holds inf or NaN: the fused layer clamps first, exactly as the batched path.
