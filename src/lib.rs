@@ -58,10 +58,13 @@
 //! * [`monitor`] — the training-loop plugin: configuration, stopping rule, records, files.
 //! * [`plot`] — SVG charts of curves and histories (feature `plot`, on by default).
 //! * [`rng`] — the crate's seeded generators, for reproducing its draws.
+//! * [`collective`] — data-parallel measurement: each rank measures its shard, counts and sums
+//!   are all-reduced.
 //!
 //! See `docs/usage.md`, `docs/configuration.md` and `examples/mnist.rs` in the repository.
 #![warn(missing_docs)]
 
+pub mod collective;
 pub mod curves;
 pub mod data;
 mod invalid;

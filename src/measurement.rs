@@ -20,6 +20,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use crate::collective::Collective;
 use crate::invalid::Invalid;
 use crate::probe::{Action, PassGuard, ProbeSet};
 use crate::units::PerProbe;
@@ -180,6 +181,7 @@ pub struct Measurement<'a, M: Module + ?Sized> {
     data: &'a ProbeData,
     batching: Batching,
     stats: OnceCell<UnitStatistics>,
+    collective: Option<&'a dyn Collective>,
 }
 
 impl<M: Module + ?Sized> std::fmt::Debug for Measurement<'_, M> {
@@ -202,6 +204,41 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             data,
             batching: Batching::default(),
             stats: OnceCell::new(),
+            collective: None,
+        }
+    }
+
+    /// Measures data-parallel: this rank takes its contiguous shard of the data and the counts
+    /// and sums are all-reduced through `collective`, so that every rank gets the numbers a
+    /// single process gets on the whole data (see [`crate::collective`]). Every rank must make
+    /// the same measurements in the same order.
+    pub fn with_collective(mut self, collective: &'a dyn Collective) -> Self {
+        self.collective = Some(collective);
+        self
+    }
+
+    /// The global indices of the samples this rank measures (all of them without a
+    /// collective).
+    fn shard(&self) -> Range<usize> {
+        let n = self.data.len();
+        match self.collective {
+            Some(c) => {
+                let (r, w) = (c.rank(), c.world_size().max(1));
+                n * r / w..n * (r + 1) / w
+            }
+            None => 0..n,
+        }
+    }
+
+    /// The inputs of samples `start..start + len`, clipped to this rank's shard.
+    fn chunk(&self, start: usize, len: usize) -> Result<Tensor> {
+        self.data.chunk(start, len.min(self.shard().end - start))
+    }
+
+    fn all_reduce_u64(&self, buf: &mut [u64]) -> Result<()> {
+        match self.collective {
+            Some(c) => c.all_reduce_sum_u64(buf),
+            None => Ok(()),
         }
     }
 
@@ -292,9 +329,17 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             .for_each(|&l| class_counts[l as usize] += 1);
         let (mut correct, mut classes, mut finite, mut first_probe) = (0u64, 0usize, true, 0usize);
         let mut batch_dependent = false;
-        let mut predictions = Vec::with_capacity(n);
-        for start in (0..n).step_by(batch_size) {
-            let xs = data.chunk(start, batch_size)?;
+        // Decided alike on every rank, so that none waits for another at an all-reduce.
+        let world = self.collective.map_or(1, |c| c.world_size());
+        if world > n {
+            candle_core::bail!(
+                "{world} ranks cannot share {n} probe samples: more ranks than samples"
+            );
+        }
+        let shard = self.shard();
+        let mut predictions = vec![0u32; n];
+        for start in shard.clone().step_by(batch_size) {
+            let xs = self.chunk(start, batch_size)?;
             let chunk_labels = &data.label_values()[start..start + xs.dim(0)?];
             guard.start_forward_labelled(
                 start,
@@ -313,15 +358,47 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 .all(|v| v.is_finite());
             let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             correct += count_hits(&pred, &data.label_values()[start..start + rows], 1)[0];
-            predictions.extend(pred);
-            if start == 0 {
+            predictions[start..start + rows].copy_from_slice(&pred);
+            if start == shard.start {
                 first_probe = guard.call_order()?[0];
                 batch_dependent = differs(&alone, &logits.narrow(0, 0, 1)?)?;
             }
             debug_assert_eq!(rows, xs.dim(0)?);
         }
-        let sums = guard.take_sums()?;
+        let mut sums = guard.take_sums()?;
         drop(guard);
+        if self.collective.is_some() {
+            let names = probes.names();
+            let mut floats = Vec::new();
+            let mut counts = vec![correct, u64::from(!finite), u64::from(batch_dependent)];
+            for (s, name) in sums.iter().zip(&names) {
+                let s = s.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("probe `{name}` recorded nothing"))
+                })?;
+                floats.extend(s.sum.iter().chain(&s.sum_sq).chain(&s.class_sum));
+                counts.push(s.count);
+            }
+            counts.extend(predictions.iter().map(|&p| u64::from(p)));
+            self.all_reduce_u64(&mut counts)?;
+            if let Some(c) = self.collective {
+                c.all_reduce_sum_f64(&mut floats)?;
+            }
+            (correct, finite, batch_dependent) = (counts[0], counts[1] == 0, counts[2] > 0);
+            let mut at = 0;
+            for (i, s) in sums.iter_mut().flatten().enumerate() {
+                for v in [&mut s.sum, &mut s.sum_sq, &mut s.class_sum] {
+                    let len = v.len();
+                    v.copy_from_slice(&floats[at..at + len]);
+                    at += len;
+                }
+                s.count = counts[3 + i];
+            }
+            let preds = &counts[3 + names.len()..];
+            predictions
+                .iter_mut()
+                .zip(preds)
+                .for_each(|(p, &q)| *p = q as u32);
+        }
         if batch_dependent {
             tracing::warn!(
                 "the model's output for a sample changes with the rest of its batch (batch norm \
@@ -507,7 +584,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 if g0 > 0 {
                     guard.set_action(make_action(range.clone())?, range.len(), true)?;
                 }
-                for start in (0..n).step_by(m) {
+                for start in self.shard().step_by(m) {
                     match self.batched_forward(&guard, predictions, start, m, range.len()) {
                         Ok((correct, agreeing)) => {
                             for (c, k) in run.correct[range.clone()].iter_mut().zip(correct) {
@@ -527,7 +604,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             run.incremental = guard.incremental_used()?;
             drop(guard);
             match failure {
-                None => return Ok(run),
+                None => return self.reduced(run),
                 Some(reason) => {
                     tracing::warn!(
                         reason = %reason,
@@ -548,8 +625,8 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             if variant > 0 {
                 guard.set_action(make_action(variant..variant + 1)?, 1, false)?;
             }
-            for start in (0..n).step_by(chunk) {
-                let xs = data.chunk(start, chunk)?;
+            for start in self.shard().step_by(chunk) {
+                let xs = self.chunk(start, chunk)?;
                 guard.start_forward(start, n)?;
                 let logits = self.model.forward(&xs)?;
                 guard.finish_forward()?;
@@ -559,6 +636,18 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 run.correct[variant] += count_hits(&pred, &data.label_values()[span.clone()], 1)[0];
                 run.agreeing[variant] += count_hits(&pred, &predictions[span], 1)[0];
             }
+        }
+        self.reduced(run)
+    }
+
+    /// The run with its counts summed over the ranks (one all-reduce).
+    fn reduced(&self, mut run: VariantRun) -> Result<VariantRun> {
+        if self.collective.is_some() {
+            let v = run.correct.len();
+            let mut counts: Vec<u64> = run.correct.iter().chain(&run.agreeing).copied().collect();
+            self.all_reduce_u64(&mut counts)?;
+            run.correct.copy_from_slice(&counts[..v]);
+            run.agreeing.copy_from_slice(&counts[v..]);
         }
         Ok(run)
     }
@@ -574,7 +663,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         variants: usize,
     ) -> std::result::Result<(Vec<u64>, Vec<u64>), String> {
         let data = self.data;
-        let xs = data.chunk(start, m).map_err(|e| e.to_string())?;
+        let xs = self.chunk(start, m).map_err(|e| e.to_string())?;
         let rows_in = xs.dims()[0];
         guard
             .start_forward(start, data.len())

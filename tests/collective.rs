@@ -1,0 +1,255 @@
+//! Data-parallel measurement with 2, 3 and 4 thread ranks against one process on the whole data.
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::Linear;
+use candle_reliance::collective::{Collective, ThreadGroup};
+use candle_reliance::curves::{AblationCurve, AblationOrder, AblationSpec, Clamp};
+use candle_reliance::rng::SplitMix64;
+use candle_reliance::{Measurement, ProbeData, ProbeSet, ProbedLayer};
+
+const DEV: Device = Device::Cpu;
+
+fn random(rng: &mut SplitMix64, dims: &[usize]) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
+    Tensor::from_vec(v, dims, &DEV)
+}
+
+/// The weights of an MLP 10 → 16 → 12 → 4, shared by every replica.
+struct Weights(Vec<(Tensor, Tensor)>);
+
+/// One rank's replica: its own probes around the shared weights.
+struct Replica {
+    fc1: Linear,
+    fc2: ProbedLayer,
+    fc3: ProbedLayer,
+}
+
+impl Module for Replica {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(xs)?.relu()?;
+        let h = self.fc2.forward(&h)?.relu()?;
+        self.fc3.forward(&h)
+    }
+}
+
+impl Weights {
+    fn new(seed: u64) -> Result<Self> {
+        let mut rng = SplitMix64::new(seed);
+        let dims = [(10, 16), (16, 12), (12, 4)];
+        Ok(Self(
+            dims.iter()
+                .map(|&(i, o)| Ok((random(&mut rng, &[o, i])?, random(&mut rng, &[o])?)))
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    fn replica(&self) -> Result<(ProbeSet, Replica)> {
+        let probes = ProbeSet::new();
+        let l = |k: usize| Linear::new(self.0[k].0.clone(), Some(self.0[k].1.clone()));
+        let model = Replica {
+            fc1: l(0),
+            fc2: probes.add("fc1")?.feeding(l(1)),
+            fc3: probes.add("fc2")?.feeding(l(2)),
+        };
+        Ok((probes, model))
+    }
+}
+
+/// 103 samples (no rank count divides it), labelled by the network with a fifth changed.
+fn data(w: &Weights) -> Result<ProbeData> {
+    let mut rng = SplitMix64::new(99);
+    let xs = random(&mut rng, &[103, 10])?;
+    let (_, model) = w.replica()?;
+    let ys: Vec<u32> = model
+        .forward(&xs)?
+        .argmax(1)?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|y| {
+            if rng.below(5) == 0 {
+                rng.below(4) as u32
+            } else {
+                y
+            }
+        })
+        .collect();
+    ProbeData::new(xs, Tensor::new(ys.as_slice(), &DEV)?)
+}
+
+/// `f` on every rank of a `world`-rank thread group, each with its own replica.
+fn on_ranks<T: Send>(
+    w: &Weights,
+    world: usize,
+    f: impl Fn(&Replica, &ProbeSet, &dyn Collective) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let group = ThreadGroup::new(world)?;
+    let replicas = (0..world)
+        .map(|_| w.replica())
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .zip(&replicas)
+            .map(|(rank, (probes, model))| {
+                let f = &f;
+                s.spawn(move || f(model, probes, rank))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn spec(clamp: Clamp) -> AblationSpec {
+    AblationSpec::default()
+        .with_fractions(9)
+        .with_clamp(clamp)
+        .with_order(AblationOrder::Random { orders: 3, seed: 5 })
+}
+
+#[test]
+fn sharded_zero_clamp_curves_equal_the_single_process_curve() -> Result<()> {
+    let w = Weights::new(1)?;
+    let data = data(&w)?;
+    let (probes, model) = w.replica()?;
+    let single = Measurement::new(&model, &probes, &data);
+    let want = single.ablation_curve(&spec(Clamp::Zero))?;
+    let want_stats = single.statistics()?.clone();
+    // The curve falls: the comparison is not between constants.
+    assert!(want.accuracy[0] > want.accuracy[want.accuracy.len() - 1]);
+    for world in [2, 3, 4] {
+        // Small chunks, so that every rank's shard is cut into several forwards.
+        let got = on_ranks(&w, world, |model, probes, c| {
+            let m = Measurement::new(model, probes, &data)
+                .with_collective(c)
+                .with_batch_size(7)
+                .with_max_batch_rows(100);
+            Ok((
+                m.ablation_curve(&spec(Clamp::Zero))?,
+                m.statistics()?.clone(),
+            ))
+        })?;
+        for (rank, (curve, stats)) in got.iter().enumerate() {
+            assert_eq!(
+                curve.per_order, want.per_order,
+                "world {world}, rank {rank}"
+            );
+            assert_eq!(curve.agreement_per_order, want.agreement_per_order);
+            assert_eq!(stats.accuracy, want_stats.accuracy);
+            assert_eq!(stats.predictions, want_stats.predictions);
+            assert_eq!(stats.class_counts, want_stats.class_counts);
+            // Means: chunks (7 samples here, 512 in the single process) round their partial sums
+            // differently, at f32 precision.
+            for (a, b) in stats.probes.iter().zip(&want_stats.probes) {
+                for (x, y) in a.value.mean.iter().zip(&b.value.mean) {
+                    assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn sharded_single_unit_ablations_equal_the_single_process_ones() -> Result<()> {
+    let w = Weights::new(2)?;
+    let data = data(&w)?;
+    let sets: Vec<Vec<usize>> = (0..28).map(|u| vec![u]).collect();
+    let (probes, model) = w.replica()?;
+    let want = Measurement::new(&model, &probes, &data).ablation_accuracies(&sets, Clamp::Zero)?;
+    for world in [2, 3, 4] {
+        let got = on_ranks(&w, world, |model, probes, c| {
+            Measurement::new(model, probes, &data)
+                .with_collective(c)
+                .ablation_accuracies(&sets, Clamp::Zero)
+        })?;
+        assert!(got.iter().all(|g| g == &want), "world {world}");
+    }
+    Ok(())
+}
+
+/// The mean clamp uses unit means summed in other chunks and across ranks; they agree to about
+/// 1e-7 relative (f32 partial sums), and a prediction can move only where two logits lie that
+/// close: at most a sample per point is a loose bound.
+#[test]
+fn sharded_mean_clamp_curves_agree_within_a_sample() -> Result<()> {
+    let w = Weights::new(3)?;
+    let data = data(&w)?;
+    let (probes, model) = w.replica()?;
+    let want = Measurement::new(&model, &probes, &data).ablation_curve(&spec(Clamp::Mean))?;
+    let close = |a: &AblationCurve| {
+        a.per_order
+            .iter()
+            .flatten()
+            .zip(want.per_order.iter().flatten())
+            .all(|(x, y)| (x - y).abs() <= 1.0 / data.len() as f64 + 1e-12)
+    };
+    for world in [2, 3, 4] {
+        let got = on_ranks(&w, world, |model, probes, c| {
+            Measurement::new(model, probes, &data)
+                .with_collective(c)
+                .ablation_curve(&spec(Clamp::Mean))
+        })?;
+        assert!(got.iter().all(close), "world {world}");
+        // Every rank sees the same curve.
+        assert!(got.iter().all(|g| g.per_order == got[0].per_order));
+    }
+    Ok(())
+}
+
+#[test]
+fn more_ranks_than_samples_is_an_error_on_every_rank() -> Result<()> {
+    let w = Weights::new(4)?;
+    let data = data(&w)?.subset(3, 0)?;
+    let got = on_ranks(&w, 4, |model, probes, c| {
+        Ok(Measurement::new(model, probes, &data)
+            .with_collective(c)
+            .statistics()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string())
+    })?;
+    assert!(
+        got.iter()
+            .all(|e| e.contains("4 ranks") && e.contains("3 probe samples")),
+        "{got:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn all_reduce_of_unequal_buffers_fails_on_every_rank() -> Result<()> {
+    let group = ThreadGroup::new(2)?;
+    let errors: Vec<bool> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|r| {
+                s.spawn(move || {
+                    let mut buf = vec![1u64; 2 + r.rank()];
+                    r.all_reduce_sum_u64(&mut buf).is_err()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(errors, vec![true, true]);
+    // Sums in f64 are the same bits on every rank.
+    let sums: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|r| {
+                s.spawn(move || {
+                    let mut buf = vec![0.1 * (r.rank() + 1) as f64, 1e16];
+                    r.all_reduce_sum_f64(&mut buf).map(|_| buf)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Result<_>>()
+    })?;
+    assert_eq!(sums[0], vec![0.1 + 0.2, 2e16]);
+    assert_eq!(sums[0], sums[1]);
+    Ok(())
+}
