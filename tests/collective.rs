@@ -5,7 +5,10 @@ use candle_nn::Linear;
 use candle_reliance::collective::{Collective, ThreadGroup};
 use candle_reliance::curves::{AblationCurve, AblationOrder, AblationSpec, Clamp};
 use candle_reliance::rng::SplitMix64;
-use candle_reliance::{Measurement, ProbeData, ProbeSet, ProbedLayer};
+use candle_reliance::{Decision, Measurement, ProbeData, ProbeSet, ProbedLayer, RelianceMonitor};
+use std::sync::Arc;
+
+mod common;
 
 const DEV: Device = Device::Cpu;
 
@@ -251,5 +254,120 @@ fn all_reduce_of_unequal_buffers_fails_on_every_rank() -> Result<()> {
     })?;
     assert_eq!(sums[0], vec![0.1 + 0.2, 2e16]);
     assert_eq!(sums[0], sums[1]);
+    Ok(())
+}
+
+/// Every rank of a `world`-rank group runs the scripted training with a ranked monitor writing
+/// to `dir`; `poison(rank, epoch, varmap)` may spoil a rank's weights after an epoch. Returns
+/// each rank's decisions, kept epoch and final weights.
+#[allow(clippy::type_complexity)]
+fn scripted_ranks(
+    world: usize,
+    dir: &std::path::Path,
+    poison: impl Fn(usize, usize, &candle_nn::VarMap) -> Result<()> + Sync,
+) -> Result<Vec<(Vec<Decision>, Option<usize>, Vec<(String, Vec<f32>)>)>> {
+    use common::scripted::*;
+    let group = ThreadGroup::new(world)?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|rank| {
+                let poison = &poison;
+                s.spawn(move || -> Result<_> {
+                    let r = rank.rank();
+                    let (varmap, net, probes, data) = setup()?;
+                    let mut monitor = RelianceMonitor::new_ranked(
+                        config(dir, "")?,
+                        probes,
+                        data,
+                        Arc::new(rank),
+                    )?;
+                    let mut decisions = vec![];
+                    for epoch in 1..=10 {
+                        train_epoch(&varmap, epoch)?;
+                        poison(r, epoch, &varmap)?;
+                        let d = monitor.on_epoch_end(epoch, &net, &varmap)?;
+                        let stop = d.is_stop();
+                        decisions.push(d);
+                        if stop {
+                            break;
+                        }
+                    }
+                    let kept = monitor.finish(&varmap)?;
+                    Ok((decisions, kept, values(&varmap)))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn ranked_monitors_decide_as_one_process_and_only_rank_0_writes() -> Result<()> {
+    use common::scripted::*;
+    let single_dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(single_dir.path(), "")?, probes, data)?;
+    let want = run(&mut monitor, &varmap, &net, 1, 10)?;
+    let want_kept = monitor.finish(&varmap)?;
+    let want_weights = values(&varmap);
+    assert!(want.last().unwrap().is_stop() && want_kept.is_some());
+    for world in [2, 3, 4] {
+        let dir = tempfile::tempdir().unwrap();
+        let got = scripted_ranks(world, dir.path(), |_, _, _| Ok(()))?;
+        for (rank, (decisions, kept, weights)) in got.iter().enumerate() {
+            assert_eq!(decisions, &want, "world {world}, rank {rank}");
+            assert_eq!(kept, &want_kept);
+            assert_eq!(weights, &want_weights, "rank {rank} restored other weights");
+        }
+        // Rank 0's history and state, with the single process's checks; nothing else.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with(".candle-reliance.lock"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["hist.jsonl", "state.json"], "world {world}");
+        let read = |d: &std::path::Path| -> Result<Vec<(usize, f64, bool, Decision)>> {
+            Ok(
+                candle_reliance::monitor::read_history(d.join("hist.jsonl"))?
+                    .into_iter()
+                    .map(|r| (r.epoch, r.value, r.kept, r.decision))
+                    .collect(),
+            )
+        };
+        assert_eq!(read(dir.path())?, read(single_dir.path())?);
+    }
+    Ok(())
+}
+
+#[test]
+fn non_finite_weights_on_one_rank_stop_every_rank() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let got = scripted_ranks(3, dir.path(), |rank, epoch, varmap| {
+        if rank == 1 && epoch == 3 {
+            let vars = varmap.data().lock().unwrap();
+            let w = &vars["w2"];
+            w.set(&(w.as_tensor() * f64::NAN)?)?;
+        }
+        Ok(())
+    })?;
+    for (rank, (decisions, _, _)) in got.iter().enumerate() {
+        assert_eq!(
+            decisions.len(),
+            3,
+            "rank {rank} ran {} epochs",
+            decisions.len()
+        );
+        let reason = decisions[2]
+            .reason()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        assert!(
+            reason.contains("weights on rank(s) [1]"),
+            "rank {rank}: {reason}"
+        );
+        assert_eq!(decisions[2], got[0].0[2], "rank {rank} decided otherwise");
+    }
     Ok(())
 }

@@ -32,6 +32,7 @@ pub use stopping::{
     StoppingState,
 };
 
+use crate::collective::Collective;
 use crate::measurement::UnitStatistics;
 use crate::units::Selectivity;
 use crate::{Measurement, ProbeData, ProbeSet};
@@ -40,6 +41,7 @@ use candle_nn::VarMap;
 use files::{append_json_line, io_err, move_aside, write_atomic, DirLock};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Everything the monitor needs to continue a run with the identical decision sequence.
@@ -99,6 +101,8 @@ pub struct RelianceMonitor {
     /// The epoch of the snapshot file the last committed state names (disk mode).
     committed_snapshot: Option<usize>,
     warned_no_weights: bool,
+    /// The rank's group in a data-parallel run.
+    collective: Option<Arc<dyn Collective>>,
     _locks: Vec<DirLock>,
 }
 
@@ -243,8 +247,33 @@ impl RelianceMonitor {
             snapshot: None,
             committed_snapshot: None,
             warned_no_weights: false,
+            collective: None,
             _locks: locks,
         })
+    }
+
+    /// A monitor for one rank of a data-parallel run: every rank passes the same configuration
+    /// and data and its member of the group. Each rank measures its shard of the subset and the
+    /// counts are all-reduced ([`crate::collective`]), so every rank sees the same curve and
+    /// makes the same decisions; weights that are NaN or infinite on any rank stop every rank.
+    /// Only rank 0 writes the history, state and snapshot files; the other ranks keep their best
+    /// weights in memory and restore them in [`RelianceMonitor::finish`] as rank 0 does.
+    ///
+    /// Every rank must call [`RelianceMonitor::on_epoch_end`] for the same epochs: a check is a
+    /// fixed sequence of all-reduces.
+    pub fn new_ranked(
+        mut config: RelianceConfig,
+        probes: ProbeSet,
+        data: ProbeData,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        if collective.rank() != 0 {
+            config.output = Default::default();
+            config.restore_best.mode = SnapshotMode::Memory;
+        }
+        let mut monitor = Self::new(config, probes, data)?;
+        monitor.collective = Some(collective);
+        Ok(monitor)
     }
 
     /// Call after each training epoch (`epoch` counts from 1). Runs a check when the schedule
@@ -313,8 +342,11 @@ impl RelianceMonitor {
         let span = tracing::info_span!("reliance_check", epoch);
         let _enter = span.enter();
         let t0 = Instant::now();
-        let m = Measurement::new(model, &self.probes, &self.data)
+        let mut m = Measurement::new(model, &self.probes, &self.data)
             .with_batching(self.config.batching.clone());
+        if let Some(c) = &self.collective {
+            m = m.with_collective(c.as_ref());
+        }
         let curve = m.ablation_curve(&self.config.ablation)?;
         let noise = match &self.config.noise {
             Some(spec) => Some(m.noise_curve(spec)?),
@@ -328,7 +360,7 @@ impl RelianceMonitor {
         let metric_kind = self.config.stopping.metric;
         let metric = metric_kind.of(&curve);
         let stats = m.statistics()?;
-        let non_finite = match varmap.map(non_finite_weights).transpose()?.flatten() {
+        let non_finite = match self.non_finite_weights(varmap)? {
             Some(what) => Some(what),
             None if !curve.finite => Some("logits on the probe data".to_string()),
             None => non_finite_activations(stats),
@@ -416,6 +448,24 @@ impl RelianceMonitor {
         }
         self.history.push(record);
         Ok(decision)
+    }
+
+    /// The weights that are NaN or infinite, named; in a data-parallel run, the ranks that
+    /// hold such weights (the same words on every rank, so that every rank records the same
+    /// decision).
+    fn non_finite_weights(&self, varmap: Option<&VarMap>) -> Result<Option<String>> {
+        let local = varmap.map(non_finite_weights).transpose()?.flatten();
+        let Some(c) = &self.collective else {
+            return Ok(local);
+        };
+        let mut ranks = vec![0u64; c.world_size()];
+        if let Some(what) = &local {
+            tracing::warn!(rank = c.rank(), what = %what, "non-finite weights on this rank");
+            ranks[c.rank()] = 1;
+        }
+        c.all_reduce_sum_u64(&mut ranks)?;
+        let bad: Vec<usize> = (0..ranks.len()).filter(|&r| ranks[r] > 0).collect();
+        Ok((!bad.is_empty()).then(|| format!("weights on rank(s) {bad:?}")))
     }
 
     fn snapshot(&mut self, varmap: &VarMap, epoch: usize) -> Result<()> {
