@@ -313,7 +313,16 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         // The model's class count, from one sample with the probes idle, bounds the labels
         // before anything is sized by them: a stray label of 4 billion must be an error, not a
         // 34 GB allocation.
-        let alone = self.model.forward(&data.chunk(0, 1)?)?;
+        // Decided alike on every rank, so that none waits for another at an all-reduce.
+        let world = self.collective.map_or(1, |c| c.world_size());
+        if world > n {
+            candle_core::bail!(
+                "{world} ranks cannot share {n} probe samples: more ranks than samples"
+            );
+        }
+        let shard = self.shard();
+        // The rank's first sample alone; compared below with the same sample in its chunk.
+        let alone = self.model.forward(&data.chunk(shard.start, 1)?)?;
         let (_, model_classes) = logits_dims(&alone)?;
         let max_label = data.label_values().iter().copied().max().unwrap_or(0);
         if max_label as usize >= model_classes {
@@ -329,14 +338,6 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             .for_each(|&l| class_counts[l as usize] += 1);
         let (mut correct, mut classes, mut finite, mut first_probe) = (0u64, 0usize, true, 0usize);
         let mut batch_dependent = false;
-        // Decided alike on every rank, so that none waits for another at an all-reduce.
-        let world = self.collective.map_or(1, |c| c.world_size());
-        if world > n {
-            candle_core::bail!(
-                "{world} ranks cannot share {n} probe samples: more ranks than samples"
-            );
-        }
-        let shard = self.shard();
         let mut predictions = vec![0u32; n];
         for start in shard.clone().step_by(batch_size) {
             let xs = self.chunk(start, batch_size)?;

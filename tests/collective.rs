@@ -141,6 +141,10 @@ fn sharded_zero_clamp_curves_equal_the_single_process_curve() -> Result<()> {
             assert_eq!(stats.accuracy, want_stats.accuracy);
             assert_eq!(stats.predictions, want_stats.predictions);
             assert_eq!(stats.class_counts, want_stats.class_counts);
+            assert!(
+                !stats.batch_dependent,
+                "rank {rank} called its replica batch-dependent"
+            );
             // Means: chunks (7 samples here, 512 in the single process) round their partial sums
             // differently, at f32 precision.
             for (a, b) in stats.probes.iter().zip(&want_stats.probes) {
