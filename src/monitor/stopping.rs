@@ -284,7 +284,9 @@ pub trait EarlyStoppingStrategy {
     fn update(&mut self, epoch: usize, value: f64) -> Decision;
 }
 
-/// The reliance stopping rule (see the [module docs](self)).
+/// The reliance stopping rule: the metric's plateau (within [`StoppingRule::tolerance`] of its
+/// peak), a stop after [`StoppingRule::patience`] epochs below it, and the epoch to keep
+/// ([`Keep`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EarlyStopping {
     rule: StoppingRule,

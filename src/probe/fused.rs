@@ -79,8 +79,10 @@ impl NextLayer {
 /// by [`Probe::feeding`].
 ///
 /// During a clamp measurement in which this probe is the first one the forward pass reaches, the
-/// layer's output for every variant is computed incrementally from the unclamped one (see the
-/// [module documentation](self)); it differs from clamping then applying the layer only by
+/// layer's output for every variant is computed incrementally from the unclamped one: the masks
+/// of one order are nested, so each fraction's output is the previous one minus what the newly
+/// clamped units contributed, `z' = z − W[:, Δ] (h − c)[Δ]` (see `docs/performance.md`,
+/// "Incremental checks"). It differs from clamping then applying the layer only by
 /// floating-point reassociation. Otherwise, and whenever the probed activation holds a
 /// non-finite value, it is the probe then the layer.
 ///
