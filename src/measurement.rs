@@ -123,6 +123,14 @@ pub struct UnitMoments {
     pub class_mean: Vec<Vec<f64>>,
 }
 
+impl UnitMoments {
+    /// Whether every mean and standard deviation is finite: sums over the activations are, so
+    /// every activation on the probe data was finite.
+    pub fn finite(&self) -> bool {
+        self.mean.iter().chain(&self.std).all(|v| v.is_finite())
+    }
+}
+
 /// Per-unit statistics at every probe and the unablated accuracy, from one forward pass over the
 /// data ([`Measurement::statistics`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,13 +241,6 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
     /// The inputs of samples `start..start + len`, clipped to this rank's shard.
     fn chunk(&self, start: usize, len: usize) -> Result<Tensor> {
         self.data.chunk(start, len.min(self.shard().end - start))
-    }
-
-    fn all_reduce_u64(&self, buf: &mut [u64]) -> Result<()> {
-        match self.collective {
-            Some(c) => c.all_reduce_sum_u64(buf),
-            None => Ok(()),
-        }
     }
 
     /// Sets how passes are chunked.
@@ -368,7 +369,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         }
         let mut sums = guard.take_sums()?;
         drop(guard);
-        if self.collective.is_some() {
+        if let Some(c) = self.collective {
             let names = probes.names();
             let mut floats = Vec::new();
             let mut counts = vec![correct, u64::from(!finite), u64::from(batch_dependent)];
@@ -380,10 +381,8 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 counts.push(s.count);
             }
             counts.extend(predictions.iter().map(|&p| u64::from(p)));
-            self.all_reduce_u64(&mut counts)?;
-            if let Some(c) = self.collective {
-                c.all_reduce_sum_f64(&mut floats)?;
-            }
+            c.all_reduce_sum_u64(&mut counts)?;
+            c.all_reduce_sum_f64(&mut floats)?;
             (correct, finite, batch_dependent) = (counts[0], counts[1] == 0, counts[2] > 0);
             let mut at = 0;
             for (i, s) in sums.iter_mut().flatten().enumerate() {
@@ -564,21 +563,8 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             let first = make_action(0..group)?;
             let guard = probes.begin(first, group, true)?;
             guard.set_incremental(self.batching.incremental)?;
-            // Finite moments mean finite activations: a probe's sums over them are finite.
             let stats = self.statistics()?;
-            guard.set_finite(
-                stats
-                    .probes
-                    .iter()
-                    .map(|p| {
-                        p.value
-                            .mean
-                            .iter()
-                            .chain(&p.value.std)
-                            .all(|v| v.is_finite())
-                    })
-                    .collect(),
-            )?;
+            guard.set_finite(stats.probes.iter().map(|p| p.value.finite()).collect())?;
             let mut failure = None;
             'groups: for g0 in (0..variants).step_by(group) {
                 let range = g0..(g0 + group).min(variants);
@@ -643,10 +629,10 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
 
     /// The run with its counts summed over the ranks (one all-reduce).
     fn reduced(&self, mut run: VariantRun) -> Result<VariantRun> {
-        if self.collective.is_some() {
+        if let Some(c) = self.collective {
             let v = run.correct.len();
             let mut counts: Vec<u64> = run.correct.iter().chain(&run.agreeing).copied().collect();
-            self.all_reduce_u64(&mut counts)?;
+            c.all_reduce_sum_u64(&mut counts)?;
             run.correct.copy_from_slice(&counts[..v]);
             run.agreeing.copy_from_slice(&counts[v..]);
         }

@@ -67,6 +67,28 @@ pub(crate) fn move_aside(path: &Path) -> Result<Option<PathBuf>> {
     unreachable!()
 }
 
+/// The folder `path` is in: its parent, or `.` for a bare file name.
+pub(crate) fn folder_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// The epoch snapshot files of `path` in its folder, `PATH.epoch<rest>`, with `<rest>`.
+pub(crate) fn snapshot_files(path: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(vec![]);
+    };
+    let prefix = format!("{name}.epoch");
+    Ok(std::fs::read_dir(folder_of(path))?
+        .flatten()
+        .filter_map(|e| {
+            let rest = e.file_name().to_str()?.strip_prefix(&prefix)?.to_string();
+            Some((e.path(), rest))
+        })
+        .collect())
+}
+
 pub(crate) fn ensure_parent(path: &Path) -> Result<()> {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => {
@@ -214,30 +236,18 @@ pub(crate) fn remove_stale_snapshots(
     keep: Option<usize>,
     tmp_only: bool,
 ) -> Result<()> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+    // A folder that cannot be read holds nothing this run could have left.
+    let Ok(found) = snapshot_files(path) else {
         return Ok(());
     };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    let prefix = format!("{name}.epoch");
-    for entry in entries.flatten() {
-        let file = entry.file_name();
-        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
-            continue;
-        };
+    for (file, rest) in found {
         let stale = match rest.strip_suffix(".tmp") {
             Some(_) => true,
             None => !tmp_only && rest.parse::<usize>().ok().is_some_and(|e| Some(e) != keep),
         };
         if stale {
             fault_point();
-            std::fs::remove_file(entry.path()).map_err(|e| io_err("remove", &entry.path(), e))?;
+            std::fs::remove_file(&file).map_err(|e| io_err("remove", &file, e))?;
         }
     }
     Ok(())
@@ -264,11 +274,8 @@ pub(crate) const LOCK_FILE: &str = ".candle-reliance.lock";
 
 /// Takes the lock of the folder `path` is in; an error names the process holding it.
 pub(crate) fn lock_dir(path: &Path) -> Result<DirLock> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| io_err("create directory", &dir, e))?;
+    let dir = folder_of(path);
+    std::fs::create_dir_all(dir).map_err(|e| io_err("create directory", dir, e))?;
     let lock = dir.join(LOCK_FILE);
     let mut file = std::fs::OpenOptions::new()
         .create(true)

@@ -142,12 +142,8 @@ impl RelianceMonitor {
         let mut dirs: Vec<std::path::PathBuf> = vec![];
         let mut locks = vec![];
         for (_, path) in &files {
-            let dir = std::fs::canonicalize(
-                path.parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new(".")),
-            )
-            .map_err(|e| io_err("resolve", path, e))?;
+            let dir = std::fs::canonicalize(files::folder_of(path))
+                .map_err(|e| io_err("resolve", path, e))?;
             if !dirs.contains(&dir) {
                 locks.push(files::lock_dir(path)?);
                 dirs.push(dir);
@@ -360,7 +356,7 @@ impl RelianceMonitor {
         let metric_kind = self.config.stopping.metric;
         let metric = metric_kind.of(&curve);
         let stats = m.statistics()?;
-        let non_finite = match self.non_finite_weights(varmap)? {
+        let non_finite = match self.non_finite_weights_on_ranks(varmap)? {
             Some(what) => Some(what),
             None if !curve.finite => Some("logits on the probe data".to_string()),
             None => non_finite_activations(stats),
@@ -453,7 +449,7 @@ impl RelianceMonitor {
     /// The weights that are NaN or infinite, named; in a data-parallel run, the ranks that
     /// hold such weights (the same words on every rank, so that every rank records the same
     /// decision).
-    fn non_finite_weights(&self, varmap: Option<&VarMap>) -> Result<Option<String>> {
+    fn non_finite_weights_on_ranks(&self, varmap: Option<&VarMap>) -> Result<Option<String>> {
         let local = varmap.map(non_finite_weights).transpose()?.flatten();
         let Some(c) = &self.collective else {
             return Ok(local);
@@ -600,13 +596,7 @@ fn non_finite_activations(stats: &UnitStatistics) -> Option<String> {
     stats
         .probes
         .iter()
-        .find(|p| {
-            p.value
-                .mean
-                .iter()
-                .chain(&p.value.std)
-                .any(|v| !v.is_finite())
-        })
+        .find(|p| !p.value.finite())
         .map(|p| format!("activations at probe `{}`", p.name))
 }
 
@@ -657,25 +647,11 @@ fn disk_snapshot(config: &RelianceConfig) -> Option<&Path> {
 /// Moves the epoch snapshots of an earlier run (`PATH.epochE`) aside, as a fresh run does with
 /// every file it would write.
 fn move_aside_snapshots(path: &Path) -> Result<()> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Ok(());
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let prefix = format!("{name}.epoch");
-    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| io_err("read", dir, e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|f| f.to_str())
-                .and_then(|f| f.strip_prefix(&prefix))
-                .is_some_and(|rest| rest.parse::<usize>().is_ok())
-        })
+    let mut found: Vec<std::path::PathBuf> = files::snapshot_files(path)
+        .map_err(|e| io_err("read", files::folder_of(path), e))?
+        .into_iter()
+        .filter(|(_, rest)| rest.parse::<usize>().is_ok())
+        .map(|(file, _)| file)
         .collect();
     found.sort();
     for p in found {
