@@ -48,10 +48,8 @@ impl ProbeData {
             candle_core::bail!("probe data: the subset is empty");
         }
         if xs.dtype().is_float() {
-            // x − x is 0 for every finite x and NaN for NaN and ±inf: one reduction on the
-            // tensor's own device instead of a copy of the whole set to the host.
-            let x = xs.to_dtype(DType::F32)?;
-            let finite = x.sub(&x)?.sum_all()?.to_scalar::<f32>()?.is_finite();
+            // Converted to f32 first: a value beyond its range counts as infinite.
+            let finite = crate::ops::all_finite(&xs.to_dtype(DType::F32)?)?;
             if !finite {
                 candle_core::bail!("probe data: inputs contain NaN or infinite values");
             }

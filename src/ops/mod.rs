@@ -110,6 +110,14 @@ pub fn unit_sums_launch_for_tests(
     (launch::STATS_BLOCK, launch::stats_grid(rows, units, inner))
 }
 
+/// Whether every value of a float tensor is finite: `x − x` is 0 for every finite `x` and NaN for
+/// NaN and ±inf, and one NaN makes the sum NaN. One reduction on the tensor's own device, no copy
+/// of it to the host.
+pub(crate) fn all_finite(x: &Tensor) -> Result<bool> {
+    let s = x.sub(x)?.sum_all()?.to_dtype(candle_core::DType::F32)?;
+    Ok(s.to_scalar::<f32>()?.is_finite())
+}
+
 /// `(rows, units, inner)` of a rank-2 or rank-4 activation.
 pub(crate) fn rows_units_inner(dims: &[usize]) -> Result<(usize, usize, usize)> {
     match dims {

@@ -149,9 +149,9 @@ pub(crate) struct Plan {
     /// Each variant's base (`None`: the unclamped output); always an earlier variant.
     bases: Vec<Option<usize>>,
     /// `chain[v][w] = 1` when variant `w` is `v` or one of its bases: a variant's output is the
-    /// unclamped one minus the sum of the removals along its chain. `(variants, variants)`; what
-    /// devices without [`ChainSub`] use.
-    chain: Tensor,
+    /// unclamped one minus the sum of the removals along its chain. `(variants, variants)`; built
+    /// only where [`ChainSub`] cannot run (off the CPU, or other dtypes), `None` elsewhere.
+    chain: Option<Tensor>,
 }
 
 /// `out[v] = (bases[v] ? out[bases[v]] : unclamped) − removed[v]` on the CPU: one pass over the
@@ -227,7 +227,7 @@ impl ProbedLayer {
             && !pass.seen[i]
             && self.layer.supports(xs);
         // A clamped inf or NaN must vanish, as the batched select makes it; `h − c` cannot.
-        if !applies || !(pass.finite[i] || all_finite(xs)?) {
+        if !applies || !(pass.finite[i] || crate::ops::all_finite(xs)?) {
             return Ok(None);
         }
         let values = values[i].clone();
@@ -246,16 +246,6 @@ impl ProbedLayer {
         pass.incremental_used = true;
         Ok(Some((plan, values)))
     }
-}
-
-fn all_finite(xs: &Tensor) -> Result<bool> {
-    // x − x is 0 where x is finite and NaN where it is not; one NaN makes the sum NaN.
-    let s = xs
-        .sub(xs)?
-        .sum_all()?
-        .to_dtype(DType::F32)?
-        .to_scalar::<f32>()?;
-    Ok(s == 0.0)
 }
 
 /// For each variant (a row of `keep`, 0 = clamped), the base with the most clamped units among
@@ -348,15 +338,20 @@ fn build_plan(keep: &Tensor, values: &Tensor, dims: &[usize], layer: &NextLayer)
         }
     }
     .contiguous()?;
-    let mut chain = vec![0f32; variants * variants];
-    for v in 0..variants {
-        let mut w = Some(v);
-        while let Some(i) = w {
-            chain[v * variants + i] = 1.0;
-            w = bases[i];
+    let chain_sub = device.is_cpu() && matches!(dtype, DType::F32 | DType::F64);
+    let chain = if chain_sub {
+        None
+    } else {
+        let mut chain = vec![0f32; variants * variants];
+        for v in 0..variants {
+            let mut w = Some(v);
+            while let Some(i) = w {
+                chain[v * variants + i] = 1.0;
+                w = bases[i];
+            }
         }
-    }
-    let chain = Tensor::from_vec(chain, (variants, variants), device)?.to_dtype(dtype)?;
+        Some(Tensor::from_vec(chain, (variants, variants), device)?.to_dtype(dtype)?)
+    };
     Ok(Plan {
         variants,
         zero,
@@ -405,15 +400,16 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
         }
     };
     let per_variant: Vec<usize> = removed.dims()[1..].to_vec();
-    let cpu_op =
-        unclamped.device().is_cpu() && matches!(unclamped.dtype(), DType::F32 | DType::F64);
-    let out = if cpu_op {
-        let op = ChainSub { bases: &plan.bases };
-        unclamped.contiguous()?.apply_op2_no_bwd(&removed, &op)?
-    } else {
-        let flat = removed.reshape((v, per_variant.iter().product::<usize>()))?;
-        let along_chain = plan.chain.matmul(&flat)?.reshape(removed.shape())?;
-        unclamped.unsqueeze(0)?.broadcast_sub(&along_chain)?
+    let out = match &plan.chain {
+        None => {
+            let op = ChainSub { bases: &plan.bases };
+            unclamped.contiguous()?.apply_op2_no_bwd(&removed, &op)?
+        }
+        Some(chain) => {
+            let flat = removed.reshape((v, per_variant.iter().product::<usize>()))?;
+            let along_chain = chain.matmul(&flat)?.reshape(removed.shape())?;
+            unclamped.unsqueeze(0)?.broadcast_sub(&along_chain)?
+        }
     };
     let mut dims = per_variant;
     dims[0] *= v;
