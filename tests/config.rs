@@ -70,7 +70,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(d.stopping.tolerance, 0.03);
     assert_eq!(d.stopping.patience, 8);
     assert_eq!(d.stopping.smoothing, 0.0);
-    assert_eq!(d.stopping.keep, Keep::LastNearPeak);
+    assert_eq!(d.stopping.keep, Keep::MostAccurateNearPeak);
     assert!(d.restore_best.enabled);
     assert_eq!(d.restore_best.mode, SnapshotMode::Memory);
     assert_eq!(

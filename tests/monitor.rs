@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::{Device, Result, Tensor};
 use candle_reliance::{
-    monitor::read_history, Decision, MonitorState, ProbeSet, RelianceMonitor, StopReason,
+    monitor::{read_history, Keep, Metric, StoppingRule},
+    Decision, MonitorState, ProbeSet, RelianceMonitor, StopReason,
 };
 use common::scripted::*;
 use std::path::Path;
@@ -307,5 +308,58 @@ fn every_check_logs_a_structured_event() -> Result<()> {
     assert!(events.iter().any(|e| e["fields"]["message"]
         == "restored the weights of the best epoch"
         && e["fields"]["best_epoch"] == 5));
+    Ok(())
+}
+
+/// The monitor hands each check's unablated accuracy to the stopping rule: of two checks on the
+/// plateau, `most_accurate_near_peak` (the default) restores the accurate one, `last_near_peak`
+/// the later one. Epoch 2 is epoch 1's network with its two output columns swapped: every
+/// prediction flips, so its accuracy is 0 against 1, while its agreement with its own
+/// predictions under ablation stays on a plateau as wide as 50% of the peak.
+#[test]
+fn the_most_accurate_plateau_check_is_restored() -> Result<()> {
+    for (keep, kept) in [(Keep::MostAccurateNearPeak, 1), (Keep::LastNearPeak, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, net, probes, data) = setup()?;
+        let mut cfg = config(dir.path(), "")?;
+        cfg.stopping = StoppingRule {
+            metric: Metric::AgreementAuc,
+            tolerance: 0.5,
+            patience: 5,
+            keep,
+            ..Default::default()
+        };
+        assert_eq!(keep == Keep::MostAccurateNearPeak, keep == Keep::default());
+        let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
+        let (w1, w2) = weights(4)?;
+        let swapped = Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1)?;
+        for (epoch, w2) in [(1, &w2), (2, &swapped)] {
+            {
+                let vars = varmap.data().lock().unwrap();
+                vars["w1"].set(&w1)?;
+                vars["w2"].set(w2)?;
+            }
+            let d = monitor.on_epoch_end(epoch, &net, &varmap)?;
+            assert!(!d.is_stop(), "{keep:?}: epoch {epoch}: {d:?}");
+        }
+        let acc: Vec<f64> = monitor
+            .history()
+            .iter()
+            .map(|r| r.unablated_accuracy)
+            .collect();
+        assert_eq!(acc, [1.0, 0.0], "{keep:?}");
+        let metric: Vec<f64> = monitor.history().iter().map(|r| r.value).collect();
+        assert!(
+            metric[1] >= 0.5 * metric[0],
+            "{keep:?}: both on the plateau: {metric:?}"
+        );
+        assert_eq!(monitor.finish(&varmap)?, Some(kept), "{keep:?}");
+        let want = if kept == 1 { &w2 } else { &swapped };
+        assert_eq!(
+            values(&varmap)[1].1,
+            want.flatten_all()?.to_vec1::<f32>()?,
+            "{keep:?}: epoch {kept}'s weights"
+        );
+    }
     Ok(())
 }

@@ -265,3 +265,120 @@ fn state_round_trips_and_resumes_identically() {
         "the sequence must exercise a stop"
     );
 }
+
+/// `Keep::MostAccurateNearPeak` fed metrics and unablated accuracies, worked out by hand.
+#[test]
+fn most_accurate_plateau_check_is_kept() {
+    struct AccCase {
+        name: &'static str,
+        checks: &'static [(f64, Option<f64>)],
+        kept: usize,
+        /// Whether each update kept its own epoch (the monitor's moment to snapshot).
+        kept_last: &'static [bool],
+    }
+    let cases = [
+        AccCase {
+            name: "the most accurate of the plateau checks",
+            // Peak 0.60 (epoch 2); plateau ≥ 0.57: epochs 2, 3, 4; epoch 5 below it.
+            checks: &[
+                (0.50, Some(0.70)),
+                (0.60, Some(0.80)),
+                (0.58, Some(0.90)),
+                (0.59, Some(0.85)),
+                (0.55, Some(0.99)),
+            ],
+            kept: 3,
+            kept_last: &[true, true, true, false, false],
+        },
+        AccCase {
+            name: "an equally accurate later check replaces the kept one",
+            checks: &[(0.60, Some(0.80)), (0.59, Some(0.80)), (0.58, Some(0.79))],
+            kept: 2,
+            kept_last: &[true, true, false],
+        },
+        AccCase {
+            name: "a kept check that a new peak leaves below the plateau is replaced",
+            // Epoch 1 (0.58, acc 0.95) is kept; the peak 0.70 at epoch 2 puts the plateau at
+            // ≥ 0.665, so epoch 1 is off it and epoch 2 is kept though less accurate; epoch 3
+            // (0.69, acc 0.90) beats it.
+            checks: &[(0.58, Some(0.95)), (0.70, Some(0.60)), (0.69, Some(0.90))],
+            kept: 3,
+            kept_last: &[true, true, true],
+        },
+        AccCase {
+            name: "a new peak that is less accurate does not replace a kept check still on the plateau",
+            // Peak 0.60 then 0.61: the plateau ≥ 0.5795 keeps epoch 1 (0.60, acc 0.9) on it.
+            checks: &[(0.60, Some(0.90)), (0.61, Some(0.80))],
+            kept: 1,
+            kept_last: &[true, false],
+        },
+        AccCase {
+            name: "without accuracies: the last check on the plateau",
+            checks: &[(0.60, Some(0.90)), (0.59, None), (0.40, Some(1.0))],
+            kept: 2,
+            kept_last: &[true, true, false],
+        },
+        AccCase {
+            name: "a NaN accuracy counts as unknown",
+            checks: &[(0.60, Some(0.90)), (0.59, Some(f64::NAN))],
+            kept: 2,
+            kept_last: &[true, true],
+        },
+    ];
+    for c in cases {
+        let mut es = EarlyStopping::new(rule(0.05, 5, 0.0));
+        assert_eq!(es.rule().keep, Keep::MostAccurateNearPeak, "the default");
+        let kept_last: Vec<bool> = c
+            .checks
+            .iter()
+            .enumerate()
+            .map(|(i, &(m, a))| {
+                es.update_check(i + 1, m, a);
+                es.kept_last()
+            })
+            .collect();
+        assert_eq!(es.kept_epoch(), Some(c.kept), "{}", c.name);
+        assert_eq!(kept_last, c.kept_last, "{}", c.name);
+    }
+}
+
+#[test]
+fn most_accurate_keep_resumes_identically() {
+    let checks = [
+        (0.50, 0.6),
+        (0.60, 0.7),
+        (0.59, 0.8),
+        (0.61, 0.75),
+        (0.60, 0.78),
+        (0.50, 0.9),
+        (0.49, 0.95),
+        (0.48, 0.97),
+    ];
+    let r = rule(0.03, 2, 0.0);
+    let run = |es: &mut EarlyStopping, from: usize, part: &[(f64, f64)]| -> Vec<Decision> {
+        part.iter()
+            .enumerate()
+            .map(|(i, &(m, a))| es.update_check(from + i + 1, m, Some(a)))
+            .collect()
+    };
+    let mut full = EarlyStopping::new(r.clone());
+    let all = run(&mut full, 0, &checks);
+    // Peak 0.61 at epoch 4: plateau ≥ 0.5917 holds epochs 2, 4, 5 (epoch 3's 0.59 falls off);
+    // epoch 5 (acc 0.78) is the most accurate of them; 6 and 7 below it stop at 7.
+    assert_eq!(full.kept_epoch(), Some(5));
+    assert!(all[6].is_stop() && !all[5].is_stop());
+    for cut in 0..checks.len() {
+        let mut first = EarlyStopping::new(r.clone());
+        let mut got = run(&mut first, 0, &checks[..cut]);
+        let json = serde_json::to_string(first.state()).unwrap();
+        let mut resumed =
+            EarlyStopping::with_state(r.clone(), serde_json::from_str(&json).unwrap());
+        got.extend(run(&mut resumed, cut, &checks[cut..]));
+        assert_eq!(got, all, "interrupted after {cut} checks");
+        assert_eq!(
+            resumed.kept_epoch(),
+            Some(5),
+            "interrupted after {cut} checks"
+        );
+    }
+}

@@ -120,7 +120,8 @@ fn replay_monitor(run: &Run, config: &RelianceConfig) -> Result<Choice> {
         let check = &run.epochs()[epoch - 1]["check"];
         let finite = check["finite"].as_bool().unwrap_or(true);
         let d = if finite {
-            rule.update(epoch, metric_of(check, config.stopping.metric, orders)?)
+            let metric = metric_of(check, config.stopping.metric, orders)?;
+            rule.update_check(epoch, metric, check["acc0"].as_f64())
         } else {
             rule.stop(StopReason::NonFinite {
                 epoch,
@@ -128,6 +129,61 @@ fn replay_monitor(run: &Run, config: &RelianceConfig) -> Result<Choice> {
             })
         };
         if d.is_stop() {
+            return Ok(Choice {
+                stop: epoch,
+                kept: rule.kept_epoch().unwrap_or(epoch),
+            });
+        }
+    }
+    Ok(Choice {
+        stop: last,
+        kept: rule.kept_epoch().unwrap_or(last),
+    })
+}
+
+/// The reliance rule and Label Wave combined: training goes on until both would stop (the
+/// reliance metric below its plateau for the rule's patience, and Label Wave's patience run out),
+/// and the reliance rule's kept epoch is restored. A return to the plateau while Label Wave still
+/// runs extends the plateau, as it would for a rule with a longer patience.
+fn replay_combined(
+    run: &Run,
+    config: &RelianceConfig,
+    wave_rule: &LabelWaveRule,
+) -> Result<Choice> {
+    let orders = match config.ablation.order {
+        AblationOrder::Random { orders, .. } => orders,
+        _ => bail!("the replay needs random orders"),
+    };
+    let patience = config.stopping.patience;
+    // The reliance rule never stops on its own here; its patience is judged below.
+    let mut rule = EarlyStopping::new(StoppingRule {
+        patience: usize::MAX,
+        ..config.stopping.clone()
+    });
+    let mut wave = LabelWave::new(wave_rule.clone());
+    let mut wave_stopped = false;
+    let last = run.epochs().len();
+    for epoch in 1..=last {
+        if epoch >= 2 {
+            wave_stopped |= wave.update(epoch, run.f(epoch, "changes")).is_stop();
+        }
+        if !config.schedule.is_check_epoch(epoch) {
+            continue;
+        }
+        let check = &run.epochs()[epoch - 1]["check"];
+        if !check["finite"].as_bool().unwrap_or(true) {
+            return Ok(Choice {
+                stop: epoch,
+                kept: rule.kept_epoch().unwrap_or(epoch),
+            });
+        }
+        let metric = metric_of(check, config.stopping.metric, orders)?;
+        rule.update_check(epoch, metric, check["acc0"].as_f64());
+        let below = rule
+            .state()
+            .last_near_peak
+            .map_or(0, |near| epoch.saturating_sub(near));
+        if below >= patience && wave_stopped {
             return Ok(Choice {
                 stop: epoch,
                 kept: rule.kept_epoch().unwrap_or(epoch),
@@ -196,11 +252,27 @@ fn criteria() -> Vec<Criterion> {
         },
         ..Default::default()
     };
+    let last_near_peak = RelianceConfig {
+        stopping: StoppingRule {
+            keep: Keep::LastNearPeak,
+            ..default.stopping.clone()
+        },
+        ..default.clone()
+    };
     let first_check = default.schedule.warmup_epochs.max(1);
+    let combined = default.clone();
     vec![
         (
             "reliance monitor (default)".into(),
             Box::new(move |r: &Run| replay_monitor(r, &default)),
+        ),
+        (
+            "reliance, keep the last plateau check (previous default)".into(),
+            Box::new(move |r: &Run| replay_monitor(r, &last_near_peak)),
+        ),
+        (
+            "reliance + Label Wave (stop when both would)".into(),
+            Box::new(move |r: &Run| replay_combined(r, &combined, &LabelWaveRule::default())),
         ),
         (
             "reliance, earlier default (normalized AUC, patience 3)".into(),

@@ -370,7 +370,10 @@ impl RelianceMonitor {
                 what: what.clone(),
             }),
             (None, Some(what)) => self.stopping.degenerate(epoch, what),
-            (None, None) => self.stopping.update(epoch, metric),
+            (None, None) => {
+                self.stopping
+                    .update_check(epoch, metric, Some(curve.unablated_accuracy))
+            }
         };
         let kept = self.stopping.kept_last();
         if kept && self.config.restore_best.enabled {

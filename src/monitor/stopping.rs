@@ -1,13 +1,13 @@
-//! The stopping rule: stop once a reliance metric has fallen clearly below its peak, and keep the
-//! last epoch before that fall.
+//! The stopping rule: stop once a reliance metric has fallen clearly below its peak, and keep an
+//! epoch from before that fall.
 //!
 //! While a network learns, the ablation metrics rise and then wander on a plateau; once it
 //! starts to memorize (wrong labels, single examples), reliance on single directions rises and
 //! the metric falls. Checks are noisy, so a check that merely fails to beat the peak says
 //! little: the rule waits for the (optionally smoothed) metric to stay more than `tolerance`
-//! below its peak for `patience` epochs, and keeps the **last epoch on the plateau** (the last
-//! check within `tolerance` of the peak), where the network had learned most without yet
-//! memorizing.
+//! below its peak for `patience` epochs. It keeps an epoch **on the plateau** (a check within
+//! `tolerance` of the peak), where the network had learned without yet memorizing: by default
+//! the plateau check whose network was most accurate on the probe data ([`Keep`]).
 //!
 //! ```
 //! use candle_reliance::monitor::{EarlyStopping, EarlyStoppingStrategy, StoppingRule};
@@ -26,7 +26,15 @@
 //! // Peak 0.60 at epoch 2; 0.58 and 0.59 are within 5% of it (≥ 0.57); 0.55 and 0.54 are not,
 //! // and two epochs below it exhaust the patience at epoch 6.
 //! assert_eq!(stops, [false, false, false, false, false, true]);
-//! assert_eq!(rule.kept_epoch(), Some(4)); // the last epoch on the plateau
+//! assert_eq!(rule.kept_epoch(), Some(4)); // no accuracies given: the last epoch on the plateau
+//!
+//! // With the unablated accuracy of each check, the most accurate plateau check is kept.
+//! let mut rule = EarlyStopping::new(StoppingRule { tolerance: 0.05, patience: 2, ..Default::default() });
+//! let accuracy = [0.70, 0.80, 0.90, 0.85, 0.95, 0.97];
+//! for (i, (m, a)) in metrics.iter().zip(accuracy).enumerate() {
+//!     rule.update_check(i + 1, *m, Some(a));
+//! }
+//! assert_eq!(rule.kept_epoch(), Some(3)); // epochs 2–4 are on the plateau; 3 is the most accurate
 //! ```
 
 use crate::invalid::{Checked, Invalid};
@@ -72,8 +80,21 @@ impl Metric {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Keep {
-    /// The last check within `tolerance` of the peak: the end of the plateau. The default.
+    /// The check on the plateau (within `tolerance` of the peak) whose network was most accurate
+    /// on the probe data, unablated; the later one among equals. The default.
+    ///
+    /// The plateau says *when* the network learned without yet relying on single directions; the
+    /// accuracy picks *which* of those epochs. Where the weights jump between checks (plain SGD
+    /// with batch norm: test accuracy swings by 20 points from one epoch to the next) the probe
+    /// data's accuracy swings with it and steers the choice away from a bad epoch.
+    ///
+    /// Judged as checks arrive, so that the monitor only ever snapshots the current epoch: a
+    /// check replaces the kept one if it is at least as accurate, or if the kept one has fallen
+    /// off the plateau (a new peak raised it). Fed through [`EarlyStoppingStrategy::update`],
+    /// which knows no accuracy, it keeps the last check on the plateau.
     #[default]
+    MostAccurateNearPeak,
+    /// The last check within `tolerance` of the peak: the end of the plateau.
     LastNearPeak,
     /// The check with the highest (smoothed) metric.
     Peak,
@@ -93,7 +114,7 @@ pub struct StoppingRule {
     /// Exponential smoothing of the metric: `s = smoothing · s_prev + (1 − smoothing) · m`,
     /// in `[0, 1)`; 0 (default) is off.
     pub smoothing: f64,
-    /// Which epoch to keep. Default [`Keep::LastNearPeak`].
+    /// Which epoch to keep. Default [`Keep::MostAccurateNearPeak`].
     pub keep: Keep,
 }
 
@@ -245,7 +266,7 @@ impl Decision {
     }
 }
 
-/// A check's epoch and its (smoothed) metric.
+/// A check's epoch, its (smoothed) metric and its unablated accuracy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Best {
     /// The epoch.
@@ -253,6 +274,10 @@ pub struct Best {
     /// The smoothed metric there (equal to the raw metric without smoothing).
     #[serde(with = "crate::json::float")]
     pub metric: f64,
+    /// The network's accuracy on the probe data, unablated; `None` where the check was fed
+    /// without it.
+    #[serde(default, with = "crate::json::option")]
+    pub accuracy: Option<f64>,
 }
 
 /// Everything [`EarlyStopping`] remembers; serialize it to resume with identical decisions.
@@ -362,6 +387,16 @@ impl EarlyStopping {
 
 impl EarlyStoppingStrategy for EarlyStopping {
     fn update(&mut self, epoch: usize, metric: f64) -> Decision {
+        self.update_check(epoch, metric, None)
+    }
+}
+
+impl EarlyStopping {
+    /// Feeds a check's metric and the network's unablated accuracy on the probe data (what
+    /// [`Keep::MostAccurateNearPeak`] chooses by; a non-finite accuracy counts as unknown).
+    /// [`EarlyStoppingStrategy::update`] is this without the accuracy.
+    pub fn update_check(&mut self, epoch: usize, metric: f64, accuracy: Option<f64>) -> Decision {
+        let accuracy = accuracy.filter(|a| a.is_finite());
         if let Some(reason) = &self.state.stopped {
             return Decision::Stop {
                 reason: reason.clone(),
@@ -382,16 +417,32 @@ impl EarlyStoppingStrategy for EarlyStopping {
         self.state.checks += 1;
         self.state.last_epoch = Some(epoch);
         self.state.first_epoch.get_or_insert(epoch);
-        let here = Best { epoch, metric: s };
+        let here = Best {
+            epoch,
+            metric: s,
+            accuracy,
+        };
         let new_peak = self.state.peak.as_ref().is_none_or(|b| s > b.metric);
         if new_peak {
             self.state.peak = Some(here.clone());
         }
         let peak = self.state.peak.clone().expect("set above");
-        let near = s >= peak.metric - self.rule.tolerance * peak.metric.abs();
-        if near {
+        let floor = peak.metric - self.rule.tolerance * peak.metric.abs();
+        if s >= floor {
             self.state.last_near_peak = Some(epoch);
-            if self.rule.keep == Keep::LastNearPeak || new_peak {
+            let replace = match (self.rule.keep, &self.state.kept) {
+                (_, None) | (Keep::LastNearPeak, _) => true,
+                (Keep::Peak, _) => new_peak,
+                (Keep::MostAccurateNearPeak, Some(kept)) => {
+                    kept.metric < floor
+                        || match (accuracy, kept.accuracy) {
+                            (Some(a), Some(k)) => a >= k,
+                            // Without accuracies: the end of the plateau.
+                            _ => true,
+                        }
+                }
+            };
+            if replace {
                 self.state.kept = Some(here);
             }
             return Decision::Continue;
