@@ -4,7 +4,7 @@
 # to PTX with warnings as errors and assembles it with ptxas (no register spills), runs the
 # kernels' source under the host emulation against the CPU ops (kernels/emu,
 # tests/kernel_emulation*.rs), and runs
-# `cargo check --features cuda --all-targets` in its own target dir.
+# `cargo check --features cuda --all-targets` and `--features nccl` in their own target dir.
 #
 #   bash .ci/cuda-check.sh            # cache in $CUDA_PIP_DIR (default: ~/.cache/candle-reliance/cuda-13.0.88)
 #
@@ -58,5 +58,10 @@ t_ptx=$(date +%s)
 
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR_CUDA:-target/cuda}" \
     cargo check --features cuda --all-targets
+t_nccl=$(date +%s)
+# The NCCL collective, in the same target dir: only cudarc, candle-core/-nn and this crate are
+# checked again (candle's kernels are not rebuilt).
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR_CUDA:-target/cuda}" \
+    cargo check --features nccl --all-targets
 end=$(date +%s)
-echo "cuda-check: ok (install+ptx $((t_ptx - start)) s, cargo check $((end - t_ptx)) s)"
+echo "cuda-check: ok (install+ptx $((t_ptx - start)) s, cargo check cuda $((t_nccl - t_ptx)) s, nccl $((end - t_nccl)) s)"

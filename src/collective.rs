@@ -32,6 +32,11 @@
 use candle_core::Result;
 use std::sync::{Arc, Barrier, Mutex};
 
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
+
 /// What a data-parallel measurement needs from a process group.
 pub trait Collective: Send + Sync {
     /// This process's (or thread's) rank, in `0..world_size()`.

@@ -59,7 +59,7 @@
 //! * [`plot`] — SVG charts of curves and histories (feature `plot`, on by default).
 //! * [`rng`] — the crate's seeded generators, for reproducing its draws.
 //! * [`collective`] — data-parallel measurement: each rank measures its shard, counts and sums
-//!   are all-reduced.
+//!   are all-reduced (thread ranks built in; NCCL with the `nccl` feature).
 //!
 //! See `docs/usage.md`, `docs/configuration.md` and `examples/mnist.rs` in the repository.
 #![warn(missing_docs)]
