@@ -375,3 +375,141 @@ fn non_finite_weights_on_one_rank_stop_every_rank() -> Result<()> {
     }
     Ok(())
 }
+
+/// A small MLP trained for real (SGD on 160 samples, a third of the labels random) and its
+/// weights after every epoch recorded; then one process and 2, 3 and 4 thread ranks each run a
+/// monitor over that trajectory. The ranks must make the single process's decisions, check by
+/// check, with the same metric values (zero clamp: exactly the same curves).
+#[test]
+fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
+    use candle_core::{DType, Var};
+    use candle_nn::{linear, Optimizer, VarBuilder, VarMap, SGD};
+    use candle_reliance::RelianceConfig;
+
+    struct Mlp {
+        fc1: Linear,
+        fc2: ProbedLayer,
+        fc3: ProbedLayer,
+    }
+    impl Module for Mlp {
+        fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+            let h = self.fc1.forward(xs)?.relu()?;
+            let h = self.fc2.forward(&h)?.relu()?;
+            self.fc3.forward(&h)
+        }
+    }
+    fn mlp(varmap: &VarMap) -> Result<(ProbeSet, Mlp)> {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &DEV);
+        let probes = ProbeSet::new();
+        let model = Mlp {
+            fc1: linear(10, 32, vb.pp("fc1"))?,
+            fc2: probes.add("fc1")?.feeding(linear(32, 24, vb.pp("fc2"))?),
+            fc3: probes.add("fc2")?.feeding(linear(24, 4, vb.pp("fc3"))?),
+        };
+        Ok((probes, model))
+    }
+    fn set_all(varmap: &VarMap, values: &[(String, Tensor)]) -> Result<()> {
+        let vars = varmap.data().lock().unwrap();
+        for (name, v) in values {
+            vars[name].set(v)?;
+        }
+        Ok(())
+    }
+
+    // Data: a random teacher's classes, a third of them replaced by random ones.
+    let mut rng = SplitMix64::new(11);
+    let xs = random(&mut rng, &[160, 10])?;
+    let teacher = random(&mut rng, &[10, 4])?;
+    let clean: Vec<u32> = xs.matmul(&teacher)?.argmax(1)?.to_vec1()?;
+    let labels: Vec<u32> = clean
+        .iter()
+        .map(|&c| {
+            if rng.below(3) == 0 {
+                rng.below(4) as u32
+            } else {
+                c
+            }
+        })
+        .collect();
+    let ys = Tensor::new(labels.as_slice(), &DEV)?;
+    let data = ProbeData::new(xs.clone(), ys.clone())?;
+
+    // Training, one process; every epoch's weights recorded.
+    let varmap = VarMap::new();
+    let (_, model) = mlp(&varmap)?;
+    let vars: Vec<Var> = varmap.all_vars();
+    let mut sgd = SGD::new(vars, 0.5)?;
+    let mut trajectory: Vec<Vec<(String, Tensor)>> = vec![];
+    for _ in 0..30 {
+        for b in 0..5 {
+            let x = xs.narrow(0, b * 32, 32)?;
+            let y = ys.narrow(0, b * 32, 32)?;
+            let loss = candle_nn::loss::cross_entropy(&model.forward(&x)?, &y)?;
+            sgd.backward_step(&loss)?;
+        }
+        let vars = varmap.data().lock().unwrap();
+        trajectory.push(
+            vars.iter()
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+                .collect::<Result<_>>()?,
+        );
+    }
+
+    let config = || -> Result<RelianceConfig> {
+        RelianceConfig::from_yaml_str(
+            "schedule: {check_every: 1, warmup_epochs: 1}\n\
+             ablation: {fractions: 9, orders: 3, seed: 5}\n\
+             stopping: {tolerance: 0.03, patience: 8}\n",
+        )
+    };
+    // One monitor over the trajectory; `rank` None is the single process.
+    let follow = |rank: Option<ThreadGroup>| -> Result<Vec<(Decision, f64, f64)>> {
+        let varmap = VarMap::new();
+        let (probes, model) = mlp(&varmap)?;
+        let mut monitor = match rank {
+            None => RelianceMonitor::new(config()?, probes, data.clone())?,
+            Some(r) => RelianceMonitor::new_ranked(config()?, probes, data.clone(), Arc::new(r))?,
+        };
+        let mut out = vec![];
+        for (e, values) in trajectory.iter().enumerate() {
+            set_all(&varmap, values)?;
+            let d = monitor.check(e + 1, &model)?;
+            let r = monitor.history().last().unwrap();
+            out.push((d.clone(), r.value, r.unablated_accuracy));
+            if d.is_stop() {
+                break;
+            }
+        }
+        Ok(out)
+    };
+    let want = follow(None)?;
+    assert!(
+        want.last().unwrap().0.is_stop(),
+        "the trajectory must exercise a stop"
+    );
+    let values: Vec<f64> = want.iter().map(|w| w.1).collect();
+    assert!(
+        values.windows(2).any(|w| w[0] != w[1]),
+        "the metric must move over training: {values:?}"
+    );
+    for world in [2, 3, 4] {
+        let group = ThreadGroup::new(world)?;
+        let got: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|rank| {
+                    let follow = &follow;
+                    s.spawn(move || follow(Some(rank.clone())))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Result<Vec<_>>>()
+        })?;
+        for (rank, g) in got.iter().enumerate() {
+            assert_eq!(g, &want, "world {world}, rank {rank}");
+        }
+    }
+    Ok(())
+}
