@@ -261,15 +261,17 @@ fn all_reduce_of_unequal_buffers_fails_on_every_rank() -> Result<()> {
     Ok(())
 }
 
+/// A rank's decisions, kept epoch and final weights (by variable name).
+type RankOutcome = (Vec<Decision>, Option<usize>, Vec<(String, Vec<f32>)>);
+
 /// Every rank of a `world`-rank group runs the scripted training with a ranked monitor writing
 /// to `dir`; `poison(rank, epoch, varmap)` may spoil a rank's weights after an epoch. Returns
 /// each rank's decisions, kept epoch and final weights.
-#[allow(clippy::type_complexity)]
 fn scripted_ranks(
     world: usize,
     dir: &std::path::Path,
     poison: impl Fn(usize, usize, &candle_nn::VarMap) -> Result<()> + Sync,
-) -> Result<Vec<(Vec<Decision>, Option<usize>, Vec<(String, Vec<f32>)>)>> {
+) -> Result<Vec<RankOutcome>> {
     use common::scripted::*;
     let group = ThreadGroup::new(world)?;
     std::thread::scope(|s| {
@@ -510,6 +512,137 @@ fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
         for (rank, g) in got.iter().enumerate() {
             assert_eq!(g, &want, "world {world}, rank {rank}");
         }
+    }
+    Ok(())
+}
+
+/// A ranked run with disk snapshots interrupted after epoch 6 (the kept epoch 5 already on disk)
+/// and resumed on every rank from rank 0's state file: the ranks decide as the uninterrupted
+/// single process, and every rank restores epoch 5's weights — the other ranks from rank 0's
+/// snapshot file, which they read when resuming.
+#[test]
+fn resumed_ranked_runs_decide_and_restore_as_one_process() -> Result<()> {
+    use common::scripted::*;
+    let single_dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(single_dir.path(), "")?, probes, data)?;
+    let want = run(&mut monitor, &varmap, &net, 1, 10)?;
+    let want_kept = monitor.finish(&varmap)?;
+    let want_weights = values(&varmap);
+    assert_eq!((want.len(), want_kept), (7, Some(5)));
+
+    for world in [2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let best = dir.path().join("best.safetensors");
+        let extra = format!("restore_best: {{mode: disk, path: {}}}\n", best.display());
+        let cfg = config(dir.path(), &extra)?;
+        let interrupt_after = 6;
+        // First sitting: epochs 1..=6 on every rank, then the processes end.
+        let group = ThreadGroup::new(world)?;
+        let first: Vec<Vec<Decision>> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|rank| {
+                    let cfg = cfg.clone();
+                    s.spawn(move || -> Result<_> {
+                        let (varmap, net, probes, data) = setup()?;
+                        let mut m =
+                            RelianceMonitor::new_ranked(cfg, probes, data, Arc::new(rank.clone()))?;
+                        run(&mut m, &varmap, &net, 1, interrupt_after)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Result<_>>()
+        })?;
+        // Second sitting: every rank resumes from rank 0's state file.
+        let state = RelianceMonitor::load_state(dir.path().join("state.json"))?;
+        let group = ThreadGroup::new(world)?;
+        let second: Vec<RankOutcome> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|rank| {
+                    let (cfg, state) = (cfg.clone(), state.clone());
+                    s.spawn(move || -> Result<_> {
+                        let (varmap, net, probes, data) = setup()?;
+                        let mut m = RelianceMonitor::resume_ranked(
+                            cfg,
+                            probes,
+                            data,
+                            state,
+                            Arc::new(rank.clone()),
+                        )?;
+                        let d = run(&mut m, &varmap, &net, interrupt_after + 1, 10)?;
+                        let kept = m.finish(&varmap)?;
+                        Ok((d, kept, values(&varmap)))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Result<_>>()
+        })?;
+        for rank in 0..world {
+            let mut decisions = first[rank].clone();
+            decisions.extend(second[rank].0.clone());
+            assert_eq!(decisions, want, "world {world}, rank {rank}");
+            assert_eq!(second[rank].1, want_kept, "world {world}, rank {rank}");
+            assert_eq!(
+                second[rank].2, want_weights,
+                "world {world}, rank {rank}: epoch 5's weights"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
+    use common::scripted::*;
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
+    run(&mut monitor, &varmap, &net, 1, 3)?;
+    let later = monitor.state();
+    let earlier = {
+        let mut s = later.clone();
+        s.history.pop();
+        s.last_epoch = Some(2);
+        s
+    };
+    let group = ThreadGroup::new(3)?;
+    let results: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|rank| {
+                let state = if rank.rank() == 2 {
+                    earlier.clone()
+                } else {
+                    later.clone()
+                };
+                s.spawn(move || {
+                    let out = tempfile::tempdir().unwrap();
+                    let (_, _, probes, data) = setup().unwrap();
+                    match RelianceMonitor::resume_ranked(
+                        config(out.path(), "").unwrap(),
+                        probes,
+                        data,
+                        state,
+                        Arc::new(rank.clone()),
+                    ) {
+                        Ok(_) => "resumed".to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, r) in results.iter().enumerate() {
+        assert!(r.contains("different states"), "rank {rank}: {r}");
     }
     Ok(())
 }

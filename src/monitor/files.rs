@@ -181,25 +181,23 @@ pub(crate) fn save_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Resul
     write_atomic(&file, |tmp| candle_core::safetensors::save(&tensors, tmp))
 }
 
-/// Loads the snapshot of `epoch` into `varmap`: from `PATH.epochE`, or from `PATH` once
-/// `finish` has moved it there. The file's epoch tag must be `epoch`; every variable must be in
-/// it. Nothing is set unless all of it loads.
-pub(crate) fn load_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Result<PathBuf> {
+/// The kept weights of `epoch` as saved by [`save_snapshot`] (`PATH.epochE`, or `PATH` once
+/// renamed there), on `device`, checked against their epoch tag; and the file they came from.
+pub(crate) fn read_snapshot(
+    path: &Path,
+    epoch: usize,
+    device: &candle_core::Device,
+) -> Result<(
+    PathBuf,
+    std::collections::HashMap<String, candle_core::Tensor>,
+)> {
     let named = snapshot_path(path, epoch);
     let file = if named.exists() {
         named
     } else {
         path.to_path_buf()
     };
-    let device = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?
-        .values()
-        .next()
-        .map(|v| v.device().clone())
-        .unwrap_or(candle_core::Device::Cpu);
-    let mut saved = candle_core::safetensors::load(&file, &device).map_err(|e| {
+    let mut saved = candle_core::safetensors::load(&file, device).map_err(|e| {
         candle_core::Error::Msg(format!(
             "cannot load the kept weights {}: {e}",
             file.display()
@@ -217,6 +215,22 @@ pub(crate) fn load_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Resul
                 .unwrap_or_else(|| "(untagged)".into())
         );
     }
+    Ok((file, saved))
+}
+
+/// Loads the snapshot of `epoch` into `varmap`: from `PATH.epochE`, or from `PATH` once
+/// `finish` has moved it there. The file's epoch tag must be `epoch`; every variable must be in
+/// it. Nothing is set unless all of it loads.
+pub(crate) fn load_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Result<PathBuf> {
+    let device = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?
+        .values()
+        .next()
+        .map(|v| v.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let (file, saved) = read_snapshot(path, epoch, &device)?;
     let vars = varmap
         .data()
         .lock()

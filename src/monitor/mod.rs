@@ -68,6 +68,23 @@ fn decides(config: &RelianceConfig) -> Result<serde_json::Value> {
     }))
 }
 
+/// A 24-bit digest of what decides a resumed run (the stopping state, the epochs, the
+/// settings), small enough that the sum of its squares over many ranks fits in a `u64`.
+fn state_fingerprint(state: &MonitorState) -> Result<u64> {
+    let text = serde_json::to_string(&(
+        &state.stopping,
+        state.history.len(),
+        state.last_epoch,
+        &state.decides,
+    ))
+    .map_err(candle_core::Error::msg)?;
+    // FNV-1a, folded.
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    Ok((h ^ (h >> 24) ^ (h >> 48)) & 0xff_ffff)
+}
+
 /// `section.key` of every value that differs between two [`decides`] objects.
 fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     let mut out = vec![];
@@ -268,6 +285,60 @@ impl RelianceMonitor {
             config.restore_best.mode = SnapshotMode::Memory;
         }
         let mut monitor = Self::new(config, probes, data)?;
+        monitor.collective = Some(collective);
+        Ok(monitor)
+    }
+
+    /// [`RelianceMonitor::resume`] for one rank of a data-parallel run. Every rank passes the same
+    /// configuration and data, its member of the group, and the state rank 0 saved (its
+    /// `output.state_file`, read by every rank from a shared filesystem or sent by rank 0).
+    ///
+    /// Rank 0 resumes as [`RelianceMonitor::resume`] does, files and all. The other ranks write
+    /// nothing; with `restore_best.mode: disk` they read the kept epoch's weights from rank 0's
+    /// snapshot file now (before any rank can go on and move it), so that
+    /// [`RelianceMonitor::finish`] restores the same weights on every rank.
+    ///
+    /// The ranks compare a fingerprint of their states; if any differs, every rank fails with an
+    /// error rather than deciding apart.
+    pub fn resume_ranked(
+        config: RelianceConfig,
+        probes: ProbeSet,
+        data: ProbeData,
+        state: MonitorState,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let fingerprint = state_fingerprint(&state)?;
+        let mut monitor = if collective.rank() == 0 {
+            Self::resume(config, probes, data, state)?
+        } else {
+            let mut config = config;
+            config.validate()?;
+            let snapshot = match (&state.stopping.kept, disk_snapshot(&config)) {
+                (Some(kept), Some(path)) => {
+                    let (_, saved) = files::read_snapshot(path, kept.epoch, data.xs().device())?;
+                    let mut saved: Vec<(String, Tensor)> = saved.into_iter().collect();
+                    saved.sort_by(|a, b| a.0.cmp(&b.0));
+                    Some(saved)
+                }
+                _ => None,
+            };
+            config.output = Default::default();
+            config.restore_best.mode = SnapshotMode::Memory;
+            let mut monitor = Self::build(config, probes, data, state, vec![])?;
+            monitor.snapshot = snapshot;
+            monitor
+        };
+        // Equal fingerprints on every rank iff the variance of the ranks' fingerprints is 0: the
+        // same sums, the same verdict on every rank.
+        let world = collective.world_size() as u128;
+        let mut sums = [fingerprint, fingerprint * fingerprint];
+        collective.all_reduce_sum_u64(&mut sums)?;
+        if u128::from(sums[1]) * world != u128::from(sums[0]) * u128::from(sums[0]) {
+            candle_core::bail!(
+                "resume_ranked: the ranks were given different states; pass every rank the state \
+                 rank 0 saved"
+            );
+        }
         monitor.collective = Some(collective);
         Ok(monitor)
     }
