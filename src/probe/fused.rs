@@ -321,11 +321,12 @@ fn build_plan(keep: &Tensor, values: &Tensor, dims: &[usize], layer: &NextLayer)
     let real = Tensor::new(real.as_slice(), device)?.to_dtype(dtype)?;
     let weights = match layer {
         NextLayer::Linear(l) => {
-            // (out, inputs) gathered to (out, variants · width), padding zeroed.
-            let w = l.weight().index_select(&gather, 1)?;
-            let out = w.dim(0)?;
-            w.broadcast_mul(&real.unsqueeze(0)?)?
-                .t()?
+            // Rows of the transposed weight `(inputs, out)` gathered to `(variants · width, out)`
+            // (whole rows: a copy each, where a column gather reads element by element), padding
+            // zeroed.
+            let w = l.weight().t()?.contiguous()?.index_select(&gather, 0)?;
+            let out = w.dim(1)?;
+            w.broadcast_mul(&real.unsqueeze(1)?)?
                 .reshape((variants, width, out))?
         }
         NextLayer::Conv2d(c) => {
@@ -378,13 +379,15 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
     let m = xs.dim(0)?;
     let removed = match layer {
         NextLayer::Linear(_) => {
-            // (m, inputs) gathered to (variants, m, width).
+            // Rows of the transposed input `(inputs, m)` gathered to `(variants, width, m)`, read
+            // as `(variants, m, width)` by the product without a copy.
             let part = d
                 .flatten_from(1)?
-                .index_select(&plan.gather, 1)?
-                .reshape((m, v, width))?
-                .transpose(0, 1)?
-                .contiguous()?;
+                .t()?
+                .contiguous()?
+                .index_select(&plan.gather, 0)?
+                .reshape((v, width, m))?
+                .transpose(1, 2)?;
             part.matmul(&plan.weights)? // (variants, m, out)
         }
         NextLayer::Conv2d(c) => {
