@@ -264,6 +264,21 @@ fn all_reduce_of_unequal_buffers_fails_on_every_rank() -> Result<()> {
 /// A rank's decisions, kept epoch and final weights (by variable name).
 type RankOutcome = (Vec<Decision>, Option<usize>, Vec<(String, Vec<f32>)>);
 
+/// `f` on every member of a new `world`-rank thread group, each on its own thread.
+fn each_rank<T: Send>(world: usize, f: impl Fn(ThreadGroup) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let group = ThreadGroup::new(world)?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|rank| {
+                let f = &f;
+                s.spawn(move || f(rank))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Every rank of a `world`-rank group runs the scripted training with a ranked monitor writing
 /// to `dir`; `poison(rank, epoch, varmap)` may spoil a rank's weights after an epoch. Returns
 /// each rank's decisions, kept epoch and final weights.
@@ -273,38 +288,24 @@ fn scripted_ranks(
     poison: impl Fn(usize, usize, &candle_nn::VarMap) -> Result<()> + Sync,
 ) -> Result<Vec<RankOutcome>> {
     use common::scripted::*;
-    let group = ThreadGroup::new(world)?;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .map(|rank| {
-                let poison = &poison;
-                s.spawn(move || -> Result<_> {
-                    let r = rank.rank();
-                    let (varmap, net, probes, data) = setup()?;
-                    let mut monitor = RelianceMonitor::new_ranked(
-                        config(dir, "")?,
-                        probes,
-                        data,
-                        Arc::new(rank),
-                    )?;
-                    let mut decisions = vec![];
-                    for epoch in 1..=10 {
-                        train_epoch(&varmap, epoch)?;
-                        poison(r, epoch, &varmap)?;
-                        let d = monitor.on_epoch_end(epoch, &net, &varmap)?;
-                        let stop = d.is_stop();
-                        decisions.push(d);
-                        if stop {
-                            break;
-                        }
-                    }
-                    let kept = monitor.finish(&varmap)?;
-                    Ok((decisions, kept, values(&varmap)))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    each_rank(world, |rank| {
+        let r = rank.rank();
+        let (varmap, net, probes, data) = setup()?;
+        let mut monitor =
+            RelianceMonitor::new_ranked(config(dir, "")?, probes, data, Arc::new(rank))?;
+        let mut decisions = vec![];
+        for epoch in 1..=10 {
+            train_epoch(&varmap, epoch)?;
+            poison(r, epoch, &varmap)?;
+            let d = monitor.on_epoch_end(epoch, &net, &varmap)?;
+            let stop = d.is_stop();
+            decisions.push(d);
+            if stop {
+                break;
+            }
+        }
+        let kept = monitor.finish(&varmap)?;
+        Ok((decisions, kept, values(&varmap)))
     })
 }
 
@@ -495,20 +496,7 @@ fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
         "the metric must move over training: {values:?}"
     );
     for world in [2, 3, 4] {
-        let group = ThreadGroup::new(world)?;
-        let got: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = group
-                .iter()
-                .map(|rank| {
-                    let follow = &follow;
-                    s.spawn(move || follow(Some(rank.clone())))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .collect::<Result<Vec<_>>>()
-        })?;
+        let got = each_rank(world, |rank| follow(Some(rank)))?;
         for (rank, g) in got.iter().enumerate() {
             assert_eq!(g, &want, "world {world}, rank {rank}");
         }
@@ -538,52 +526,25 @@ fn resumed_ranked_runs_decide_and_restore_as_one_process() -> Result<()> {
         let cfg = config(dir.path(), &extra)?;
         let interrupt_after = 6;
         // First sitting: epochs 1..=6 on every rank, then the processes end.
-        let group = ThreadGroup::new(world)?;
-        let first: Vec<Vec<Decision>> = std::thread::scope(|s| {
-            let handles: Vec<_> = group
-                .iter()
-                .map(|rank| {
-                    let cfg = cfg.clone();
-                    s.spawn(move || -> Result<_> {
-                        let (varmap, net, probes, data) = setup()?;
-                        let mut m =
-                            RelianceMonitor::new_ranked(cfg, probes, data, Arc::new(rank.clone()))?;
-                        run(&mut m, &varmap, &net, 1, interrupt_after)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .collect::<Result<_>>()
+        let first: Vec<Vec<Decision>> = each_rank(world, |rank| {
+            let (varmap, net, probes, data) = setup()?;
+            let mut m = RelianceMonitor::new_ranked(cfg.clone(), probes, data, Arc::new(rank))?;
+            run(&mut m, &varmap, &net, 1, interrupt_after)
         })?;
         // Second sitting: every rank resumes from rank 0's state file.
         let state = RelianceMonitor::load_state(dir.path().join("state.json"))?;
-        let group = ThreadGroup::new(world)?;
-        let second: Vec<RankOutcome> = std::thread::scope(|s| {
-            let handles: Vec<_> = group
-                .iter()
-                .map(|rank| {
-                    let (cfg, state) = (cfg.clone(), state.clone());
-                    s.spawn(move || -> Result<_> {
-                        let (varmap, net, probes, data) = setup()?;
-                        let mut m = RelianceMonitor::resume_ranked(
-                            cfg,
-                            probes,
-                            data,
-                            state,
-                            Arc::new(rank.clone()),
-                        )?;
-                        let d = run(&mut m, &varmap, &net, interrupt_after + 1, 10)?;
-                        let kept = m.finish(&varmap)?;
-                        Ok((d, kept, values(&varmap)))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .collect::<Result<_>>()
+        let second: Vec<RankOutcome> = each_rank(world, |rank| {
+            let (varmap, net, probes, data) = setup()?;
+            let mut m = RelianceMonitor::resume_ranked(
+                cfg.clone(),
+                probes,
+                data,
+                state.clone(),
+                Arc::new(rank),
+            )?;
+            let d = run(&mut m, &varmap, &net, interrupt_after + 1, 10)?;
+            let kept = m.finish(&varmap)?;
+            Ok((d, kept, values(&varmap)))
         })?;
         for rank in 0..world {
             let mut decisions = first[rank].clone();
@@ -613,34 +574,22 @@ fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
         s.last_epoch = Some(2);
         s
     };
-    let group = ThreadGroup::new(3)?;
-    let results: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .iter()
-            .map(|rank| {
-                let state = if rank.rank() == 2 {
-                    earlier.clone()
-                } else {
-                    later.clone()
-                };
-                s.spawn(move || {
-                    let out = tempfile::tempdir().unwrap();
-                    let (_, _, probes, data) = setup().unwrap();
-                    match RelianceMonitor::resume_ranked(
-                        config(out.path(), "").unwrap(),
-                        probes,
-                        data,
-                        state,
-                        Arc::new(rank.clone()),
-                    ) {
-                        Ok(_) => "resumed".to_string(),
-                        Err(e) => e.to_string(),
-                    }
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results: Vec<String> = each_rank(3, |rank| {
+        let state = if rank.rank() == 2 {
+            earlier.clone()
+        } else {
+            later.clone()
+        };
+        let out = tempfile::tempdir().unwrap();
+        let (_, _, probes, data) = setup()?;
+        let cfg = config(out.path(), "")?;
+        Ok(
+            match RelianceMonitor::resume_ranked(cfg, probes, data, state, Arc::new(rank)) {
+                Ok(_) => "resumed".to_string(),
+                Err(e) => e.to_string(),
+            },
+        )
+    })?;
     for (rank, r) in results.iter().enumerate() {
         assert!(r.contains("different states"), "rank {rank}: {r}");
     }

@@ -107,93 +107,68 @@ fn metric_of(check: &Value, metric: Metric, orders: usize) -> Result<f64> {
 /// makes them, with the configuration's schedule and stopping rule; the kept epoch is what
 /// `finish` restores.
 fn replay_monitor(run: &Run, config: &RelianceConfig) -> Result<Choice> {
-    let orders = match config.ablation.order {
-        AblationOrder::Random { orders, .. } => orders,
-        _ => bail!("the replay needs random orders"),
-    };
-    let mut rule = EarlyStopping::new(config.stopping.clone());
-    let last = run.epochs().len();
-    for epoch in 1..=last {
-        if !config.schedule.is_check_epoch(epoch) {
-            continue;
-        }
-        let check = &run.epochs()[epoch - 1]["check"];
-        let finite = check["finite"].as_bool().unwrap_or(true);
-        let d = if finite {
-            let metric = metric_of(check, config.stopping.metric, orders)?;
-            rule.update_check(epoch, metric, check["acc0"].as_f64())
-        } else {
-            rule.stop(StopReason::NonFinite {
-                epoch,
-                what: "logits".into(),
-            })
-        };
-        if d.is_stop() {
-            return Ok(Choice {
-                stop: epoch,
-                kept: rule.kept_epoch().unwrap_or(epoch),
-            });
-        }
-    }
-    Ok(Choice {
-        stop: last,
-        kept: rule.kept_epoch().unwrap_or(last),
-    })
+    replay_reliance(run, config, None)
 }
 
 /// The reliance rule and Label Wave combined: training goes on until both would stop (the
 /// reliance metric below its plateau for the rule's patience, and Label Wave's patience run out),
 /// and the reliance rule's kept epoch is restored. A return to the plateau while Label Wave still
 /// runs extends the plateau, as it would for a rule with a longer patience.
-fn replay_combined(
+fn replay_combined(run: &Run, config: &RelianceConfig, wave: &LabelWaveRule) -> Result<Choice> {
+    replay_reliance(run, config, Some(wave))
+}
+
+/// The reliance rule over a run's checks; with `wave`, a stop waits for Label Wave's too.
+fn replay_reliance(
     run: &Run,
     config: &RelianceConfig,
-    wave_rule: &LabelWaveRule,
+    wave: Option<&LabelWaveRule>,
 ) -> Result<Choice> {
     let orders = match config.ablation.order {
         AblationOrder::Random { orders, .. } => orders,
         _ => bail!("the replay needs random orders"),
     };
     let patience = config.stopping.patience;
-    // The reliance rule never stops on its own here; its patience is judged below.
     let mut rule = EarlyStopping::new(StoppingRule {
-        patience: usize::MAX,
+        // Combined, the reliance rule never stops on its own; its patience is judged below.
+        patience: if wave.is_some() { usize::MAX } else { patience },
         ..config.stopping.clone()
     });
-    let mut wave = LabelWave::new(wave_rule.clone());
-    let mut wave_stopped = false;
+    let mut wave = wave.map(|w| LabelWave::new(w.clone()));
+    let mut wave_stopped = wave.is_none();
     let last = run.epochs().len();
+    let choice = |rule: &EarlyStopping, stop: usize| Choice {
+        stop,
+        kept: rule.kept_epoch().unwrap_or(stop),
+    };
     for epoch in 1..=last {
-        if epoch >= 2 {
-            wave_stopped |= wave.update(epoch, run.f(epoch, "changes")).is_stop();
+        if let (Some(w), true) = (wave.as_mut(), epoch >= 2) {
+            wave_stopped |= w.update(epoch, run.f(epoch, "changes")).is_stop();
         }
         if !config.schedule.is_check_epoch(epoch) {
             continue;
         }
         let check = &run.epochs()[epoch - 1]["check"];
         if !check["finite"].as_bool().unwrap_or(true) {
-            return Ok(Choice {
-                stop: epoch,
-                kept: rule.kept_epoch().unwrap_or(epoch),
+            rule.stop(StopReason::NonFinite {
+                epoch,
+                what: "logits".into(),
             });
+            return Ok(choice(&rule, epoch));
         }
         let metric = metric_of(check, config.stopping.metric, orders)?;
-        rule.update_check(epoch, metric, check["acc0"].as_f64());
+        let stopped = rule
+            .update_check(epoch, metric, check["acc0"].as_f64())
+            .is_stop();
         let below = rule
             .state()
             .last_near_peak
             .map_or(0, |near| epoch.saturating_sub(near));
-        if below >= patience && wave_stopped {
-            return Ok(Choice {
-                stop: epoch,
-                kept: rule.kept_epoch().unwrap_or(epoch),
-            });
+        if stopped || (below >= patience && wave_stopped) {
+            return Ok(choice(&rule, epoch));
         }
     }
-    Ok(Choice {
-        stop: last,
-        kept: rule.kept_epoch().unwrap_or(last),
-    })
+    Ok(choice(&rule, last))
 }
 
 /// Label Wave on the prediction changes the run recorded from its training batches.

@@ -1,7 +1,9 @@
 //! [`Nccl`]: the collective over an NCCL communicator, for one process per GPU.
 
 use super::Collective;
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::cudarc::nccl::{Comm, NcclType, ReduceOp};
 use candle_core::{Error, Result};
 use std::fmt::Debug;
@@ -78,22 +80,32 @@ impl Nccl {
         self.comm.stream()
     }
 
-    /// `buf` reduced with `op` across ranks, on the device and back.
-    fn reduce<T: DeviceRepr + NcclType + Copy>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let stream = self.stream();
-        let mut dev = stream
+    /// `buf` on the communicator's device.
+    fn to_device<T: DeviceRepr>(&self, buf: &[T]) -> Result<CudaSlice<T>> {
+        self.stream()
             .clone_htod(buf)
-            .map_err(|e| nccl_error("copy to the device", e))?;
-        self.comm
-            .all_reduce_in_place(&mut dev, &op)
-            .map_err(|e| nccl_error("all-reduce", e))?;
+            .map_err(|e| nccl_error("copy to the device", e))
+    }
+
+    /// `dev` back on the host, once the stream's work (the collective) is done.
+    fn to_host<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        let stream = self.stream();
         let host = stream
-            .clone_dtoh(&dev)
+            .clone_dtoh(dev)
             .map_err(|e| nccl_error("copy to the host", e))?;
         stream
             .synchronize()
             .map_err(|e| nccl_error("stream synchronize", e))?;
-        buf.copy_from_slice(&host);
+        Ok(host)
+    }
+
+    /// `buf` reduced with `op` across ranks, on the device and back.
+    fn reduce<T: DeviceRepr + NcclType + Copy>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let mut dev = self.to_device(buf)?;
+        self.comm
+            .all_reduce_in_place(&mut dev, &op)
+            .map_err(|e| nccl_error("all-reduce", e))?;
+        buf.copy_from_slice(&self.to_host(&dev)?);
         Ok(())
     }
 
@@ -116,23 +128,15 @@ impl Nccl {
         &self,
         buf: &[T],
     ) -> Result<Vec<T>> {
-        let stream = self.stream();
-        let send = stream
-            .clone_htod(buf)
-            .map_err(|e| nccl_error("copy to the device", e))?;
-        let mut recv = stream
+        let send = self.to_device(buf)?;
+        let mut recv = self
+            .stream()
             .alloc_zeros::<T>(buf.len() * self.comm.world_size())
             .map_err(|e| nccl_error("allocation", e))?;
         self.comm
             .all_gather(&send, &mut recv)
             .map_err(|e| nccl_error("all-gather", e))?;
-        let host = stream
-            .clone_dtoh(&recv)
-            .map_err(|e| nccl_error("copy to the host", e))?;
-        stream
-            .synchronize()
-            .map_err(|e| nccl_error("stream synchronize", e))?;
-        Ok(host)
+        self.to_host(&recv)
     }
 
     fn locked(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
