@@ -264,6 +264,16 @@ fn all_reduce_of_unequal_buffers_fails_on_every_rank() -> Result<()> {
 /// A rank's decisions, kept epoch and final weights (by variable name).
 type RankOutcome = (Vec<Decision>, Option<usize>, Vec<(String, Vec<f32>)>);
 
+/// The scripted training with one process's monitor writing to `dir`, epochs 1–10.
+fn single_process(dir: &std::path::Path) -> Result<RankOutcome> {
+    use common::scripted::*;
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(dir, "")?, probes, data)?;
+    let decisions = run(&mut monitor, &varmap, &net, 1, 10)?;
+    let kept = monitor.finish(&varmap)?;
+    Ok((decisions, kept, values(&varmap)))
+}
+
 /// `f` on every member of a new `world`-rank thread group, each on its own thread.
 fn each_rank<T: Send>(world: usize, f: impl Fn(ThreadGroup) -> Result<T> + Sync) -> Result<Vec<T>> {
     let group = ThreadGroup::new(world)?;
@@ -311,13 +321,8 @@ fn scripted_ranks(
 
 #[test]
 fn ranked_monitors_decide_as_one_process_and_only_rank_0_writes() -> Result<()> {
-    use common::scripted::*;
     let single_dir = tempfile::tempdir().unwrap();
-    let (varmap, net, probes, data) = setup()?;
-    let mut monitor = RelianceMonitor::new(config(single_dir.path(), "")?, probes, data)?;
-    let want = run(&mut monitor, &varmap, &net, 1, 10)?;
-    let want_kept = monitor.finish(&varmap)?;
-    let want_weights = values(&varmap);
+    let (want, want_kept, want_weights) = single_process(single_dir.path())?;
     assert!(want.last().unwrap().is_stop() && want_kept.is_some());
     for world in [2, 3, 4] {
         let dir = tempfile::tempdir().unwrap();
@@ -379,10 +384,13 @@ fn non_finite_weights_on_one_rank_stop_every_rank() -> Result<()> {
     Ok(())
 }
 
-/// A small MLP trained for real (SGD on 160 samples, a third of the labels random) and its
-/// weights after every epoch recorded; then one process and 2, 3 and 4 thread ranks each run a
-/// monitor over that trajectory. The ranks must make the single process's decisions, check by
-/// check, with the same metric values (zero clamp: exactly the same curves).
+/// A small MLP trained for real (SGD on 160 samples, a third of the labels random, up to 60
+/// epochs) and its weights after every epoch recorded; then one process and 2, 3 and 4 thread
+/// ranks each run a monitor over that trajectory. The ranks must make the single process's
+/// decisions, check by check, with the same metric values (zero clamp: exactly the same
+/// curves). The trajectory itself may differ in its last bits from one test run to the next
+/// (candle's parallel CPU ops), so the stop epoch is not fixed; 60 epochs of memorizing make a
+/// stop certain.
 #[test]
 fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
     use candle_core::{DType, Var};
@@ -443,7 +451,7 @@ fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
     let vars: Vec<Var> = varmap.all_vars();
     let mut sgd = SGD::new(vars, 0.5)?;
     let mut trajectory: Vec<Vec<(String, Tensor)>> = vec![];
-    for _ in 0..30 {
+    for _ in 0..60 {
         for b in 0..5 {
             let x = xs.narrow(0, b * 32, 32)?;
             let y = ys.narrow(0, b * 32, 32)?;
@@ -512,11 +520,7 @@ fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
 fn resumed_ranked_runs_decide_and_restore_as_one_process() -> Result<()> {
     use common::scripted::*;
     let single_dir = tempfile::tempdir().unwrap();
-    let (varmap, net, probes, data) = setup()?;
-    let mut monitor = RelianceMonitor::new(config(single_dir.path(), "")?, probes, data)?;
-    let want = run(&mut monitor, &varmap, &net, 1, 10)?;
-    let want_kept = monitor.finish(&varmap)?;
-    let want_weights = values(&varmap);
+    let (want, want_kept, want_weights) = single_process(single_dir.path())?;
     assert_eq!((want.len(), want_kept), (7, Some(5)));
 
     for world in [2, 3] {
