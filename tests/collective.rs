@@ -397,22 +397,12 @@ fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
     use candle_nn::{linear, Optimizer, VarBuilder, VarMap, SGD};
     use candle_reliance::RelianceConfig;
 
-    struct Mlp {
-        fc1: Linear,
-        fc2: ProbedLayer,
-        fc3: ProbedLayer,
-    }
-    impl Module for Mlp {
-        fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-            let h = self.fc1.forward(xs)?.relu()?;
-            let h = self.fc2.forward(&h)?.relu()?;
-            self.fc3.forward(&h)
-        }
-    }
-    fn mlp(varmap: &VarMap) -> Result<(ProbeSet, Mlp)> {
+    // The replicas' architecture, wider (10 → 32 → 24 → 4) to memorize, with its weights as
+    // variables of `varmap`.
+    fn mlp(varmap: &VarMap) -> Result<(ProbeSet, Replica)> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, &DEV);
         let probes = ProbeSet::new();
-        let model = Mlp {
+        let model = Replica {
             fc1: linear(10, 32, vb.pp("fc1"))?,
             fc2: probes.add("fc1")?.feeding(linear(32, 24, vb.pp("fc2"))?),
             fc3: probes.add("fc2")?.feeding(linear(24, 4, vb.pp("fc3"))?),

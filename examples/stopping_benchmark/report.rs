@@ -135,7 +135,8 @@ fn replay_reliance(
         ..config.stopping.clone()
     });
     let mut wave = wave.map(|w| LabelWave::new(w.clone()));
-    let mut wave_stopped = wave.is_none();
+    // Only with `wave`: Label Wave has stopped, the reliance patience is judged here.
+    let mut wave_stopped = false;
     let last = run.epochs().len();
     let choice = |rule: &EarlyStopping, stop: usize| Choice {
         stop,
@@ -160,11 +161,12 @@ fn replay_reliance(
         let stopped = rule
             .update_check(epoch, metric, check["acc0"].as_f64())
             .is_stop();
-        let below = rule
-            .state()
-            .last_near_peak
-            .map_or(0, |near| epoch.saturating_sub(near));
-        if stopped || (below >= patience && wave_stopped) {
+        let below = || {
+            rule.state()
+                .last_near_peak
+                .map_or(0, |near| epoch.saturating_sub(near))
+        };
+        if stopped || (wave_stopped && below() >= patience) {
             return Ok(choice(&rule, epoch));
         }
     }

@@ -68,6 +68,14 @@ fn decides(config: &RelianceConfig) -> Result<serde_json::Value> {
     }))
 }
 
+/// The configuration of a rank other than 0: no history, state or snapshot files; best weights
+/// in memory.
+fn without_files(mut config: RelianceConfig) -> RelianceConfig {
+    config.output = Default::default();
+    config.restore_best.mode = SnapshotMode::Memory;
+    config
+}
+
 /// A 24-bit digest of what decides a resumed run (the stopping state, the epochs, the
 /// settings), small enough that the sum of its squares over many ranks fits in a `u64`.
 fn state_fingerprint(state: &MonitorState) -> Result<u64> {
@@ -281,8 +289,7 @@ impl RelianceMonitor {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         if collective.rank() != 0 {
-            config.output = Default::default();
-            config.restore_best.mode = SnapshotMode::Memory;
+            config = without_files(config);
         }
         let mut monitor = Self::new(config, probes, data)?;
         monitor.collective = Some(collective);
@@ -311,20 +318,15 @@ impl RelianceMonitor {
         let mut monitor = if collective.rank() == 0 {
             Self::resume(config, probes, data, state)?
         } else {
-            let mut config = config;
             config.validate()?;
             let snapshot = match (&state.stopping.kept, disk_snapshot(&config)) {
                 (Some(kept), Some(path)) => {
                     let (_, saved) = files::read_snapshot(path, kept.epoch, data.xs().device())?;
-                    let mut saved: Vec<(String, Tensor)> = saved.into_iter().collect();
-                    saved.sort_by(|a, b| a.0.cmp(&b.0));
-                    Some(saved)
+                    Some(saved.into_iter().collect())
                 }
                 _ => None,
             };
-            config.output = Default::default();
-            config.restore_best.mode = SnapshotMode::Memory;
-            let mut monitor = Self::build(config, probes, data, state, vec![])?;
+            let mut monitor = Self::build(without_files(config), probes, data, state, vec![])?;
             monitor.snapshot = snapshot;
             monitor
         };
