@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_reliance::{
     monitor::{read_history, Keep, Metric, StoppingRule},
     Decision, MonitorState, ProbeSet, RelianceMonitor, StopReason,
@@ -327,6 +327,8 @@ fn the_most_accurate_plateau_check_is_restored() -> Result<()> {
             tolerance: 0.5,
             patience: 5,
             keep,
+            // Epoch 2 loses all its accuracy: the guard would call it unstable and keep neither.
+            accuracy_drop: 1.0,
             ..Default::default()
         };
         assert_eq!(keep == Keep::MostAccurateNearPeak, keep == Keep::default());
@@ -361,5 +363,110 @@ fn the_most_accurate_plateau_check_is_restored() -> Result<()> {
             "{keep:?}: epoch {kept}'s weights"
         );
     }
+    Ok(())
+}
+
+/// The monitor counts, at each check, the probe samples whose unablated prediction changed since
+/// the previous check (what the Label Wave fallback follows), and carries the last predictions
+/// through a saved state. Swapping the output columns flips every prediction of the 64 samples.
+#[test]
+fn prediction_changes_between_checks_are_counted_and_resumed() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let (w1, w2) = weights(4)?;
+    let swapped = Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1)?;
+    let script = [&w2, &swapped, &swapped, &w2, &w2];
+    let set = |w: &Tensor| -> Result<()> {
+        let vars = varmap.data().lock().unwrap();
+        vars["w1"].set(&w1)?;
+        vars["w2"].set(w)
+    };
+    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes.clone(), data.clone())?;
+    // Counted independently: the arg-max of a plain forward of the monitor's subset.
+    let mut want = vec![None];
+    let mut previous: Option<Vec<u32>> = None;
+    for (i, w) in script.iter().enumerate() {
+        set(w)?;
+        let pred = net
+            .forward(monitor.data().xs())?
+            .argmax(candle_core::D::Minus1)?
+            .to_vec1::<u32>()?;
+        if let Some(p) = &previous {
+            want.push(Some(p.iter().zip(&pred).filter(|(a, b)| a != b).count()));
+        }
+        previous = Some(pred);
+        if i < 3 {
+            monitor.on_epoch_end(i + 1, &net, &varmap)?;
+        }
+    }
+    let got: Vec<Option<usize>> = monitor
+        .history()
+        .iter()
+        .map(|r| r.prediction_changes)
+        .collect();
+    assert_eq!(got, want[..3]);
+    assert_eq!(
+        want,
+        [None, Some(64), Some(0), Some(64), Some(0)],
+        "the script"
+    );
+    // Resumed after epoch 3: epoch 4 is counted against epoch 3's predictions.
+    let state = monitor.state();
+    drop(monitor);
+    let mut resumed = RelianceMonitor::resume(config(dir.path(), "")?, probes, data, state)?;
+    for (epoch, w) in [(4, script[3]), (5, script[4])] {
+        set(w)?;
+        resumed.on_epoch_end(epoch, &net, &varmap)?;
+    }
+    let got: Vec<Option<usize>> = resumed
+        .history()
+        .iter()
+        .map(|r| r.prediction_changes)
+        .collect();
+    assert_eq!(got, want);
+    let hist = read_history(dir.path().join("hist.jsonl"))?;
+    assert_eq!(
+        hist.iter()
+            .map(|r| r.prediction_changes)
+            .collect::<Vec<_>>(),
+        want
+    );
+    Ok(())
+}
+
+/// With the accuracy guard on (the default), a check whose network lost its accuracy (epoch 2:
+/// the output columns swapped, accuracy 0 against 1) is recorded as unstable and not kept, even
+/// where its metric would put it on the plateau.
+#[test]
+fn an_unstable_check_is_recorded_and_not_kept() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut cfg = config(dir.path(), "")?;
+    cfg.stopping = StoppingRule {
+        metric: Metric::AgreementAuc,
+        tolerance: 0.5,
+        patience: 5,
+        keep: Keep::LastNearPeak,
+        ..Default::default()
+    };
+    let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
+    let (w1, w2) = weights(4)?;
+    let swapped = Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1)?;
+    for (epoch, w2) in [(1, &w2), (2, &swapped)] {
+        {
+            let vars = varmap.data().lock().unwrap();
+            vars["w1"].set(&w1)?;
+            vars["w2"].set(w2)?;
+        }
+        monitor.on_epoch_end(epoch, &net, &varmap)?;
+    }
+    let flags: Vec<(bool, bool)> = monitor
+        .history()
+        .iter()
+        .map(|r| (r.unstable, r.kept))
+        .collect();
+    assert_eq!(flags, [(false, true), (true, false)]);
+    assert_eq!(monitor.finish(&varmap)?, Some(1));
+    assert_eq!(values(&varmap)[1].1, w2.flatten_all()?.to_vec1::<f32>()?);
     Ok(())
 }

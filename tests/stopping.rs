@@ -1,6 +1,8 @@
 //! The stopping state machine on scripted metric sequences, worked out by hand.
 
-use candle_reliance::monitor::{EarlyStopping, EarlyStoppingStrategy, Keep, StoppingRule};
+use candle_reliance::monitor::{
+    EarlyStopping, EarlyStoppingStrategy, Fallback, Keep, LabelWaveRule, StoppingRule,
+};
 use candle_reliance::{Decision, StopReason};
 
 struct Case {
@@ -326,7 +328,11 @@ fn most_accurate_plateau_check_is_kept() {
         },
     ];
     for c in cases {
-        let mut es = EarlyStopping::new(rule(0.05, 5, 0.0));
+        // The accuracy guard off: some of these checks lose more than 10% of the accuracy.
+        let mut es = EarlyStopping::new(StoppingRule {
+            accuracy_drop: 1.0,
+            ..rule(0.05, 5, 0.0)
+        });
         assert_eq!(es.rule().keep, Keep::MostAccurateNearPeak, "the default");
         let kept_last: Vec<bool> = c
             .checks
@@ -380,5 +386,228 @@ fn most_accurate_keep_resumes_identically() {
             Some(5),
             "interrupted after {cut} checks"
         );
+    }
+}
+
+/// One epoch of a scripted run with the Label Wave fallback: prediction changes since the
+/// previous check (none at the first), then the check's metric.
+type Step = (Option<f64>, f64);
+
+/// Feeds `steps` from epoch 2 on as the monitor does (changes, then the check); per epoch the
+/// decision, the kept epoch and whether the update kept its own epoch.
+fn feed(
+    es: &mut EarlyStopping,
+    from: usize,
+    steps: &[Step],
+) -> Vec<(Decision, Option<usize>, bool)> {
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, &(changes, metric))| {
+            let epoch = from + i;
+            if let Some(n) = changes {
+                es.update_changes(epoch, n);
+            }
+            let d = es.update_check(epoch, metric, None);
+            (d, es.kept_epoch(), es.kept_last())
+        })
+        .collect()
+}
+
+fn fallback_rule() -> StoppingRule {
+    StoppingRule {
+        tolerance: 0.05,
+        patience: 2,
+        label_wave: LabelWaveRule {
+            window: 3,
+            patience: 2,
+        },
+        ..Default::default()
+    }
+}
+
+/// The metric falls from its first check (epoch 2) on; changes fall to a low and rise.
+/// Label Wave (window 3): means 80 (centre 4, known at 5), 60 (centre 5, at 6), 50 (centre 6,
+/// at 7), then 53.3, 70, 90: the low is centre 6, kept as epoch 7 (the window's last epoch);
+/// its patience 2 runs out at epoch 6 + 1 + 2 = 9. The reliance patience ran out at epoch 4.
+const FALLING: &[Step] = &[
+    (None, 0.60),
+    (Some(100.0), 0.55),
+    (Some(80.0), 0.50),
+    (Some(60.0), 0.45),
+    (Some(40.0), 0.40),
+    (Some(50.0), 0.35),
+    (Some(70.0), 0.30),
+    (Some(90.0), 0.25),
+    (Some(110.0), 0.20),
+];
+
+#[test]
+fn label_wave_decides_while_the_metric_never_rose() {
+    let mut es = EarlyStopping::new(fallback_rule());
+    assert_eq!(es.rule().fallback, Fallback::LabelWave, "the default");
+    let got = feed(&mut es, 2, FALLING);
+    let kept: Vec<Option<usize>> = got.iter().map(|g| g.1).collect();
+    // Epochs 2–4: the reliance rule's first check; from 5 on, Label Wave's newest low.
+    assert_eq!(
+        kept,
+        [2, 2, 2, 5, 6, 7, 7, 7, 7].map(Some),
+        "kept epoch after each check"
+    );
+    let kept_last: Vec<bool> = got.iter().map(|g| g.2).collect();
+    assert_eq!(
+        kept_last,
+        [true, false, false, true, true, true, false, false, false]
+    );
+    let stops: Vec<bool> = got.iter().map(|g| g.0.is_stop()).collect();
+    assert_eq!(stops.iter().position(|&s| s), Some(7), "stops at epoch 9");
+    match got[7].0.reason() {
+        Some(StopReason::FellBackToLabelWave {
+            lowest_epoch: 6,
+            lowest,
+            kept_epoch: 7,
+            epochs_below: 7,
+        }) => assert!((lowest - 50.0).abs() < 1e-12),
+        other => panic!("unexpected {other:?}"),
+    }
+    let text = got[7].0.reason().unwrap().to_string();
+    assert!(
+        text.contains("never rose") && text.contains("keeping epoch 7"),
+        "{text}"
+    );
+
+    // Without the fallback the same checks stop at epoch 4, keeping the first check.
+    let mut alone = EarlyStopping::new(StoppingRule {
+        fallback: Fallback::None,
+        ..fallback_rule()
+    });
+    let got = feed(&mut alone, 2, FALLING);
+    assert!(got[2].0.is_stop() && !got[1].0.is_stop());
+    assert_eq!(alone.kept_epoch(), Some(2));
+    // Without any changes fed, nothing falls back either.
+    let mut blind = EarlyStopping::new(fallback_rule());
+    let no_changes: Vec<Step> = FALLING.iter().map(|&(_, m)| (None, m)).collect();
+    let got = feed(&mut blind, 2, &no_changes);
+    assert!(got[2].0.is_stop());
+    assert_eq!(blind.kept_epoch(), Some(2));
+}
+
+#[test]
+fn a_rise_above_the_first_check_hands_back_to_the_reliance_rule() {
+    // Label Wave's low: mean 80 centred on 4, kept as epoch 5; (80, 60, 200) at 6 is higher.
+    // At epoch 6 the metric rises above the first check: the reliance rule keeps epoch 6 (a
+    // new peak 0.65; plateau ≥ 0.6175), then 7 (0.64, the end of the plateau, no accuracies);
+    // 8 and 9 below it stop at 9 with the reliance rule's reason.
+    let steps: &[Step] = &[
+        (None, 0.60),
+        (Some(100.0), 0.55),
+        (Some(80.0), 0.50),
+        (Some(60.0), 0.50),
+        (Some(200.0), 0.65),
+        (Some(200.0), 0.64),
+        (Some(200.0), 0.50),
+        (Some(200.0), 0.40),
+    ];
+    let mut es = EarlyStopping::new(fallback_rule());
+    let got = feed(&mut es, 2, steps);
+    let kept: Vec<Option<usize>> = got.iter().map(|g| g.1).collect();
+    assert_eq!(kept, [2, 2, 2, 5, 6, 7, 7, 7].map(Some));
+    assert!(got[..7].iter().all(|g| !g.0.is_stop()));
+    match got[7].0.reason() {
+        Some(StopReason::Declined {
+            peak_epoch: 6,
+            kept_epoch: 7,
+            epochs_below: 2,
+            ..
+        }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(es.state().rose && !es.falling_back());
+}
+
+#[test]
+fn the_fallback_resumes_identically() {
+    let r = fallback_rule();
+    let mut full = EarlyStopping::new(r.clone());
+    let all = feed(&mut full, 2, FALLING);
+    for cut in 0..FALLING.len() {
+        let mut first = EarlyStopping::new(r.clone());
+        let mut got = feed(&mut first, 2, &FALLING[..cut]);
+        let json = serde_json::to_string(first.state()).unwrap();
+        let mut resumed =
+            EarlyStopping::with_state(r.clone(), serde_json::from_str(&json).unwrap());
+        got.extend(feed(&mut resumed, 2 + cut, &FALLING[cut..]));
+        assert_eq!(got, all, "interrupted after {cut} checks");
+    }
+}
+
+#[test]
+fn a_bad_label_wave_section_is_named() {
+    let mut r = fallback_rule();
+    r.label_wave.window = 4;
+    let e = r.validate().unwrap_err().to_string();
+    assert!(e.contains("label_wave") && e.contains("window"), "{e}");
+}
+
+#[test]
+fn an_unstable_check_is_never_kept_nor_a_peak() {
+    // (metric, accuracy). Best accuracy before epoch 3 is 0.70: below 0.9 · 0.70 = 0.63 a check is
+    // unstable. Epoch 3 (0.30) is, and its metric spike 0.90 is ignored: the peak stays 0.55
+    // (plateau ≥ 0.5225), epoch 4 (0.54, acc 0.72) is kept, 5 and 6 below stop at 6.
+    let checks = [
+        (0.50, 0.60),
+        (0.55, 0.70),
+        (0.90, 0.30),
+        (0.54, 0.72),
+        (0.40, 0.75),
+        (0.40, 0.76),
+    ];
+    let run = |accuracy_drop: f64| {
+        let mut es = EarlyStopping::new(StoppingRule {
+            tolerance: 0.05,
+            patience: 2,
+            accuracy_drop,
+            ..Default::default()
+        });
+        let stop = checks
+            .iter()
+            .enumerate()
+            .map(|(i, &(m, a))| es.update_check(i + 1, m, Some(a)))
+            .position(|d| d.is_stop())
+            .map(|i| i + 1);
+        (es, stop)
+    };
+    let (es, stop) = run(0.1);
+    assert_eq!(
+        es.rule().accuracy_drop,
+        StoppingRule::default().accuracy_drop,
+        "the default"
+    );
+    assert_eq!((stop, es.kept_epoch()), (Some(6), Some(4)));
+    match &es.state().stopped {
+        Some(StopReason::Declined {
+            peak_epoch: 2,
+            kept_epoch: 4,
+            epochs_below: 2,
+            ..
+        }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(es.state().best_accuracy, Some(0.76));
+    // Off (1): the spike is the peak and is kept; 4 and 5 below it stop at 5.
+    let (es, stop) = run(1.0);
+    assert_eq!((stop, es.kept_epoch()), (Some(5), Some(3)));
+    // 0.64 is within 10% of 0.70: not unstable, so the same spike would be the peak.
+    let mut es = EarlyStopping::new(StoppingRule::default());
+    es.update_check(1, 0.55, Some(0.70));
+    es.update_check(2, 0.90, Some(0.64));
+    assert_eq!(es.state().peak.as_ref().map(|p| p.epoch), Some(2));
+    for bad in [0.0, -0.1, 1.5, f64::NAN] {
+        let r = StoppingRule {
+            accuracy_drop: bad,
+            ..Default::default()
+        };
+        let e = r.validate().unwrap_err().to_string();
+        assert!(e.contains("accuracy_drop"), "{e}");
     }
 }

@@ -11,8 +11,8 @@ use crate::common::mean_sd;
 use anyhow::{bail, Context, Result};
 use candle_reliance::curves::AblationOrder;
 use candle_reliance::monitor::{
-    EarlyStopping, EarlyStoppingStrategy, Keep, LabelWave, LabelWaveRule, Metric, StopReason,
-    StoppingRule,
+    EarlyStopping, EarlyStoppingStrategy, Fallback, Keep, LabelWave, LabelWaveRule, Metric,
+    StopReason, StoppingRule,
 };
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::RelianceConfig;
@@ -157,6 +157,17 @@ fn replay_reliance(
             });
             return Ok(choice(&rule, epoch));
         }
+        // The monitor counts prediction changes on its subset from one check to the next; the
+        // run recorded them from one epoch to the next.
+        if config.schedule.check_every != 1 {
+            bail!("the replay needs a check every epoch");
+        }
+        if let (Some(n), true) = (
+            check["subset_changes"].as_f64(),
+            config.schedule.is_check_epoch(epoch - 1),
+        ) {
+            rule.update_changes(epoch, n);
+        }
         let metric = metric_of(check, config.stopping.metric, orders)?;
         let stopped = rule
             .update_check(epoch, metric, check["acc0"].as_f64())
@@ -173,12 +184,25 @@ fn replay_reliance(
     Ok(choice(&rule, last))
 }
 
-/// Label Wave on the prediction changes the run recorded from its training batches.
-fn replay_label_wave(run: &Run, rule: &LabelWaveRule) -> Choice {
+/// Label Wave on the prediction changes the run recorded: `changes` from its training batches
+/// (every epoch from the second), or `subset_changes` of the check subset between checks (the
+/// fallback's signal).
+fn replay_label_wave(run: &Run, key: &str, rule: &LabelWaveRule) -> Choice {
     let mut wave = LabelWave::new(rule.clone());
     let last = run.epochs().len();
     for epoch in 2..=last {
-        let changes = run.f(epoch, "changes");
+        let changes = match key {
+            "changes" => run.f(epoch, key),
+            // Between the monitor's checks: from its second check on.
+            _ if RelianceConfig::default().schedule.is_check_epoch(epoch - 1) => run.epochs()
+                [epoch - 1]["check"][key]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            _ => f64::NAN,
+        };
+        if changes.is_nan() {
+            continue;
+        }
         if wave.update(epoch, changes).is_stop() {
             return Choice {
                 stop: epoch,
@@ -219,32 +243,47 @@ type Criterion = (String, Box<dyn Fn(&Run) -> Result<Choice>>);
 /// The criteria replayed on `full` runs.
 fn criteria() -> Vec<Criterion> {
     let default = RelianceConfig::default();
-    let old = RelianceConfig {
-        stopping: StoppingRule {
-            metric: Metric::NormalizedAuc,
-            tolerance: 0.0,
-            patience: 3,
-            smoothing: 0.0,
-            keep: Keep::Peak,
-        },
-        ..Default::default()
-    };
-    let last_near_peak = RelianceConfig {
-        stopping: StoppingRule {
-            keep: Keep::LastNearPeak,
-            ..default.stopping.clone()
-        },
+    let with = |stopping: StoppingRule| RelianceConfig {
+        stopping,
         ..default.clone()
     };
+    let guard_only = with(StoppingRule {
+        fallback: Fallback::None,
+        ..default.stopping.clone()
+    });
+    // The previous default: neither the fallback nor the accuracy guard.
+    let alone = with(StoppingRule {
+        accuracy_drop: 1.0,
+        ..guard_only.stopping.clone()
+    });
+    let old = with(StoppingRule {
+        metric: Metric::NormalizedAuc,
+        tolerance: 0.0,
+        patience: 3,
+        keep: Keep::Peak,
+        ..alone.stopping.clone()
+    });
+    let last_near_peak = with(StoppingRule {
+        keep: Keep::LastNearPeak,
+        ..alone.stopping.clone()
+    });
     let first_check = default.schedule.warmup_epochs.max(1);
-    let combined = default.clone();
+    let combined = alone.clone();
     vec![
         (
             "reliance monitor (default)".into(),
             Box::new(move |r: &Run| replay_monitor(r, &default)),
         ),
         (
-            "reliance, keep the last plateau check (previous default)".into(),
+            "reliance alone, no fallback, no guard (previous default)".into(),
+            Box::new(move |r: &Run| replay_monitor(r, &alone)),
+        ),
+        (
+            "reliance with the accuracy guard, no fallback".into(),
+            Box::new(move |r: &Run| replay_monitor(r, &guard_only)),
+        ),
+        (
+            "reliance alone, keep the last plateau check".into(),
             Box::new(move |r: &Run| replay_monitor(r, &last_near_peak)),
         ),
         (
@@ -257,7 +296,17 @@ fn criteria() -> Vec<Criterion> {
         ),
         (
             "Label Wave".into(),
-            Box::new(|r: &Run| Ok(replay_label_wave(r, &LabelWaveRule::default()))),
+            Box::new(|r: &Run| Ok(replay_label_wave(r, "changes", &LabelWaveRule::default()))),
+        ),
+        (
+            "Label Wave on the probe subset (the fallback's signal alone)".into(),
+            Box::new(|r: &Run| {
+                Ok(replay_label_wave(
+                    r,
+                    "subset_changes",
+                    &LabelWaveRule::default(),
+                ))
+            }),
         ),
         (
             format!("first check (epoch {first_check})"),
@@ -406,7 +455,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
             .values()
             .filter(|(i, _)| {
                 runs.get(*i).is_some_and(|r| {
-                    let tuning = r.str("data") == "mnist" && args.tuning_seeds.contains(&r.seed());
+                    let tuning = args.tuning_seeds.contains(&r.seed());
                     tuning != held_out
                 })
             })
@@ -598,7 +647,7 @@ fn plots(
     for (i, outs) in picks {
         let r = &runs[*i];
         let (set, optim, noise, _) = r.cell();
-        let held = !(r.str("data") == "mnist" && tuning.contains(&r.seed()));
+        let held = !tuning.contains(&r.seed());
         if !held || !done.insert((set.clone(), optim.clone())) {
             continue;
         }

@@ -174,6 +174,11 @@ impl LabelWave {
         }
     }
 
+    /// Continues from a saved state.
+    pub fn with_state(rule: LabelWaveRule, state: LabelWaveState) -> Self {
+        Self { rule, state }
+    }
+
     /// The state, for saving.
     pub fn state(&self) -> &LabelWaveState {
         &self.state

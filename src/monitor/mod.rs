@@ -28,8 +28,8 @@ pub use config::{
 pub use label_wave::{LabelWave, LabelWaveRule, LabelWaveState, PredictionChanges};
 pub use record::{read_history, CheckRecord};
 pub use stopping::{
-    Best, Decision, EarlyStopping, EarlyStoppingStrategy, Keep, Metric, StopReason, StoppingRule,
-    StoppingState,
+    Best, Decision, EarlyStopping, EarlyStoppingStrategy, Fallback, Keep, Metric, StopReason,
+    StoppingRule, StoppingState,
 };
 
 use crate::collective::Collective;
@@ -57,6 +57,17 @@ pub struct MonitorState {
     /// was written: a resume with other settings is refused, naming the keys that differ.
     #[serde(default)]
     pub decides: Option<serde_json::Value>,
+    /// The unablated predictions on the probe data at the last check: the next check counts its
+    /// prediction changes against them ([`Fallback::LabelWave`]).
+    #[serde(default)]
+    pub predictions: Option<Vec<u32>>,
+}
+
+impl MonitorState {
+    /// The epoch whose weights the state says are kept (see [`EarlyStopping::kept_epoch`]).
+    fn kept_epoch(&self, config: &RelianceConfig) -> Option<usize> {
+        EarlyStopping::with_state(config.stopping.clone(), self.stopping.clone()).kept_epoch()
+    }
 }
 
 /// The sections of `config` whose values change the decisions.
@@ -122,6 +133,8 @@ pub struct RelianceMonitor {
     stopping: EarlyStopping,
     history: Vec<CheckRecord>,
     last_epoch: Option<usize>,
+    /// The unablated predictions of the last check.
+    predictions: Option<Vec<u32>>,
     snapshot: Option<Vec<(String, Tensor)>>,
     /// The epoch of the snapshot file the last committed state names (disk mode).
     committed_snapshot: Option<usize>,
@@ -154,6 +167,7 @@ impl RelianceMonitor {
             history: vec![],
             last_epoch: None,
             decides: Some(decides(&config)?),
+            predictions: None,
         };
         Self::build(config, probes, data, state, locks)
     }
@@ -220,15 +234,11 @@ impl RelianceMonitor {
         }
         if let Some(path) = disk_snapshot(&config) {
             files::remove_tmp(path)?;
-            files::remove_stale_snapshots(
-                path,
-                state.stopping.kept.as_ref().map(|b| b.epoch),
-                false,
-            )?;
+            files::remove_stale_snapshots(path, state.kept_epoch(&config), false)?;
         }
         if config.restore_best.enabled
             && config.restore_best.mode == SnapshotMode::Memory
-            && state.stopping.kept.is_some()
+            && state.kept_epoch(&config).is_some()
         {
             tracing::warn!(
                 "resuming with restore_best.mode: memory; the best weights so far were held by the \
@@ -265,6 +275,7 @@ impl RelianceMonitor {
             stopping,
             history: state.history,
             last_epoch: state.last_epoch,
+            predictions: state.predictions,
             snapshot: None,
             committed_snapshot: None,
             warned_no_weights: false,
@@ -319,9 +330,9 @@ impl RelianceMonitor {
             Self::resume(config, probes, data, state)?
         } else {
             config.validate()?;
-            let snapshot = match (&state.stopping.kept, disk_snapshot(&config)) {
+            let snapshot = match (state.kept_epoch(&config), disk_snapshot(&config)) {
                 (Some(kept), Some(path)) => {
-                    let (_, saved) = files::read_snapshot(path, kept.epoch, data.xs().device())?;
+                    let (_, saved) = files::read_snapshot(path, kept, data.xs().device())?;
                     Some(saved.into_iter().collect())
                 }
                 _ => None,
@@ -436,7 +447,20 @@ impl RelianceMonitor {
         };
         let degenerate = degenerate(stats, metric_kind);
         // Undone if the kept weights cannot be written: a kept epoch always has its snapshot.
-        let before = self.stopping.clone();
+        let before = (self.stopping.clone(), self.predictions.clone());
+        let changes = self.predictions.as_ref().map(|prev| {
+            prev.iter()
+                .zip(&stats.predictions)
+                .filter(|(a, b)| a != b)
+                .count()
+        });
+        if let Some(n) = changes {
+            self.stopping.update_changes(epoch, n as f64);
+        }
+        self.predictions = Some(stats.predictions.clone());
+        let unstable = degenerate.is_none()
+            && self.stopping.is_unstable(curve.unablated_accuracy)
+            && self.stopping.state().stopped.is_none();
         let decision = match (&non_finite, &degenerate) {
             (Some(what), _) => self.stopping.stop(StopReason::NonFinite {
                 epoch,
@@ -453,7 +477,7 @@ impl RelianceMonitor {
             match varmap {
                 Some(vm) => {
                     if let Err(e) = self.snapshot(vm, epoch) {
-                        self.stopping = before;
+                        (self.stopping, self.predictions) = before;
                         return Err(e);
                     }
                 }
@@ -476,6 +500,8 @@ impl RelianceMonitor {
             normalized_auc: curve.normalized_auc,
             unablated_accuracy: curve.unablated_accuracy,
             noise_auc: noise.as_ref().map(|n| n.auc),
+            prediction_changes: changes,
+            unstable,
             kept,
             decision: decision.clone(),
             seconds,
@@ -501,6 +527,8 @@ impl RelianceMonitor {
             normalized_auc = record.normalized_auc,
             accuracy_0 = record.unablated_accuracy,
             noise_auc = record.noise_auc,
+            prediction_changes = changes,
+            unstable,
             selectivity = selectivity_log.as_deref(),
             kept,
             seconds,
@@ -564,7 +592,7 @@ impl RelianceMonitor {
     /// Ends the run: when `restore_best` is on, puts the weights of the best epoch back into
     /// `varmap` (whether or not training stopped early) and returns that epoch.
     pub fn finish(&mut self, varmap: &VarMap) -> Result<Option<usize>> {
-        let Some(best) = self.stopping.state().kept.clone() else {
+        let Some(best) = self.stopping.kept_epoch() else {
             return Ok(None);
         };
         if !self.config.restore_best.enabled {
@@ -577,13 +605,13 @@ impl RelianceMonitor {
                     .clone()
                     .set(s.iter().map(|(name, value)| (name, value)))?,
                 None => {
-                    tracing::warn!(best_epoch = best.epoch, "no in-memory snapshot of the best epoch (resumed run?); weights left as they are");
+                    tracing::warn!(best_epoch = best, "no in-memory snapshot of the best epoch (resumed run?); weights left as they are");
                     return Ok(None);
                 }
             },
             SnapshotMode::Disk => {
                 let path = &self.config.restore_best.path;
-                let file = files::load_snapshot(varmap, path, best.epoch)?;
+                let file = files::load_snapshot(varmap, path, best)?;
                 // The kept weights end where the configuration says, under their own name.
                 if file != *path {
                     files::fault_point();
@@ -591,12 +619,8 @@ impl RelianceMonitor {
                 }
             }
         }
-        tracing::info!(
-            best_epoch = best.epoch,
-            best_metric = best.metric,
-            "restored the weights of the best epoch"
-        );
-        Ok(Some(best.epoch))
+        tracing::info!(best_epoch = best, "restored the weights of the best epoch");
+        Ok(Some(best))
     }
 
     /// The state to save for resuming.
@@ -606,6 +630,7 @@ impl RelianceMonitor {
             history: self.history.clone(),
             last_epoch: self.last_epoch,
             decides: decides(&self.config).ok(),
+            predictions: self.predictions.clone(),
         }
     }
 

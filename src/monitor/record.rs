@@ -34,6 +34,15 @@ pub struct CheckRecord {
     /// Noise-curve AUC, when the noise curve is configured.
     #[serde(with = "crate::json::option")]
     pub noise_auc: Option<f64>,
+    /// Probe-data samples whose unablated prediction changed since the previous check (what
+    /// the [Label Wave fallback](crate::monitor::Fallback) follows); `None` at the first check.
+    #[serde(default)]
+    pub prediction_changes: Option<usize>,
+    /// Whether the check was unstable: its network much less accurate on the probe data than the
+    /// best check's ([`StoppingRule::accuracy_drop`](crate::monitor::StoppingRule::accuracy_drop)),
+    /// so it was neither kept nor a peak.
+    #[serde(default)]
+    pub unstable: bool,
     /// Whether this check's epoch is the one the rule keeps now (its weights were snapshotted).
     pub kept: bool,
     /// What the monitor decided: `"decision": "continue"`, or `"stop"` with its `reason`.

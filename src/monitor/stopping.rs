@@ -38,6 +38,7 @@
 //! ```
 
 use crate::invalid::{Checked, Invalid};
+use crate::monitor::{LabelWave, LabelWaveRule, LabelWaveState};
 use serde::{Deserialize, Serialize};
 
 /// Which number of a check the stopping rule follows.
@@ -100,6 +101,27 @@ pub enum Keep {
     Peak,
 }
 
+/// What the rule does while the metric has not risen above its first check.
+///
+/// The reliance signal needs the metric to rise, or at least hold, while the network learns.
+/// Where it falls from the first check on (a small batch-norm CNN on Fashion-MNIST: the
+/// agreement AUC falls for 40 epochs while test accuracy rises), its plateau is the first check
+/// and the rule alone would stop after `patience` epochs and keep one of the first epochs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// While the metric's peak is its first check, [Label Wave](crate::monitor::LabelWave)
+    /// over the prediction changes fed with [`EarlyStopping::update_changes`] (the monitor feeds
+    /// those of its probe data from one check to the next) keeps the epoch, and a stop waits
+    /// for Label Wave's patience as well as the rule's. Once the metric rises above its first
+    /// check, the reliance rule alone decides, from that check on. Without any changes fed,
+    /// nothing falls back. The default.
+    #[default]
+    LabelWave,
+    /// No fallback: the reliance rule decides alone.
+    None,
+}
+
 /// Parameters of [`EarlyStopping`]: the `stopping:` section of the monitor's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -116,6 +138,16 @@ pub struct StoppingRule {
     pub smoothing: f64,
     /// Which epoch to keep. Default [`Keep::MostAccurateNearPeak`].
     pub keep: Keep,
+    /// A check whose network is less accurate on the probe data (unablated) than the most
+    /// accurate check so far by more than this share of it is *unstable* — a spike of the
+    /// optimizer, not memorization: it is never kept and never a peak, and counts as below the
+    /// plateau. In (0, 1]; 1 turns the guard off. Default 0.1.
+    pub accuracy_drop: f64,
+    /// What decides while the metric has not risen above its first check. Default
+    /// [`Fallback::LabelWave`].
+    pub fallback: Fallback,
+    /// The Label Wave rule of the fallback (window and patience counted in epochs).
+    pub label_wave: LabelWaveRule,
 }
 
 impl Default for StoppingRule {
@@ -126,6 +158,9 @@ impl Default for StoppingRule {
             patience: 8,
             smoothing: 0.0,
             keep: Keep::default(),
+            accuracy_drop: 0.1,
+            fallback: Fallback::default(),
+            label_wave: LabelWaveRule::default(),
         }
     }
 }
@@ -139,7 +174,14 @@ impl StoppingRule {
     pub(crate) fn check(&self) -> Checked {
         Invalid::unit_interval_open("tolerance", self.tolerance)?;
         Invalid::at_least("patience", self.patience, 1)?;
-        Invalid::unit_interval_open("smoothing", self.smoothing)
+        Invalid::unit_interval_open("smoothing", self.smoothing)?;
+        if !(self.accuracy_drop > 0.0 && self.accuracy_drop <= 1.0) {
+            return Err(Invalid::new(
+                "accuracy_drop",
+                format!("must be in (0, 1], got {}", self.accuracy_drop),
+            ));
+        }
+        self.label_wave.check().map_err(|e| e.within("label_wave"))
     }
 }
 
@@ -169,6 +211,21 @@ pub enum StopReason {
         lowest: f64,
         /// Epochs since that low was known.
         epochs_since: usize,
+    },
+    /// The reliance metric never rose above its first check, so the
+    /// [fallback](Fallback::LabelWave) decided: the moving average of prediction changes has not
+    /// gone below its lowest point for Label Wave's patience, and the metric has been below its
+    /// plateau for the rule's.
+    FellBackToLabelWave {
+        /// Epoch of the lowest moving average of changed predictions (the window's centre).
+        lowest_epoch: usize,
+        /// That average.
+        #[serde(with = "crate::json::float")]
+        lowest: f64,
+        /// The epoch kept (restored): the last of the lowest window.
+        kept_epoch: usize,
+        /// Epochs since the last check on the reliance plateau.
+        epochs_below: usize,
     },
     /// The network has been degenerate — one predicted class for every sample, or every probed
     /// unit silent — at every check for `patience` epochs since the last check on the plateau
@@ -218,6 +275,17 @@ impl std::fmt::Display for StopReason {
                 f,
                 "prediction changes rose: no new low for {epochs_since} epochs since \
                  {lowest:.1} at epoch {lowest_epoch}"
+            ),
+            StopReason::FellBackToLabelWave {
+                lowest_epoch,
+                lowest,
+                kept_epoch,
+                epochs_below,
+            } => write!(
+                f,
+                "the reliance metric never rose above its first check and has been below it for \
+                 {epochs_below} epochs; Label Wave: no new low of prediction changes since \
+                 {lowest:.1} at epoch {lowest_epoch}; keeping epoch {kept_epoch}"
             ),
             StopReason::Collapsed {
                 epoch,
@@ -301,6 +369,19 @@ pub struct StoppingState {
     pub checks: usize,
     /// Set once a stop was decided; later updates repeat it.
     pub stopped: Option<StopReason>,
+    /// Whether the metric has risen above its first check (a new peak after the first).
+    #[serde(default)]
+    pub rose: bool,
+    /// Label Wave over the prediction changes fed so far ([`Fallback::LabelWave`]).
+    #[serde(default)]
+    pub wave: LabelWaveState,
+    /// The epoch Label Wave keeps: the last epoch of the window with the fewest changes, so that
+    /// it is the current epoch when found (the one whose weights can be snapshotted).
+    #[serde(default)]
+    pub wave_kept: Option<usize>,
+    /// The highest unablated accuracy of a check so far (see [`StoppingRule::accuracy_drop`]).
+    #[serde(default, with = "crate::json::option")]
+    pub best_accuracy: Option<f64>,
 }
 
 /// A strategy deciding from a stream of per-epoch values whether to stop.
@@ -342,9 +423,52 @@ impl EarlyStopping {
         &self.rule
     }
 
-    /// The epoch kept so far.
+    /// The epoch kept so far: Label Wave's while [falling back](Fallback::LabelWave), the
+    /// reliance rule's otherwise.
     pub fn kept_epoch(&self) -> Option<usize> {
-        self.state.kept.as_ref().map(|b| b.epoch)
+        match self.state.wave_kept {
+            Some(e) if self.falling_back() => Some(e),
+            _ => self.state.kept.as_ref().map(|b| b.epoch),
+        }
+    }
+
+    /// Whether Label Wave decides: the fallback is on, prediction changes were fed and the
+    /// metric has not risen above its first check.
+    pub fn falling_back(&self) -> bool {
+        self.rule.fallback == Fallback::LabelWave
+            && !self.state.rose
+            && !self.state.wave.changes.is_empty()
+    }
+
+    /// Whether a check of this unablated accuracy would be unstable: more than
+    /// [`StoppingRule::accuracy_drop`] below the most accurate check so far.
+    pub fn is_unstable(&self, accuracy: f64) -> bool {
+        self.state
+            .best_accuracy
+            .is_some_and(|best| accuracy < (1.0 - self.rule.accuracy_drop) * best)
+    }
+
+    /// Feeds the number of prediction changes since the previous epoch (or check) for
+    /// [`Fallback::LabelWave`]; call it before [`EarlyStopping::update_check`] of the same
+    /// epoch. Ignored without the fallback. A stop is only ever decided at a check.
+    pub fn update_changes(&mut self, epoch: usize, changes: f64) {
+        if self.state.stopped.is_some()
+            || self.rule.fallback != Fallback::LabelWave
+            || !changes.is_finite()
+        {
+            return;
+        }
+        let mut wave = LabelWave::with_state(
+            self.rule.label_wave.clone(),
+            std::mem::take(&mut self.state.wave),
+        );
+        let before = wave.state().lowest;
+        wave.update(epoch, changes);
+        if wave.state().lowest != before {
+            self.state.wave_kept = Some(epoch);
+        }
+        self.state.wave = wave.state().clone();
+        self.state.last_epoch = Some(epoch);
     }
 
     /// Whether the last update chose its own epoch as the one to keep (the moment to snapshot
@@ -408,6 +532,19 @@ impl EarlyStopping {
                 what: format!("reliance metric ({metric})"),
             });
         }
+        let unstable = accuracy.is_some_and(|a| self.is_unstable(a));
+        if let Some(a) = accuracy {
+            self.state.best_accuracy = Some(self.state.best_accuracy.map_or(a, |b| b.max(a)));
+        }
+        if unstable {
+            // Off the plateau whatever its metric, which does not enter the smoothing either.
+            self.state.checks += 1;
+            self.state.last_epoch = Some(epoch);
+            return match self.state.peak.clone() {
+                Some(peak) => self.below_plateau(epoch, &peak),
+                None => Decision::Continue,
+            };
+        }
         let a = self.rule.smoothing;
         let s = match self.state.smoothed {
             Some(prev) => a * prev + (1.0 - a) * metric,
@@ -423,7 +560,11 @@ impl EarlyStopping {
             accuracy,
         };
         let new_peak = self.state.peak.as_ref().is_none_or(|b| s > b.metric);
+        // The first rise ends a fallback: from here the reliance rule keeps this check.
+        let first_rise = new_peak && self.state.peak.is_some() && !self.state.rose;
+        let was_falling_back = self.falling_back();
         if new_peak {
+            self.state.rose |= self.state.peak.is_some();
             self.state.peak = Some(here.clone());
         }
         let peak = self.state.peak.clone().expect("set above");
@@ -431,6 +572,7 @@ impl EarlyStopping {
         if s >= floor {
             self.state.last_near_peak = Some(epoch);
             let replace = match (self.rule.keep, &self.state.kept) {
+                _ if first_rise && was_falling_back => true,
                 (_, None) | (Keep::LastNearPeak, _) => true,
                 (Keep::Peak, _) => new_peak,
                 (Keep::MostAccurateNearPeak, Some(kept)) => {
@@ -447,8 +589,30 @@ impl EarlyStopping {
             }
             return Decision::Continue;
         }
+        self.below_plateau(epoch, &peak)
+    }
+
+    /// The decision at a check below the plateau (or unstable): stop once `patience` epochs
+    /// have passed since the last check on it — while falling back, only once Label Wave would
+    /// stop too.
+    fn below_plateau(&mut self, epoch: usize, peak: &Best) -> Decision {
         let last_near = self.state.last_near_peak.unwrap_or(peak.epoch);
         let below = epoch.saturating_sub(last_near);
+        if below >= self.rule.patience && self.falling_back() {
+            // Label Wave decides: stop once it would, keeping its epoch.
+            return match (&self.state.wave.stopped, self.state.wave.lowest) {
+                (Some(_), Some((lowest_epoch, lowest))) => {
+                    let kept_epoch = self.kept_epoch().unwrap_or(lowest_epoch);
+                    self.stop(StopReason::FellBackToLabelWave {
+                        lowest_epoch,
+                        lowest,
+                        kept_epoch,
+                        epochs_below: below,
+                    })
+                }
+                _ => Decision::Continue,
+            };
+        }
         if below >= self.rule.patience {
             let kept_epoch = self.kept_epoch().unwrap_or(peak.epoch);
             return self.stop(StopReason::Declined {
