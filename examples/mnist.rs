@@ -213,7 +213,7 @@ fn main() -> Result<()> {
     }
     let best = best.map_or("none (no check ran)".to_string(), |e| e.to_string());
     println!(
-        "trained {last_epoch} epochs; restored epoch {best} (the plateau check the rule kept); \
+        "trained {last_epoch} epochs; restored epoch {best} (the epoch the rule kept); \
          final test accuracy {test_acc:.4}, test loss {test_loss:.4}"
     );
     Ok(())

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_reliance::{
-    monitor::{read_history, Keep, Metric, StoppingRule},
+    monitor::{read_history, Fallback, Keep, Metric, StoppingRule},
     Decision, MonitorState, ProbeSet, RelianceMonitor, StopReason,
 };
 use common::scripted::*;
@@ -329,6 +329,8 @@ fn the_most_accurate_plateau_check_is_restored() -> Result<()> {
             keep,
             // Epoch 2 loses all its accuracy: the guard would call it unstable and keep neither.
             accuracy_drop: 1.0,
+            // The metric never rises above epoch 1's: the fallback would decide.
+            fallback: Fallback::None,
             ..Default::default()
         };
         assert_eq!(keep == Keep::MostAccurateNearPeak, keep == Keep::default());

@@ -611,3 +611,38 @@ fn an_unstable_check_is_never_kept_nor_a_peak() {
         assert!(e.contains("accuracy_drop"), "{e}");
     }
 }
+
+#[test]
+fn label_wave_never_keeps_an_unstable_or_degenerate_check() {
+    // Label Wave without a moving average (window 1): each new low of the changes is kept, unless
+    // that epoch's check is unstable (epoch 4: accuracy 0.50 < 0.9 · 0.81) or degenerate
+    // (epoch 6); the kept epoch then stays where it was.
+    let mut es = EarlyStopping::new(StoppingRule {
+        tolerance: 0.05,
+        patience: 10,
+        label_wave: LabelWaveRule {
+            window: 1,
+            patience: 5,
+        },
+        ..Default::default()
+    });
+    let mut kept = vec![];
+    es.update_check(2, 0.60, Some(0.80));
+    kept.push(es.kept_epoch());
+    for (epoch, changes, metric, acc) in [
+        (3, 100.0, 0.55, 0.81),
+        (4, 50.0, 0.50, 0.50),
+        (5, 40.0, 0.50, 0.82),
+    ] {
+        es.update_changes(epoch, changes);
+        es.update_check(epoch, metric, Some(acc));
+        kept.push(es.kept_epoch());
+    }
+    es.update_changes(6, 10.0);
+    es.degenerate(6, "one predicted class");
+    kept.push(es.kept_epoch());
+    assert_eq!(kept, [2, 3, 3, 5, 5].map(Some));
+    assert!(!es.kept_last());
+    // Label Wave's own low moved with the counts all the same.
+    assert_eq!(es.state().wave.lowest, Some((6, 10.0)));
+}

@@ -146,7 +146,8 @@ pub struct StoppingRule {
     /// What decides while the metric has not risen above its first check. Default
     /// [`Fallback::LabelWave`].
     pub fallback: Fallback,
-    /// The Label Wave rule of the fallback (window and patience counted in epochs).
+    /// The Label Wave rule of the fallback (window and patience counted in epochs). Default
+    /// window 1 (no moving average), patience 3.
     pub label_wave: LabelWaveRule,
 }
 
@@ -160,7 +161,13 @@ impl Default for StoppingRule {
             keep: Keep::default(),
             accuracy_drop: 0.1,
             fallback: Fallback::default(),
-            label_wave: LabelWaveRule::default(),
+            // Chosen on the tuning seeds: no moving average (the kept epoch is then the one
+            // with the fewest changes, not the end of a window after it) and patience 3 kept
+            // epochs closer to the best than the standalone criterion's window 3, patience 5.
+            label_wave: LabelWaveRule {
+                window: 1,
+                patience: 3,
+            },
         }
     }
 }
@@ -397,6 +404,10 @@ pub trait EarlyStoppingStrategy {
 pub struct EarlyStopping {
     rule: StoppingRule,
     state: StoppingState,
+    /// Label Wave's kept epoch before this epoch's changes were fed: restored if this epoch's
+    /// check turns out degenerate or unstable (never kept). Only between the two calls of one
+    /// epoch, so not part of the saved state.
+    wave_kept_before: Option<Option<usize>>,
 }
 
 impl EarlyStopping {
@@ -405,12 +416,27 @@ impl EarlyStopping {
         Self {
             rule,
             state: StoppingState::default(),
+            wave_kept_before: None,
         }
     }
 
     /// Continues from a saved state.
     pub fn with_state(rule: StoppingRule, state: StoppingState) -> Self {
-        Self { rule, state }
+        Self {
+            rule,
+            state,
+            wave_kept_before: None,
+        }
+    }
+
+    /// A check of `epoch` that is never kept: Label Wave's kept epoch falls back to the one
+    /// before this epoch's changes.
+    fn not_kept(&mut self, epoch: usize) {
+        if let Some(before) = self.wave_kept_before.take() {
+            if self.state.wave_kept == Some(epoch) {
+                self.state.wave_kept = before;
+            }
+        }
     }
 
     /// The state, for saving.
@@ -464,6 +490,7 @@ impl EarlyStopping {
         );
         let before = wave.state().lowest;
         wave.update(epoch, changes);
+        self.wave_kept_before = Some(self.state.wave_kept);
         if wave.state().lowest != before {
             self.state.wave_kept = Some(epoch);
         }
@@ -481,6 +508,10 @@ impl EarlyStopping {
 
     /// Records a stop decided elsewhere (e.g. max epochs); later updates repeat it.
     pub fn stop(&mut self, reason: StopReason) -> Decision {
+        // A check that stops at once (non-finite) is never kept.
+        if let Some(epoch) = self.state.last_epoch {
+            self.not_kept(epoch);
+        }
         let reason = self.state.stopped.get_or_insert(reason).clone();
         Decision::Stop { reason }
     }
@@ -494,6 +525,7 @@ impl EarlyStopping {
                 reason: reason.clone(),
             };
         }
+        self.not_kept(epoch);
         self.state.checks += 1;
         self.state.last_epoch = Some(epoch);
         let since = *self.state.first_epoch.get_or_insert(epoch);
@@ -538,6 +570,7 @@ impl EarlyStopping {
         }
         if unstable {
             // Off the plateau whatever its metric, which does not enter the smoothing either.
+            self.not_kept(epoch);
             self.state.checks += 1;
             self.state.last_epoch = Some(epoch);
             return match self.state.peak.clone() {
@@ -545,6 +578,7 @@ impl EarlyStopping {
                 None => Decision::Continue,
             };
         }
+        self.wave_kept_before = None;
         let a = self.rule.smoothing;
         let s = match self.state.smoothed {
             Some(prev) => a * prev + (1.0 - a) * metric,
