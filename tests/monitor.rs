@@ -112,6 +112,20 @@ fn disk_snapshot_restores_bit_exact_and_keeps_existing_files() -> Result<()> {
     Ok(())
 }
 
+/// Epoch 4's weights, and its second layer with the two output columns swapped: every
+/// prediction flips, while agreement under ablation stays much the same.
+fn straight_and_swapped() -> Result<(Tensor, Tensor, Tensor)> {
+    let (w1, w2) = weights(4)?;
+    let swapped = Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1)?;
+    Ok((w1, w2, swapped))
+}
+
+fn set_weights(varmap: &candle_nn::VarMap, w1: &Tensor, w2: &Tensor) -> Result<()> {
+    let vars = varmap.data().lock().unwrap();
+    vars["w1"].set(w1)?;
+    vars["w2"].set(w2)
+}
+
 fn strip_seconds(state: &MonitorState) -> MonitorState {
     let mut s = state.clone();
     s.history.iter_mut().for_each(|r| r.seconds = 0.0);
@@ -335,14 +349,9 @@ fn the_most_accurate_plateau_check_is_restored() -> Result<()> {
         };
         assert_eq!(keep == Keep::MostAccurateNearPeak, keep == Keep::default());
         let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
-        let (w1, w2) = weights(4)?;
-        let swapped = Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1)?;
+        let (w1, w2, swapped) = straight_and_swapped()?;
         for (epoch, w2) in [(1, &w2), (2, &swapped)] {
-            {
-                let vars = varmap.data().lock().unwrap();
-                vars["w1"].set(&w1)?;
-                vars["w2"].set(w2)?;
-            }
+            set_weights(&varmap, &w1, w2)?;
             let d = monitor.on_epoch_end(epoch, &net, &varmap)?;
             assert!(!d.is_stop(), "{keep:?}: epoch {epoch}: {d:?}");
         }
@@ -375,14 +384,9 @@ fn the_most_accurate_plateau_check_is_restored() -> Result<()> {
 fn prediction_changes_between_checks_are_counted_and_resumed() -> Result<()> {
     let dir = tempfile::tempdir().unwrap();
     let (varmap, net, probes, data) = setup()?;
-    let (w1, w2) = weights(4)?;
-    let swapped = Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1)?;
+    let (w1, w2, swapped) = straight_and_swapped()?;
     let script = [&w2, &swapped, &swapped, &w2, &w2];
-    let set = |w: &Tensor| -> Result<()> {
-        let vars = varmap.data().lock().unwrap();
-        vars["w1"].set(&w1)?;
-        vars["w2"].set(w)
-    };
+    let set = |w: &Tensor| set_weights(&varmap, &w1, w);
     let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes.clone(), data.clone())?;
     // Counted independently: the arg-max of a plain forward of the monitor's subset.
     let mut want = vec![None];
@@ -452,14 +456,9 @@ fn an_unstable_check_is_recorded_and_not_kept() -> Result<()> {
         ..Default::default()
     };
     let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
-    let (w1, w2) = weights(4)?;
-    let swapped = Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1)?;
+    let (w1, w2, swapped) = straight_and_swapped()?;
     for (epoch, w2) in [(1, &w2), (2, &swapped)] {
-        {
-            let vars = varmap.data().lock().unwrap();
-            vars["w1"].set(&w1)?;
-            vars["w2"].set(w2)?;
-        }
+        set_weights(&varmap, &w1, w2)?;
         monitor.on_epoch_end(epoch, &net, &varmap)?;
     }
     let flags: Vec<(bool, bool)> = monitor
