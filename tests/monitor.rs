@@ -471,3 +471,78 @@ fn an_unstable_check_is_recorded_and_not_kept() -> Result<()> {
     assert_eq!(values(&varmap)[1].1, w2.flatten_all()?.to_vec1::<f32>()?);
     Ok(())
 }
+
+/// The fallback end to end: the metric is highest at the first check (8 units per class, then
+/// 4, 2, 1, 1), so Label Wave on the probe data's prediction changes decides. The output columns
+/// are swapped at epochs 2–3, so the changes are 64, 0, 64, 0: the fewest at epoch 3, Label
+/// Wave's patience 2 runs out at epoch 5, the rule's (2) long before; epoch 3's weights come back.
+#[test]
+fn the_label_wave_fallback_stops_and_restores_its_epoch() -> Result<()> {
+    fallback_run(false)?;
+    fallback_run(true)
+}
+
+fn fallback_run(disk: bool) -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let extra = match disk {
+        true => format!(
+            "restore_best: {{mode: disk, path: {}}}\n",
+            dir.path().join("best.safetensors").display()
+        ),
+        false => String::new(),
+    };
+    let mut cfg = config(dir.path(), &extra)?;
+    cfg.stopping = StoppingRule {
+        metric: Metric::AgreementAuc,
+        tolerance: 0.0,
+        patience: 2,
+        // The swapped epochs lose all their accuracy; the guard is not what this tests.
+        accuracy_drop: 1.0,
+        fallback: Fallback::LabelWave,
+        label_wave: candle_reliance::monitor::LabelWaveRule {
+            window: 1,
+            patience: 2,
+        },
+        ..Default::default()
+    };
+    let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
+    let swap = |w2: &Tensor| Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1);
+    let mut script = vec![];
+    for (source, swapped) in [(4, false), (6, true), (7, true), (8, false), (9, false)] {
+        let (w1, w2) = weights(source)?;
+        script.push((w1, if swapped { swap(&w2)? } else { w2 }));
+    }
+    let mut decisions = vec![];
+    for (i, (w1, w2)) in script.iter().enumerate() {
+        set_weights(&varmap, w1, w2)?;
+        decisions.push(monitor.on_epoch_end(i + 1, &net, &varmap)?);
+    }
+    let hist = monitor.history();
+    let metric: Vec<f64> = hist.iter().map(|r| r.value).collect();
+    assert!(
+        metric[1..].iter().all(|&m| m < metric[0]),
+        "the script's metric must fall from the first check: {metric:?}"
+    );
+    let changes: Vec<Option<usize>> = hist.iter().map(|r| r.prediction_changes).collect();
+    assert_eq!(changes, [None, Some(64), Some(0), Some(64), Some(0)]);
+    let kept: Vec<bool> = hist.iter().map(|r| r.kept).collect();
+    assert_eq!(kept, [true, true, true, false, false]);
+    assert!(decisions[..4].iter().all(|d| !d.is_stop()), "{decisions:?}");
+    match decisions[4].reason() {
+        Some(StopReason::FellBackToLabelWave {
+            lowest_epoch: 3,
+            kept_epoch: 3,
+            epochs_below: 4,
+            ..
+        }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(monitor.finish(&varmap)?, Some(3));
+    assert_eq!(
+        values(&varmap)[1].1,
+        script[2].1.flatten_all()?.to_vec1::<f32>()?,
+        "disk {disk}: epoch 3's weights, bit for bit"
+    );
+    Ok(())
+}
