@@ -10,6 +10,7 @@
 use crate::common::mean_sd;
 use anyhow::{bail, Context, Result};
 use candle_reliance::curves::AblationOrder;
+use candle_reliance::monitor::ScheduleConfig;
 use candle_reliance::monitor::{
     EarlyStopping, EarlyStoppingStrategy, Fallback, Keep, LabelWave, LabelWaveRule, Metric,
     StopReason, StoppingRule,
@@ -128,6 +129,9 @@ fn replay_reliance(
         AblationOrder::Random { orders, .. } => orders,
         _ => bail!("the replay needs random orders"),
     };
+    if config.schedule.check_every != 1 {
+        bail!("the replay needs a check every epoch (the runs count subset changes per epoch)");
+    }
     let patience = config.stopping.patience;
     let mut rule = EarlyStopping::new(StoppingRule {
         // Combined, the reliance rule never stops on its own; its patience is judged below.
@@ -157,15 +161,7 @@ fn replay_reliance(
             });
             return Ok(choice(&rule, epoch));
         }
-        // The monitor counts prediction changes on its subset from one check to the next; the
-        // run recorded them from one epoch to the next.
-        if config.schedule.check_every != 1 {
-            bail!("the replay needs a check every epoch");
-        }
-        if let (Some(n), true) = (
-            check["subset_changes"].as_f64(),
-            config.schedule.is_check_epoch(epoch - 1),
-        ) {
+        if let Some(n) = subset_changes(run, &config.schedule, epoch) {
             rule.update_changes(epoch, n);
         }
         let metric = metric_of(check, config.stopping.metric, orders)?;
@@ -184,6 +180,16 @@ fn replay_reliance(
     Ok(choice(&rule, last))
 }
 
+/// The prediction changes the monitor counts on its subset at `epoch`'s check, against its
+/// previous check: the run recorded them between consecutive epochs, which with a check every
+/// epoch are consecutive checks from the monitor's second check on.
+fn subset_changes(run: &Run, schedule: &ScheduleConfig, epoch: usize) -> Option<f64> {
+    if !(schedule.is_check_epoch(epoch) && schedule.is_check_epoch(epoch - 1)) {
+        return None;
+    }
+    run.epochs()[epoch - 1]["check"]["subset_changes"].as_f64()
+}
+
 /// Label Wave on the prediction changes the run recorded: `changes` from its training batches
 /// (every epoch from the second), or `subset_changes` of the check subset between checks (the
 /// fallback's signal).
@@ -192,17 +198,12 @@ fn replay_label_wave(run: &Run, key: &str, rule: &LabelWaveRule) -> Choice {
     let last = run.epochs().len();
     for epoch in 2..=last {
         let changes = match key {
-            "changes" => run.f(epoch, key),
-            // Between the monitor's checks: from its second check on.
-            _ if RelianceConfig::default().schedule.is_check_epoch(epoch - 1) => run.epochs()
-                [epoch - 1]["check"][key]
-                .as_f64()
-                .unwrap_or(f64::NAN),
-            _ => f64::NAN,
+            "changes" => Some(run.f(epoch, key)),
+            _ => subset_changes(run, &RelianceConfig::default().schedule, epoch),
         };
-        if changes.is_nan() {
+        let Some(changes) = changes else {
             continue;
-        }
+        };
         if wave.update(epoch, changes).is_stop() {
             return Choice {
                 stop: epoch,
