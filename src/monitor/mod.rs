@@ -458,7 +458,9 @@ impl RelianceMonitor {
             self.stopping.update_changes(epoch, n as f64);
         }
         self.predictions = Some(stats.predictions.clone());
-        let unstable = degenerate.is_none()
+        // As the rule judges it: only a finite, non-degenerate check can be unstable.
+        let unstable = non_finite.is_none()
+            && degenerate.is_none()
             && self.stopping.is_unstable(curve.unablated_accuracy)
             && self.stopping.state().stopped.is_none();
         let decision = match (&non_finite, &degenerate) {
