@@ -426,7 +426,8 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 .zip(&mean)
                 .map(|(q, m)| (q / c - m * m).max(0.0).sqrt())
                 .collect();
-            let positions = (s.count as usize / (n * s.units.max(1))).max(1);
+            // `count` is per unit: samples × positions.
+            let positions = (s.count as usize / n.max(1)).max(1);
             let class_mean = (0..label_classes)
                 .map(|c| {
                     let k = class_counts[c];

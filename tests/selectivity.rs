@@ -103,6 +103,15 @@ fn selectivity_of_feature_maps_averages_positions_first() -> Result<()> {
         "{:?}",
         s.probes[0].value
     );
+    // Positions per unit and sample: 1 × 2 for the map, 1 for the dense view; a sample holds
+    // 4 values at either probe.
+    let stats = Measurement::new(&model, &probes, &data)
+        .with_batch_size(3)
+        .statistics()?
+        .clone();
+    assert_eq!(stats.probes[1].value.positions, 2);
+    assert_eq!(stats.probes[0].value.positions, 1);
+    assert_eq!(stats.widest_sample(), 4);
     // The activity capture averages positions too: rows of channel means.
     let act = Measurement::new(&model, &probes, &data)
         .with_batch_size(3)
