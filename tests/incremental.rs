@@ -73,13 +73,19 @@ fn mlp(seed: u64, integer: bool) -> Result<(ProbeSet, Mlp, ProbeData)> {
 /// [probe, fused dense layer over the flattened map] → classes.
 type Cnn = Net<Conv2d>;
 
-fn cnn(seed: u64, integer: bool, stride: usize) -> Result<(ProbeSet, Cnn, ProbeData)> {
+/// `geometry`: the second convolution's stride, padding and dilation.
+fn cnn(
+    seed: u64,
+    integer: bool,
+    (stride, padding, dilation): (usize, usize, usize),
+) -> Result<(ProbeSet, Cnn, ProbeData)> {
     let mut rng = SplitMix64::new(seed);
     let (lo, hi) = if integer { (-2, 2) } else { (-1, 1) };
     let probes = ProbeSet::new();
     let cfg = Conv2dConfig {
-        padding: 1,
+        padding,
         stride,
+        dilation,
         ..Default::default()
     };
     let c1 = Conv2d::new(
@@ -92,7 +98,8 @@ fn cnn(seed: u64, integer: bool, stride: usize) -> Result<(ProbeSet, Cnn, ProbeD
         Some(random(&mut rng, &[6], lo, hi, integer)?),
         cfg,
     );
-    let side = (6 + 2 - 3) / stride + 1; // 8×8 input → 6×6 after c1 → c2's output side
+    // 8×8 input → 6×6 after c1 → c2's output side
+    let side = (6 + 2 * padding - dilation * 2 - 1) / stride + 1;
     let fc = linear(&mut rng, 6 * side * side, 4, integer)?;
     let model = Cnn {
         first: c1,
@@ -178,8 +185,17 @@ fn integer_mlp_is_bit_identical() -> Result<()> {
 
 #[test]
 fn integer_cnn_is_bit_identical() -> Result<()> {
-    for (seed, stride) in [(0, 1), (1, 1), (2, 2)] {
-        let (probes, model, data) = cnn(seed, true, stride)?;
+    // (stride, padding, dilation) of the layer computed incrementally.
+    let geometries = [
+        (1, 1, 1),
+        (1, 1, 1),
+        (2, 1, 1),
+        (1, 0, 2),
+        (2, 2, 2),
+        (3, 0, 1),
+    ];
+    for (seed, geometry) in (0..).zip(geometries) {
+        let (probes, model, data) = cnn(seed, true, geometry)?;
         for max_rows in [100_000, 211] {
             let (inc, reference) = both(
                 &model,
@@ -191,7 +207,7 @@ fn integer_cnn_is_bit_identical() -> Result<()> {
             assert!(inc.incremental);
             assert_eq!(
                 inc.per_order, reference.per_order,
-                "seed {seed} stride {stride}"
+                "seed {seed} geometry {geometry:?}"
             );
             assert_eq!(inc.agreement_per_order, reference.agreement_per_order);
         }
@@ -243,7 +259,7 @@ fn float_networks_agree_within_a_sample() -> Result<()> {
                 both(&model, &probes, &data, &spec(clamp, 3, seed), 100_000)?,
                 data.len(),
             )?;
-            let (probes, model, data) = cnn(100 + seed, false, 1)?;
+            let (probes, model, data) = cnn(100 + seed, false, (1, 1, 1))?;
             check(
                 both(&model, &probes, &data, &spec(clamp, 3, seed), 100_000)?,
                 data.len(),

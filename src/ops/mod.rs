@@ -30,6 +30,7 @@ macro_rules! with_float_data {
 mod clamp;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod incremental;
 mod launch;
 mod noise;
 mod stats;
@@ -37,6 +38,7 @@ mod stats;
 #[doc(inline)]
 pub use crate::rng::counter_normal;
 pub(crate) use clamp::level_clamp;
+pub(crate) use incremental::{ConvShape, IncrementalCpu, LayerShape};
 #[doc(hidden)]
 pub use launch::Geometry;
 pub(crate) use noise::{level_noise, LevelNoise};

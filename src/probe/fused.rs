@@ -23,7 +23,7 @@
 //! ```
 
 use super::{lock, Action, Probe};
-use crate::ops::rows_units_inner;
+use crate::ops::{rows_units_inner, ConvShape, IncrementalCpu, LayerShape};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Linear};
 use std::sync::atomic::Ordering;
@@ -139,72 +139,38 @@ pub(crate) struct Plan {
     variants: usize,
     /// Whether every clamp value is zero (then the removed input is the activation itself).
     zero: bool,
-    /// Newly clamped input indices of every variant, padded to `width` with index 0 (whose
-    /// weights are zero there): `(variants · width,)` u32.
-    gather: Tensor,
-    width: usize,
-    /// The weight restricted to each variant's new inputs (zeros at the padding): a dense layer
-    /// `(variants, width, out)`; a convolution `(variants · out, width, kh, kw)`.
-    weights: Tensor,
     /// Each variant's base (`None`: the unclamped output); always an earlier variant.
     bases: Vec<Option<usize>>,
-    /// `chain[v][w] = 1` when variant `w` is `v` or one of its bases: a variant's output is the
-    /// unclamped one minus the sum of the removals along its chain. `(variants, variants)`; built
-    /// only where [`ChainSub`] cannot run (off the CPU, or other dtypes), `None` elsewhere.
-    chain: Option<Tensor>,
+    kind: PlanKind,
 }
 
-/// `out[v] = (bases[v] ? out[bases[v]] : unclamped) − removed[v]` on the CPU: one pass over the
-/// output, where the chain matrix product costs `variants` times more.
-struct ChainSub<'a> {
-    bases: &'a [Option<usize>],
-}
-
-impl candle_core::CustomOp2 for ChainSub<'_> {
-    fn name(&self) -> &'static str {
-        "chain-sub"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        fn run<T: Copy + std::ops::Sub<Output = T>>(
-            unclamped: &[T],
-            removed: &[T],
-            bases: &[Option<usize>],
-        ) -> Vec<T> {
-            let p = unclamped.len();
-            let mut out: Vec<T> = Vec::with_capacity(removed.len());
-            for (v, r) in removed.chunks_exact(p).enumerate() {
-                match bases[v] {
-                    Some(b) => out.extend_from_within(b * p..(b + 1) * p),
-                    None => out.extend_from_slice(unclamped),
-                }
-                let start = out.len() - p;
-                out[start..]
-                    .iter_mut()
-                    .zip(r)
-                    .for_each(|(o, &d)| *o = *o - d);
-            }
-            out
-        }
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("chain-sub: inputs must be contiguous");
-        };
-        let shape = l2.shape().clone();
-        let out = match (s1, s2) {
-            (S::F32(u), S::F32(r)) => S::F32(run(&u[a0..a1], &r[b0..b1], self.bases)),
-            (S::F64(u), S::F64(r)) => S::F64(run(&u[a0..a1], &r[b0..b1], self.bases)),
-            _ => candle_core::bail!("chain-sub: f32 or f64 only"),
-        };
-        Ok((out, shape))
-    }
+#[derive(Debug)]
+enum PlanKind {
+    /// On the CPU (f32, f64): one op writes every variant's output, base copy then product
+    /// (`ops::IncrementalCpu`).
+    Cpu {
+        /// Newly clamped inputs of each variant: columns of a dense layer, channels of a
+        /// convolution.
+        added: Vec<Vec<u32>>,
+        /// The weights of those inputs in variant order: dense `(Σ|added|, out)`, convolution
+        /// `(out, Σ|added|, kh, kw)`.
+        weights: Tensor,
+        shape: LayerShape,
+    },
+    /// Elsewhere: a padded batched product and a chain-matrix product.
+    Batched {
+        /// Newly clamped input indices of every variant, padded to `width` with index 0 (whose
+        /// weights are zero there): `(variants · width,)` u32.
+        gather: Tensor,
+        width: usize,
+        /// The weight restricted to each variant's new inputs (zeros at the padding): a dense
+        /// layer `(variants, width, out)`; a convolution `(variants · out, width, kh, kw)`.
+        weights: Tensor,
+        /// `chain[v][w] = 1` when variant `w` is `v` or one of its bases: a variant's output
+        /// is the unclamped one minus the sum of the removals along its chain.
+        /// `(variants, variants)`.
+        chain: Tensor,
+    },
 }
 
 impl ProbedLayer {
@@ -297,12 +263,96 @@ fn build_plan(keep: &Tensor, values: &Tensor, dims: &[usize], layer: &NextLayer)
         added.push(
             set.iter()
                 .filter(|&&u| !in_set[u])
-                .flat_map(|&u| (u * per_unit..(u + 1) * per_unit).map(|c| c as u32))
-                .collect(),
+                .map(|&u| u as u32)
+                .collect::<Vec<u32>>(),
         );
         from.iter().for_each(|&u| in_set[u] = false);
         bases.push(base);
     }
+    // A dense layer reads the columns of its added units; a convolution, their channels.
+    let columns: Vec<Vec<u32>> = match layer {
+        NextLayer::Linear(_) if per_unit > 1 => added
+            .iter()
+            .map(|a| {
+                a.iter()
+                    .flat_map(|&u| {
+                        let u = u as usize;
+                        (u * per_unit..(u + 1) * per_unit).map(|c| c as u32)
+                    })
+                    .collect()
+            })
+            .collect(),
+        _ => added,
+    };
+    let (device, dtype) = match layer {
+        NextLayer::Linear(l) => (l.weight().device(), l.weight().dtype()),
+        NextLayer::Conv2d(c) => (c.weight().device(), c.weight().dtype()),
+    };
+    let kind = if device.is_cpu() && matches!(dtype, DType::F32 | DType::F64) {
+        cpu_plan(columns, dims, layer)?
+    } else {
+        batched_plan(columns, &bases, layer)?
+    };
+    Ok(Plan {
+        variants,
+        zero,
+        bases,
+        kind,
+    })
+}
+
+/// The CPU op's plan: every variant's added inputs and their weights, unpadded.
+fn cpu_plan(added: Vec<Vec<u32>>, dims: &[usize], layer: &NextLayer) -> Result<PlanKind> {
+    let all: Vec<u32> = added.iter().flatten().copied().collect();
+    let (weights, shape) = match layer {
+        NextLayer::Linear(l) => {
+            let (outputs, inputs) = l.weight().dims2()?;
+            // Rows of the transposed weight `(inputs, out)`, one per added column.
+            let wt = l.weight().t()?.contiguous()?;
+            let w = if all.is_empty() {
+                wt.narrow(0, 0, 0)?
+            } else {
+                wt.index_select(&Tensor::new(all.as_slice(), wt.device())?, 0)?
+            };
+            (w, LayerShape::Dense { inputs, outputs })
+        }
+        NextLayer::Conv2d(c) => {
+            let (outputs, channels, kh, kw) = c.weight().dims4()?;
+            let w = if all.is_empty() {
+                c.weight().narrow(1, 0, 0)?
+            } else {
+                c.weight()
+                    .index_select(&Tensor::new(all.as_slice(), c.weight().device())?, 1)?
+            };
+            let cfg = c.config();
+            let shape = ConvShape {
+                channels,
+                height: dims[2],
+                width: dims[3],
+                outputs,
+                kh,
+                kw,
+                stride: cfg.stride,
+                padding: cfg.padding,
+                dilation: cfg.dilation,
+            };
+            (w, LayerShape::Conv(shape))
+        }
+    };
+    Ok(PlanKind::Cpu {
+        added,
+        weights: weights.contiguous()?,
+        shape,
+    })
+}
+
+/// The padded batched plan for devices other than the CPU.
+fn batched_plan(
+    added: Vec<Vec<u32>>,
+    bases: &[Option<usize>],
+    layer: &NextLayer,
+) -> Result<PlanKind> {
+    let variants = added.len();
     let width = added.iter().map(Vec::len).max().unwrap_or(0).max(1);
     // Padding gathers input 0 against zero weights: it adds exact zeros (the input is finite).
     let gather: Vec<u32> = added
@@ -339,24 +389,16 @@ fn build_plan(keep: &Tensor, values: &Tensor, dims: &[usize], layer: &NextLayer)
         }
     }
     .contiguous()?;
-    let chain_sub = device.is_cpu() && matches!(dtype, DType::F32 | DType::F64);
-    let chain = if chain_sub {
-        None
-    } else {
-        let mut chain = vec![0f32; variants * variants];
-        for v in 0..variants {
-            let mut w = Some(v);
-            while let Some(i) = w {
-                chain[v * variants + i] = 1.0;
-                w = bases[i];
-            }
+    let mut chain = vec![0f32; variants * variants];
+    for v in 0..variants {
+        let mut w = Some(v);
+        while let Some(i) = w {
+            chain[v * variants + i] = 1.0;
+            w = bases[i];
         }
-        Some(Tensor::from_vec(chain, (variants, variants), device)?.to_dtype(dtype)?)
-    };
-    Ok(Plan {
-        variants,
-        zero,
-        bases,
+    }
+    let chain = Tensor::from_vec(chain, (variants, variants), device)?.to_dtype(dtype)?;
+    Ok(PlanKind::Batched {
         gather,
         width,
         weights,
@@ -375,8 +417,30 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
         shape[1] = xs.dim(1)?;
         xs.broadcast_sub(&values.to_dtype(xs.dtype())?.reshape(shape)?)?
     };
-    let (v, width) = (plan.variants, plan.width);
+    let v = plan.variants;
     let m = xs.dim(0)?;
+    let (gather, width, weights, chain) = match &plan.kind {
+        PlanKind::Cpu {
+            added,
+            weights,
+            shape,
+        } => {
+            let op = IncrementalCpu {
+                bases: &plan.bases,
+                added,
+                shape: *shape,
+            };
+            return unclamped
+                .contiguous()?
+                .apply_op3_no_bwd(&d.contiguous()?, weights, &op);
+        }
+        PlanKind::Batched {
+            gather,
+            width,
+            weights,
+            chain,
+        } => (gather, *width, weights, chain),
+    };
     let removed = match layer {
         NextLayer::Linear(_) => {
             // Rows of the transposed input `(inputs, m)` gathered to `(variants, width, m)`, read
@@ -385,16 +449,16 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
                 .flatten_from(1)?
                 .t()?
                 .contiguous()?
-                .index_select(&plan.gather, 0)?
+                .index_select(gather, 0)?
                 .reshape((v, width, m))?
                 .transpose(1, 2)?;
-            part.matmul(&plan.weights)? // (variants, m, out)
+            part.matmul(weights)? // (variants, m, out)
         }
         NextLayer::Conv2d(c) => {
             // (m, variants · width, h, w): one group per variant.
-            let part = d.index_select(&plan.gather, 1)?;
+            let part = d.index_select(gather, 1)?;
             let cfg = c.config();
-            let r = part.conv2d(&plan.weights, cfg.padding, cfg.stride, cfg.dilation, v)?;
+            let r = part.conv2d(weights, cfg.padding, cfg.stride, cfg.dilation, v)?;
             let (_, _, oh, ow) = r.dims4()?;
             let out = r.dim(1)? / v;
             r.reshape((m, v, out, oh, ow))?
@@ -403,17 +467,9 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
         }
     };
     let per_variant: Vec<usize> = removed.dims()[1..].to_vec();
-    let out = match &plan.chain {
-        None => {
-            let op = ChainSub { bases: &plan.bases };
-            unclamped.contiguous()?.apply_op2_no_bwd(&removed, &op)?
-        }
-        Some(chain) => {
-            let flat = removed.reshape((v, per_variant.iter().product::<usize>()))?;
-            let along_chain = chain.matmul(&flat)?.reshape(removed.shape())?;
-            unclamped.unsqueeze(0)?.broadcast_sub(&along_chain)?
-        }
-    };
+    let flat = removed.reshape((v, per_variant.iter().product::<usize>()))?;
+    let along_chain = chain.matmul(&flat)?.reshape(removed.shape())?;
+    let out = unclamped.unsqueeze(0)?.broadcast_sub(&along_chain)?;
     let mut dims = per_variant;
     dims[0] *= v;
     out.reshape(dims)

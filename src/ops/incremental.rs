@@ -1,0 +1,337 @@
+//! The layer after the first probe, for every nested clamp variant at once, on the CPU.
+//!
+//! Each variant's output is its base's (an earlier variant whose clamped set it contains, or the
+//! unclamped output) minus what its newly clamped inputs contributed. Here that is one pass per
+//! variant and sample block: copy the base, then `dst −= lhs · rhs` straight into the output
+//! with the `gemm` crate (candle's CPU matmul), the newly clamped inputs gathered into `lhs`.
+//! Nothing is padded to the widest variant, and a convolution needs no grouped convolution
+//! (which candle runs as one convolution per group and a concatenation): its newly clamped
+//! channels' image patches are gathered from the sample's patch matrix, computed once.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// The shape of the layer the probe feeds, for one sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerShape {
+    /// A dense layer: `inputs` columns (a feature map flattened) to `outputs`.
+    Dense {
+        /// Input columns per sample.
+        inputs: usize,
+        /// Outputs per sample.
+        outputs: usize,
+    },
+    /// A 2-D convolution with one group.
+    Conv(ConvShape),
+}
+
+/// A convolution's geometry: input `(channels, height, width)`, kernel `(outputs, channels, kh,
+/// kw)`, output `(outputs, out_h, out_w)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvShape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub outputs: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+}
+
+impl ConvShape {
+    /// Output height and width (as candle's `conv2d` computes them).
+    pub fn out_hw(&self) -> (usize, usize) {
+        let o = |size: usize, k: usize| {
+            (size + 2 * self.padding).saturating_sub(self.dilation * (k - 1) + 1) / self.stride + 1
+        };
+        (o(self.height, self.kh), o(self.width, self.kw))
+    }
+
+    /// Values per sample of the output.
+    fn out_len(&self) -> usize {
+        let (oh, ow) = self.out_hw();
+        self.outputs * oh * ow
+    }
+
+    /// The sample's patch matrix, transposed: row `(c, ky, kx)`, column `(oy, ox)`, zero where
+    /// the kernel reads padding. Rows of one channel are contiguous.
+    fn patches<T: Copy + Default>(&self, x: &[T], out: &mut [T]) {
+        let (oh, ow) = self.out_hw();
+        let (s, p, d) = (self.stride, self.padding as isize, self.dilation);
+        let mut row = 0;
+        for c in 0..self.channels {
+            let plane = &x[c * self.height * self.width..(c + 1) * self.height * self.width];
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let dst = &mut out[row * oh * ow..(row + 1) * oh * ow];
+                    for oy in 0..oh {
+                        let iy = (oy * s + ky * d) as isize - p;
+                        let line = &mut dst[oy * ow..(oy + 1) * ow];
+                        if iy < 0 || iy >= self.height as isize {
+                            line.fill(T::default());
+                            continue;
+                        }
+                        let src = &plane[iy as usize * self.width..(iy as usize + 1) * self.width];
+                        for (ox, v) in line.iter_mut().enumerate() {
+                            let ix = (ox * s + kx * d) as isize - p;
+                            *v = if ix < 0 || ix >= self.width as isize {
+                                T::default()
+                            } else {
+                                src[ix as usize]
+                            };
+                        }
+                    }
+                    row += 1;
+                }
+            }
+        }
+    }
+}
+
+/// `out[v] = (bases[v] ? out[bases[v]] : unclamped) − removal(v)` for every variant `v`, where
+/// `removal(v)` is the layer (without bias) applied to the removed inputs `d` (the activation
+/// minus its clamp values) restricted to `added[v]`.
+///
+/// Inputs: the unclamped output `(m, …)`, `d` `(m, …)` and the weights of all variants' added
+/// inputs in variant order: dense `(Σ|added|, outputs)` (rows of the transposed weight);
+/// convolution `(outputs, Σ|added|, kh, kw)`. Output `(variants · m, …)` per sample as the
+/// unclamped output.
+pub(crate) struct IncrementalCpu<'a> {
+    /// Each variant's base, always an earlier variant (`None`: the unclamped output).
+    pub bases: &'a [Option<usize>],
+    /// Each variant's newly clamped inputs: columns of a dense layer, channels of a convolution.
+    pub added: &'a [Vec<u32>],
+    pub shape: LayerShape,
+}
+
+/// A raw pointer the sample blocks share; each writes only its own rows of every variant.
+struct Out<T>(*mut T);
+
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Sample rows per dense block: enough for the product's kernel, few enough to share the work.
+const DENSE_BLOCK: usize = 32;
+
+impl IncrementalCpu<'_> {
+    fn run<T>(&self, unclamped: &[T], d: &[T], weights: &[T], m: usize) -> Result<Vec<T>>
+    where
+        T: Copy + Default + Send + Sync + std::ops::Neg<Output = T> + num_one::One + 'static,
+    {
+        let variants = self.bases.len();
+        let q = unclamped.len() / m.max(1);
+        // Where each variant's inputs start among the weights.
+        let mut first = Vec::with_capacity(variants);
+        let mut total = 0usize;
+        for a in self.added {
+            first.push(total);
+            total += a.len();
+        }
+        let widest = self.added.iter().map(Vec::len).max().unwrap_or(0);
+        let len = variants * m * q;
+        let mut out: Vec<T> = Vec::with_capacity(len);
+        let ptr = Out(out.as_mut_ptr());
+        // One variant's rows `rows` of a block: copy the base, then subtract the product.
+        // Safety: blocks are disjoint sample ranges, and a variant's base is an earlier variant
+        // whose same rows this block wrote before.
+        let copy_base = |v: usize, start: usize, rows: usize| {
+            let out = ptr.get();
+            let dst = unsafe { out.add((v * m + start) * q) };
+            let src = match self.bases[v] {
+                Some(b) => unsafe { out.add((b * m + start) * q) as *const T },
+                None => unclamped[start * q..].as_ptr(),
+            };
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, rows * q) };
+            dst
+        };
+        match self.shape {
+            LayerShape::Dense { inputs, outputs } => {
+                if weights.len() != total * outputs || d.len() != m * inputs || q != outputs {
+                    candle_core::bail!("incremental dense layer: inconsistent sizes");
+                }
+                let blocks: Vec<usize> = (0..m).step_by(DENSE_BLOCK).collect();
+                blocks.into_par_iter().for_each_init(
+                    || vec![T::default(); DENSE_BLOCK * widest],
+                    |lhs, start| {
+                        let rows = DENSE_BLOCK.min(m - start);
+                        for v in 0..variants {
+                            let dst = copy_base(v, start, rows);
+                            let cols = &self.added[v];
+                            let k = cols.len();
+                            if k == 0 {
+                                continue;
+                            }
+                            for r in 0..rows {
+                                let src = &d[(start + r) * inputs..(start + r + 1) * inputs];
+                                let row = &mut lhs[r * k..(r + 1) * k];
+                                row.iter_mut()
+                                    .zip(cols)
+                                    .for_each(|(o, &c)| *o = src[c as usize]);
+                            }
+                            // dst (rows × outputs) −= lhs (rows × k) · w (k × outputs)
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    outputs,
+                                    k,
+                                    dst,
+                                    1,
+                                    outputs as isize,
+                                    true,
+                                    lhs.as_ptr(),
+                                    1,
+                                    k as isize,
+                                    weights[first[v] * outputs..].as_ptr(),
+                                    1,
+                                    outputs as isize,
+                                    T::one(),
+                                    -T::one(),
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                )
+                            };
+                        }
+                    },
+                );
+            }
+            LayerShape::Conv(c) => {
+                let (oh, ow) = c.out_hw();
+                let (kk, positions) = (c.kh * c.kw, oh * ow);
+                let per_in = c.channels * c.height * c.width;
+                if weights.len() != c.outputs * total * kk
+                    || d.len() != m * per_in
+                    || q != c.out_len()
+                {
+                    candle_core::bail!("incremental convolution: inconsistent sizes");
+                }
+                (0..m).into_par_iter().for_each_init(
+                    || {
+                        (
+                            vec![T::default(); c.channels * kk * positions],
+                            vec![T::default(); widest * kk * positions],
+                        )
+                    },
+                    |(patches, rhs), s| {
+                        c.patches(&d[s * per_in..(s + 1) * per_in], patches);
+                        for v in 0..variants {
+                            let dst = copy_base(v, s, 1);
+                            let units = &self.added[v];
+                            if units.is_empty() {
+                                continue;
+                            }
+                            let block = kk * positions;
+                            for (j, &u) in units.iter().enumerate() {
+                                let u = u as usize;
+                                rhs[j * block..(j + 1) * block]
+                                    .copy_from_slice(&patches[u * block..(u + 1) * block]);
+                            }
+                            let k = units.len() * kk;
+                            // dst (outputs × positions) −= w (outputs × k) · rhs (k × positions);
+                            // the weights of all variants share rows of `total · kk` values.
+                            unsafe {
+                                gemm::gemm(
+                                    c.outputs,
+                                    positions,
+                                    k,
+                                    dst,
+                                    1,
+                                    positions as isize,
+                                    true,
+                                    weights[first[v] * kk..].as_ptr(),
+                                    1,
+                                    (total * kk) as isize,
+                                    rhs.as_ptr(),
+                                    1,
+                                    positions as isize,
+                                    T::one(),
+                                    -T::one(),
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                )
+                            };
+                        }
+                    },
+                );
+            }
+        }
+        // Every element was written: each variant's rows by its base copy.
+        unsafe { out.set_len(len) };
+        Ok(out)
+    }
+}
+
+/// `1` for the float types the op runs on.
+mod num_one {
+    pub trait One {
+        fn one() -> Self;
+    }
+    impl One for f32 {
+        fn one() -> Self {
+            1.0
+        }
+    }
+    impl One for f64 {
+        fn one() -> Self {
+            1.0
+        }
+    }
+}
+
+impl CustomOp3 for IncrementalCpu<'_> {
+    fn name(&self) -> &'static str {
+        "incremental-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((a0, a1)), Some((b0, b1)), Some((c0, c1))) = (
+            l1.contiguous_offsets(),
+            l2.contiguous_offsets(),
+            l3.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("incremental-layer: inputs must be contiguous");
+        };
+        let m = l2.dims()[0];
+        if l1.dims()[0] != m {
+            candle_core::bail!("incremental-layer: {} outputs for {m} inputs", l1.dims()[0]);
+        }
+        let mut dims = l1.dims().to_vec();
+        dims[0] *= self.bases.len();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(u), CpuStorage::F32(d), CpuStorage::F32(w)) => {
+                CpuStorage::F32(self.run(&u[a0..a1], &d[b0..b1], &w[c0..c1], m)?)
+            }
+            (CpuStorage::F64(u), CpuStorage::F64(d), CpuStorage::F64(w)) => {
+                CpuStorage::F64(self.run(&u[a0..a1], &d[b0..b1], &w[c0..c1], m)?)
+            }
+            _ => candle_core::bail!("incremental-layer: f32 or f64 only, all inputs alike"),
+        };
+        Ok((out, Shape::from(dims)))
+    }
+}
