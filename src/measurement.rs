@@ -22,7 +22,7 @@
 
 use crate::collective::Collective;
 use crate::invalid::Invalid;
-use crate::probe::{Action, PassGuard, ProbeSet};
+use crate::probe::{Action, PassGuard, ProbeSet, UnitSums};
 use crate::units::PerProbe;
 use crate::ProbeData;
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -187,7 +187,10 @@ impl UnitStatistics {
 /// A model, its probes and the data they are measured on: the one entry point of every
 /// measurement. The statistics pass (unit moments, the unablated accuracy) runs once, at the
 /// first measurement that needs it, and is shared by the rest; build a new `Measurement` after
-/// the model's weights change.
+/// the model's weights change. When that first measurement is an ablation curve that does not
+/// need the statistics beforehand (zero clamp, random or explicit order, fraction 0 among its
+/// fractions, batched, one process), the statistics come from the curve's own unclamped
+/// variant instead, one plain forward over the data cheaper.
 ///
 /// The model must call every probe of `probes` exactly once per forward pass and return logits
 /// `(N, classes)`; any [`Module`] works, including a closure.
@@ -305,7 +308,8 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
     /// The statistics pass: one plain forward over the data in chunks of
     /// [`Batching::batch_size`] samples, recording the mean, standard deviation and
     /// class-conditional means of every unit at every probe, and the accuracy. Runs at the
-    /// first call only.
+    /// first call only, unless an ablation curve measured first already gave the same numbers
+    /// (see [`Measurement`]).
     pub fn statistics(&self) -> Result<&UnitStatistics> {
         if let Some(s) = self.stats.get() {
             return Ok(s);
@@ -319,9 +323,47 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         let (probes, data) = (self.probes, self.data);
         let batch_size = self.batching.batch_size;
         let n = data.len();
-        // The model's class count, from one sample with the probes idle, bounds the labels
-        // before anything is sized by them: a stray label of 4 billion must be an error, not a
-        // 34 GB allocation.
+        let (alone, mut acc) = self.first_sample(None)?;
+        let guard = probes.begin(Action::Stats, 1, false)?;
+        let shard = self.shard();
+        for start in shard.clone().step_by(batch_size) {
+            let xs = self.chunk(start, batch_size)?;
+            let chunk_labels = &data.label_values()[start..start + xs.dim(0)?];
+            guard.start_forward_labelled(
+                start,
+                n,
+                Some((Tensor::new(chunk_labels, xs.device())?, acc.label_classes)),
+            )?;
+            let logits = self.model.forward(&xs)?;
+            guard.finish_forward()?;
+            checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?;
+            let first = (start == shard.start)
+                .then(|| guard.call_order())
+                .transpose()?;
+            acc.observe(
+                start,
+                &logits,
+                &data.label_values()[start..],
+                &alone,
+                first.as_deref(),
+            )?;
+        }
+        let sums = guard.take_sums()?;
+        drop(guard);
+        self.finish_statistics(acc, sums)
+    }
+
+    /// Runs the rank's first sample alone (compared later with the same sample in its chunk)
+    /// and checks the labels against the model's class count; the accumulator of a statistics
+    /// pass. With `shapes`, the probes record that sample, which gives their units and positions.
+    fn first_sample(
+        &self,
+        shapes: Option<&mut Vec<Option<UnitSums>>>,
+    ) -> Result<(Tensor, StatsAcc)> {
+        let (probes, data) = (self.probes, self.data);
+        let n = data.len();
+        // The model's class count, from one sample, bounds the labels before anything is sized
+        // by them: a stray label of 4 billion must be an error, not a 34 GB allocation.
         // Decided alike on every rank, so that none waits for another at an all-reduce.
         let world = self.collective.map_or(1, |c| c.world_size());
         if world > n {
@@ -329,9 +371,18 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 "{world} ranks cannot share {n} probe samples: more ranks than samples"
             );
         }
-        let shard = self.shard();
-        // The rank's first sample alone; compared below with the same sample in its chunk.
-        let alone = self.model.forward(&data.chunk(shard.start, 1)?)?;
+        let first = data.chunk(self.shard().start, 1)?;
+        let alone = match shapes {
+            None => self.model.forward(&first)?,
+            Some(sums) => {
+                let guard = probes.begin(Action::Stats, 1, false)?;
+                guard.start_forward(0, 1)?;
+                let alone = self.model.forward(&first)?;
+                guard.finish_forward()?;
+                *sums = guard.take_sums()?;
+                alone
+            }
+        };
         let (_, model_classes) = logits_dims(&alone)?;
         let max_label = data.label_values().iter().copied().max().unwrap_or(0);
         if max_label as usize >= model_classes {
@@ -340,43 +391,42 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             );
         }
         let label_classes = max_label as usize + 1;
-        let guard = probes.begin(Action::Stats, 1, false)?;
         let mut class_counts = vec![0u64; label_classes];
         data.label_values()
             .iter()
             .for_each(|&l| class_counts[l as usize] += 1);
-        let (mut correct, mut classes, mut finite, mut first_probe) = (0u64, 0usize, true, 0usize);
-        let mut batch_dependent = false;
-        let mut predictions = vec![0u32; n];
-        for start in shard.clone().step_by(batch_size) {
-            let xs = self.chunk(start, batch_size)?;
-            let chunk_labels = &data.label_values()[start..start + xs.dim(0)?];
-            guard.start_forward_labelled(
-                start,
-                n,
-                Some((Tensor::new(chunk_labels, xs.device())?, label_classes)),
-            )?;
-            let logits = self.model.forward(&xs)?;
-            guard.finish_forward()?;
-            let (rows, c) = checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?;
-            classes = c;
-            finite &= logits
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .all(|v| v.is_finite());
-            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            correct += count_hits(&pred, &data.label_values()[start..start + rows], 1)[0];
-            predictions[start..start + rows].copy_from_slice(&pred);
-            if start == shard.start {
-                first_probe = guard.call_order()?[0];
-                batch_dependent = differs(&alone, &logits.narrow(0, 0, 1)?)?;
-            }
-            debug_assert_eq!(rows, xs.dim(0)?);
-        }
-        let mut sums = guard.take_sums()?;
-        drop(guard);
+        let acc = StatsAcc {
+            label_classes,
+            class_counts,
+            correct: 0,
+            classes: 0,
+            finite: true,
+            first_probe: 0,
+            batch_dependent: false,
+            predictions: vec![0u32; n],
+        };
+        Ok((alone, acc))
+    }
+
+    /// The statistics from a pass's accumulator and the probes' sums (all-reduced over the
+    /// ranks of a collective).
+    fn finish_statistics(
+        &self,
+        acc: StatsAcc,
+        mut sums: Vec<Option<UnitSums>>,
+    ) -> Result<UnitStatistics> {
+        let probes = self.probes;
+        let n = self.data.len();
+        let StatsAcc {
+            label_classes: _,
+            class_counts,
+            mut correct,
+            classes,
+            mut finite,
+            first_probe,
+            mut batch_dependent,
+            mut predictions,
+        } = acc;
         if let Some(c) = self.collective {
             let names = probes.names();
             let mut floats = Vec::new();
@@ -414,49 +464,9 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                  are chunked; measure the model in evaluation mode"
             );
         }
-        let mut offset = 0;
-        let mut out = Vec::with_capacity(sums.len());
-        for (name, s) in probes.names().into_iter().zip(sums) {
-            let s = candle_core::Context::context(s, format!("probe `{name}` recorded nothing"))?;
-            let c = s.count.max(1) as f64;
-            let mean: Vec<f64> = s.sum.iter().map(|v| v / c).collect();
-            let std = s
-                .sum_sq
-                .iter()
-                .zip(&mean)
-                .map(|(q, m)| (q / c - m * m).max(0.0).sqrt())
-                .collect();
-            // `count` is per unit: samples × positions.
-            let positions = (s.count as usize / n.max(1)).max(1);
-            let class_mean = (0..label_classes)
-                .map(|c| {
-                    let k = class_counts[c];
-                    (0..s.units)
-                        .map(|u| {
-                            if k == 0 {
-                                f64::NAN
-                            } else {
-                                s.class_sum[c * s.units + u] / k as f64
-                            }
-                        })
-                        .collect()
-                })
-                .collect();
-            out.push(PerProbe {
-                name,
-                offset,
-                units: s.units,
-                value: UnitMoments {
-                    positions,
-                    mean,
-                    std,
-                    class_mean,
-                },
-            });
-            offset += s.units;
-        }
+        let probes = moments(probes.names(), sums, n, &class_counts)?;
         Ok(UnitStatistics {
-            probes: out,
+            probes,
             accuracy: correct as f64 / n as f64,
             classes,
             finite,
@@ -466,6 +476,37 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             predictions,
             batch_dependent,
         })
+    }
+
+    /// The statistics pass folded into a clamp pass: when no statistics exist yet, nothing
+    /// needs them before the pass (zero clamp), the pass's first variant clamps nothing
+    /// (`unclamped_first`), it is batched and on one process, the probes' shapes come from the
+    /// first sample alone and the unclamped variant's rows of the pass give the rest: one plain
+    /// forward over the data saved. `None` where that does not hold.
+    pub(crate) fn folded(&self, clamp: Clamp, unclamped_first: bool) -> Result<Option<Folded>> {
+        if self.stats.get().is_some()
+            || self.collective.is_some()
+            || clamp != Clamp::Zero
+            || !unclamped_first
+            || !self.batching.batched
+        {
+            return Ok(None);
+        }
+        self.batching.validate()?;
+        let mut sums = Vec::new();
+        let (alone, acc) = self.first_sample(Some(&mut sums))?;
+        let shapes = UnitStatistics {
+            probes: moments(self.probes.names(), sums, 1, &[])?,
+            accuracy: 0.0,
+            classes: 0,
+            finite: true,
+            samples: 1,
+            class_counts: vec![],
+            first_probe: 0,
+            predictions: vec![],
+            batch_dependent: false,
+        };
+        Ok(Some(Folded { shapes, alone, acc }))
     }
 
     /// Accuracy on the data with each given set of units clamped: entry `i` of the result is the
@@ -482,7 +523,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         if clamped.is_empty() {
             return Ok(vec![]);
         }
-        let run = self.evaluate_clamped(clamped.len(), clamp, |variant, p, keep| {
+        let run = self.evaluate_clamped(clamped.len(), clamp, None, |variant, p, keep| {
             keep.fill(1);
             for &u in &clamped[variant] {
                 if (p.offset..p.offset + p.units).contains(&u) {
@@ -496,13 +537,19 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
 
     /// Runs `variants` clamp settings; `fill_keep(variant, probe, row)` writes the probe's keep
     /// row (non-zero keeps a unit) for one variant.
+    /// With `folded`, the pass also yields the statistics (see [`Measurement::folded`]).
     pub(crate) fn evaluate_clamped(
         &self,
         variants: usize,
         clamp: Clamp,
+        folded: Option<Folded>,
         fill_keep: impl Fn(usize, &PerProbe<UnitMoments>, &mut [u8]),
     ) -> Result<VariantRun> {
-        let stats = self.statistics()?;
+        let shapes = folded.as_ref().map(|f| f.shapes.clone());
+        let stats = match &shapes {
+            Some(s) => s,
+            None => self.statistics()?,
+        };
         let device = self.data.xs().device().clone();
         let values = stats
             .probes
@@ -532,7 +579,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 values: values.clone(),
             })
         };
-        self.evaluate_variants(variants, &make_action)
+        self.evaluate_folded(variants, &make_action, folded)
     }
 
     /// Rows per expanded forward: the configured bound, or [`auto_batch_rows`].
@@ -555,11 +602,41 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         variants: usize,
         make_action: &dyn Fn(Range<usize>) -> Result<Action>,
     ) -> Result<VariantRun> {
+        self.evaluate_folded(variants, make_action, None)
+    }
+
+    /// [`Measurement::evaluate_variants`]; with `folded`, variant 0 clamps nothing and its rows
+    /// also give the statistics, set at the end (a model that cannot carry the expanded batch
+    /// gets the separate statistics pass before its forwards per variant).
+    fn evaluate_folded(
+        &self,
+        variants: usize,
+        make_action: &dyn Fn(Range<usize>) -> Result<Action>,
+        mut folded: Option<Folded>,
+    ) -> Result<VariantRun> {
         self.batching.validate()?;
         let (probes, data) = (self.probes, self.data);
         let n = data.len();
-        let max_rows = self.max_rows()?.max(1);
-        let predictions = &self.statistics()?.predictions;
+        let (max_rows, mut predictions, finite) = match &folded {
+            Some(f) => (
+                match self.batching.max_batch_rows {
+                    Some(rows) => rows,
+                    None => auto_batch_rows(data.xs().device(), f.shapes.widest_sample()),
+                },
+                vec![0; n],
+                // Unknown yet: the incremental path checks each chunk.
+                vec![false; f.shapes.probes.len()],
+            ),
+            None => {
+                let stats = self.statistics()?;
+                (
+                    self.max_rows()?,
+                    stats.predictions.clone(),
+                    stats.probes.iter().map(|p| p.value.finite()).collect(),
+                )
+            }
+        };
+        let max_rows = max_rows.max(1);
         let mut run = VariantRun {
             correct: vec![0; variants],
             agreeing: vec![0; variants],
@@ -581,18 +658,25 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             let first = make_action(0..group)?;
             let guard = probes.begin(first, group, true)?;
             guard.set_incremental(self.batching.incremental)?;
-            let stats = self.statistics()?;
-            guard.set_finite(stats.probes.iter().map(|p| p.value.finite()).collect())?;
+            guard.set_finite(finite)?;
+            guard.set_record_unclamped(folded.is_some())?;
             let mut failure = None;
             'groups: for g0 in (0..variants).step_by(group) {
                 let range = g0..(g0 + group).min(variants);
                 if g0 > 0 {
                     guard.set_action(make_action(range.clone())?, range.len(), true)?;
+                    // The first group saw every sample unclamped.
+                    if let Some(f) = &folded {
+                        guard.set_record_unclamped(false)?;
+                        predictions.clone_from(&f.acc.predictions);
+                    }
                 }
                 let shard = self.shard();
                 let mut start = shard.start;
                 while start < shard.end {
-                    let result = self.batched_forward(&guard, predictions, start, m, range.len());
+                    let fold = folded.as_mut().filter(|_| g0 == 0);
+                    let result =
+                        self.batched_forward(&guard, &predictions, fold, start, m, range.len());
                     start += m;
                     if !decided {
                         if !guard.incremental_used()? {
@@ -617,9 +701,16 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 }
             }
             run.incremental = guard.incremental_used()?;
+            let sums = guard.take_sums()?;
             drop(guard);
             match failure {
-                None => return self.reduced(run),
+                None => {
+                    if let Some(f) = folded {
+                        let stats = self.finish_statistics(f.acc, sums)?;
+                        let _ = self.stats.set(stats);
+                    }
+                    return self.reduced(run);
+                }
                 Some(reason) => {
                     tracing::warn!(
                         reason = %reason,
@@ -631,6 +722,9 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                     run.correct.iter_mut().for_each(|c| *c = 0);
                     run.agreeing.iter_mut().for_each(|c| *c = 0);
                     run.incremental = false;
+                    if folded.is_some() {
+                        predictions.clone_from(&self.statistics()?.predictions);
+                    }
                 }
             }
         }
@@ -673,6 +767,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         &self,
         guard: &PassGuard<'_>,
         predictions: &[u32],
+        folded: Option<&mut Folded>,
         start: usize,
         m: usize,
         variants: usize,
@@ -680,8 +775,18 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         let data = self.data;
         let xs = self.chunk(start, m).map_err(|e| e.to_string())?;
         let rows_in = xs.dims()[0];
+        let span = start..start + rows_in;
+        // Labels for the unclamped variant's per-class sums.
+        let labels = match &folded {
+            Some(f) => Some((
+                Tensor::new(&data.label_values()[span.clone()], xs.device())
+                    .map_err(|e| e.to_string())?,
+                f.acc.label_classes,
+            )),
+            None => None,
+        };
         guard
-            .start_forward(start, data.len())
+            .start_forward_labelled(start, data.len(), labels)
             .map_err(|e| e.to_string())?;
         let logits = self.model.forward(&xs).map_err(|e| e.to_string())?;
         guard.finish_forward().map_err(|e| e.to_string())?;
@@ -697,10 +802,29 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             .argmax(D::Minus1)
             .and_then(|p| p.to_vec1::<u32>())
             .map_err(|e| e.to_string())?;
-        let span = start..start + rows_in;
+        let targets = match folded {
+            Some(f) => {
+                let first = (start == self.shard().start)
+                    .then(|| guard.call_order())
+                    .transpose()
+                    .map_err(|e| e.to_string())?;
+                let unclamped = logits.narrow(0, 0, rows_in).map_err(|e| e.to_string())?;
+                f.acc
+                    .observe(
+                        start,
+                        &unclamped,
+                        &data.label_values()[start..],
+                        &f.alone,
+                        first.as_deref(),
+                    )
+                    .map_err(|e| e.to_string())?;
+                &f.acc.predictions[span.clone()]
+            }
+            None => &predictions[span.clone()],
+        };
         Ok((
-            count_hits(&pred, &data.label_values()[span.clone()], variants),
-            count_hits(&pred, &predictions[span], variants),
+            count_hits(&pred, &data.label_values()[span], variants),
+            count_hits(&pred, targets, variants),
         ))
     }
 }
@@ -755,4 +879,116 @@ pub(crate) struct VariantRun {
     pub fallback: Option<String>,
     /// Whether a probed layer was computed incrementally.
     pub incremental: bool,
+}
+
+/// What a statistics pass accumulates besides the probes' sums: counts over the unclamped
+/// logits, and the label classes.
+pub(crate) struct StatsAcc {
+    label_classes: usize,
+    class_counts: Vec<u64>,
+    correct: u64,
+    classes: usize,
+    finite: bool,
+    first_probe: usize,
+    batch_dependent: bool,
+    predictions: Vec<u32>,
+}
+
+impl StatsAcc {
+    /// Counts the unclamped logits `(rows, classes)` of samples `start..`, whose labels start
+    /// `labels`. `call_order`: for the rank's first chunk, the order its forward reached the
+    /// probes; its first row is then compared with the first sample's logits `alone`.
+    fn observe(
+        &mut self,
+        start: usize,
+        logits: &Tensor,
+        labels: &[u32],
+        alone: &Tensor,
+        call_order: Option<&[usize]>,
+    ) -> Result<()> {
+        let (rows, classes) = logits_dims(logits)?;
+        self.classes = classes;
+        self.finite &= logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite());
+        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        self.correct += count_hits(&pred, &labels[..rows], 1)[0];
+        self.predictions[start..start + rows].copy_from_slice(&pred);
+        if let Some(order) = call_order {
+            self.first_probe = order.first().copied().unwrap_or(0);
+            self.batch_dependent = differs(alone, &logits.narrow(0, 0, 1)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-unit moments of every probe from its sums over `n` samples.
+fn moments(
+    names: Vec<String>,
+    sums: Vec<Option<UnitSums>>,
+    n: usize,
+    class_counts: &[u64],
+) -> Result<Vec<PerProbe<UnitMoments>>> {
+    let label_classes = class_counts.len();
+    let mut offset = 0;
+    let mut out = Vec::with_capacity(sums.len());
+    for (name, s) in names.into_iter().zip(sums) {
+        let s = candle_core::Context::context(s, format!("probe `{name}` recorded nothing"))?;
+        let c = s.count.max(1) as f64;
+        let mean: Vec<f64> = s.sum.iter().map(|v| v / c).collect();
+        let std = s
+            .sum_sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| (q / c - m * m).max(0.0).sqrt())
+            .collect();
+        // `count` is per unit: samples × positions.
+        let positions = (s.count as usize / n.max(1)).max(1);
+        let class_mean = (0..label_classes)
+            .map(|c| {
+                let k = class_counts[c];
+                (0..s.units)
+                    .map(|u| {
+                        if k == 0 {
+                            f64::NAN
+                        } else {
+                            s.class_sum[c * s.units + u] / k as f64
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        out.push(PerProbe {
+            name,
+            offset,
+            units: s.units,
+            value: UnitMoments {
+                positions,
+                mean,
+                std,
+                class_mean,
+            },
+        });
+        offset += s.units;
+    }
+    Ok(out)
+}
+
+/// A statistics pass folded into a clamp pass (see [`Measurement::folded`]).
+pub(crate) struct Folded {
+    /// The probes' units, offsets and positions (from the first sample; no moments yet).
+    shapes: UnitStatistics,
+    /// The first sample's logits alone.
+    alone: Tensor,
+    acc: StatsAcc,
+}
+
+impl Folded {
+    /// Units across all probes.
+    pub(crate) fn total_units(&self) -> usize {
+        self.shapes.total_units()
+    }
 }

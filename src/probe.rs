@@ -129,6 +129,9 @@ pub(crate) struct Pass {
     /// Per probe, whether its activations on the data are known to be finite (from the
     /// statistics pass); unknown ones are checked per forward.
     pub finite: Vec<bool>,
+    /// During an expanded clamp pass whose first variant clamps nothing: record every probe's
+    /// per-unit sums over that variant's rows, so the pass also yields the statistics.
+    pub record_unclamped: bool,
 }
 
 impl ProbeSet {
@@ -210,6 +213,7 @@ impl ProbeSet {
             plans: vec![None; n],
             incremental_used: false,
             finite: vec![false; n],
+            record_unclamped: false,
         });
         self.shared.active.store(true, Ordering::Release);
         Ok(PassGuard { set: self })
@@ -299,6 +303,15 @@ impl PassGuard<'_> {
             if finite.len() == p.finite.len() {
                 p.finite = finite;
             }
+            Ok(())
+        })
+    }
+
+    /// Records (or stops recording) the unclamped variant's sums at every probe; see
+    /// [`Pass::record_unclamped`].
+    pub fn set_record_unclamped(&self, record: bool) -> Result<()> {
+        self.with(|p| {
+            p.record_unclamped = record;
             Ok(())
         })
     }
@@ -438,6 +451,9 @@ impl Module for Probe {
                 );
             }
         }
+        if pass.record_unclamped && matches!(pass.action, Action::Clamp { .. }) {
+            record_unclamped(pass, i, xs, expand).map_err(in_probe)?;
+        }
         match &pass.action {
             Action::Stats => {
                 record_sums(&mut pass.sums[i], xs, pass.labels.as_ref()).map_err(in_probe)?;
@@ -471,6 +487,18 @@ impl Module for Probe {
             }
         }
     }
+}
+
+/// Records probe `i`'s sums over the unclamped variant's rows: the whole input of the probe
+/// that expands the batch, the first `rows_in` rows (variant 0) of an expanded one.
+pub(crate) fn record_unclamped(pass: &mut Pass, i: usize, xs: &Tensor, expand: bool) -> Result<()> {
+    let rows_in = pass.rows_in.unwrap_or(0);
+    let unclamped = if expand {
+        xs.clone()
+    } else {
+        xs.narrow(0, 0, rows_in)?
+    };
+    record_sums(&mut pass.sums[i], &unclamped, pass.labels.as_ref())
 }
 
 fn record_sums(

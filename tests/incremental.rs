@@ -1,13 +1,16 @@
 //! The incremental path of a probe fused with the layer it feeds, against clamping then applying
 //! the layer (the batched path): bit for bit on integer-valued networks, where every sum is exact
 //! in f32 and reassociation cannot change a bit; within a sample per point on float networks.
+//! And the statistics pass folded into a check, against a separate statistics pass.
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear};
 use candle_reliance::curves::{AblationCurve, AblationOrder, AblationSpec, Clamp};
+use candle_reliance::measurement::UnitStatistics;
 use candle_reliance::probe::ProbedLayer;
 use candle_reliance::rng::SplitMix64;
 use candle_reliance::{Measurement, ProbeData, ProbeSet};
+use std::cell::Cell;
 
 const DEV: Device = Device::Cpu;
 
@@ -308,5 +311,148 @@ fn non_finite_activations_take_the_batched_path() -> Result<()> {
         format!("{:?}", inc.per_order),
         format!("{:?}", reference.per_order)
     );
+    Ok(())
+}
+
+// The statistics pass folded into the check: a curve measured before any statistics takes them
+// from its unclamped variant's rows instead of a separate plain forward over the data.
+
+/// A model whose forward passes are counted.
+struct Counted<'a, M: ?Sized> {
+    model: &'a M,
+    calls: Cell<usize>,
+}
+
+impl<M: Module + ?Sized> Module for Counted<'_, M> {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.calls.set(self.calls.get() + 1);
+        self.model.forward(xs)
+    }
+}
+
+/// Statistics, curve and forward passes when the curve comes first (the statistics pass may be
+/// folded into it) and when the statistics pass runs first; statistics in chunks of 64.
+fn folded_and_separate<M: Module + ?Sized>(
+    model: &M,
+    probes: &ProbeSet,
+    data: &ProbeData,
+    spec: &AblationSpec,
+    max_rows: usize,
+) -> Result<[(UnitStatistics, AblationCurve, usize); 2]> {
+    let counted = Counted {
+        model,
+        calls: Cell::new(0),
+    };
+    let m = || {
+        Measurement::new(&counted, probes, data)
+            .with_max_batch_rows(max_rows)
+            .with_batch_size(64)
+    };
+    let first = m();
+    let curve = first.ablation_curve(spec)?;
+    let folded = (first.statistics()?.clone(), curve, counted.calls.replace(0));
+    let second = m();
+    let stats = second.statistics()?.clone();
+    let separate = (stats, second.ablation_curve(spec)?, counted.calls.get());
+    Ok([folded, separate])
+}
+
+/// Equal statistics; feature maps' class means within rounding (each chunk's class sums are
+/// divided by the positions before they are added, so chunking rounds them differently).
+fn assert_same_statistics(a: &UnitStatistics, b: &UnitStatistics) {
+    let strip = |s: &UnitStatistics| {
+        let mut s = s.clone();
+        s.probes
+            .iter_mut()
+            .filter(|p| p.value.positions > 1)
+            .for_each(|p| p.value.class_mean.clear());
+        s
+    };
+    assert_eq!(strip(a), strip(b));
+    for (p, q) in a.probes.iter().zip(&b.probes) {
+        for (x, y) in p
+            .value
+            .class_mean
+            .iter()
+            .flatten()
+            .zip(q.value.class_mean.iter().flatten())
+        {
+            assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+}
+
+/// The folded statistics and curve of `model` against the separate pass, bit for bit (the
+/// networks are integer-valued), and one plain forward saved per statistics chunk.
+fn assert_folding_exact<M: Module>(
+    probes: &ProbeSet,
+    model: &M,
+    data: &ProbeData,
+    seed: u64,
+) -> Result<()> {
+    for max_rows in [100_000, 211] {
+        let s = spec(Clamp::Zero, 3, seed);
+        let [(fs, fc, ff), (ss, sc, sf)] = folded_and_separate(model, probes, data, &s, max_rows)?;
+        assert_same_statistics(&fs, &ss);
+        assert_eq!(fc.per_order, sc.per_order);
+        assert_eq!(fc.agreement_per_order, sc.agreement_per_order);
+        assert_eq!(fc.unablated_accuracy, sc.unablated_accuracy);
+        let saved = data.len().div_ceil(64);
+        assert_eq!(ff + saved, sf, "seed {seed} rows {max_rows}");
+    }
+    Ok(())
+}
+
+#[test]
+fn folded_statistics_equal_the_separate_pass() -> Result<()> {
+    for seed in 0..2 {
+        let (probes, model, data) = mlp(20 + seed, true)?;
+        assert_folding_exact(&probes, &model, &data, seed)?;
+        let (probes, model, data) = cnn(30 + seed, true, (1, 1, 1))?;
+        assert_folding_exact(&probes, &model, &data, seed)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn statistics_are_not_folded_where_the_check_needs_them_first() -> Result<()> {
+    let (probes, model, data) = mlp(7, true)?;
+    let no_zero = spec(Clamp::Zero, 2, 0).with_fractions(vec![0.25, 0.5, 1.0]);
+    // The mean clamp needs the means; a curve without fraction 0 has no unclamped variant.
+    for s in [spec(Clamp::Mean, 2, 0), no_zero] {
+        let [(fs, fc, ff), (ss, sc, sf)] = folded_and_separate(&model, &probes, &data, &s, 1000)?;
+        assert_eq!(ff, sf);
+        assert_eq!(fs, ss);
+        assert_eq!(fc.per_order, sc.per_order);
+    }
+    Ok(())
+}
+
+#[test]
+fn folded_statistics_survive_the_fallback_to_one_variant_per_forward() -> Result<()> {
+    let (probes, model, data) = mlp(8, true)?;
+    // Reshapes with the batch size read at the top: an expanded batch cannot pass.
+    let rigid = |xs: &Tensor| {
+        let n = xs.dim(0)?;
+        model.forward(xs)?.reshape((n, 5))
+    };
+    let [(fs, fc, _), (ss, sc, _)] =
+        folded_and_separate(&rigid, &probes, &data, &spec(Clamp::Zero, 2, 1), 1000)?;
+    assert!(!fc.batched && !sc.batched);
+    assert_eq!(fs, ss);
+    assert_eq!(fc.per_order, sc.per_order);
+    assert_eq!(fc.agreement_per_order, sc.agreement_per_order);
+    Ok(())
+}
+
+#[test]
+fn folded_statistics_still_see_a_batch_dependent_model() -> Result<()> {
+    let (probes, model, data) = mlp(9, true)?;
+    // Subtracting the batch mean: the first sample alone gives other logits than in its chunk.
+    let centred = |xs: &Tensor| model.forward(&xs.broadcast_sub(&xs.mean_keepdim(0)?)?);
+    let [(fs, _, ff), (ss, _, sf)] =
+        folded_and_separate(&centred, &probes, &data, &spec(Clamp::Zero, 2, 1), 1000)?;
+    assert!(ff < sf);
+    assert!(fs.batch_dependent && ss.batch_dependent);
     Ok(())
 }

@@ -424,8 +424,18 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
     /// warning.
     pub fn ablation_curve(&self, spec: &AblationSpec) -> Result<AblationCurve> {
         spec.validate()?;
-        let stats = self.statistics()?;
-        let total = stats.total_units();
+        let fractions = spec.fractions.values();
+        // Orders drawn without the statistics can fold the statistics pass into this one.
+        let folded = match spec.order {
+            AblationOrder::Random { .. } | AblationOrder::Explicit(_) => {
+                self.folded(spec.clamp, fractions.first() == Some(&0.0))?
+            }
+            _ => None,
+        };
+        let total = match &folded {
+            Some(f) => f.total_units(),
+            None => self.statistics()?.total_units(),
+        };
         if let AblationOrder::Random { orders, .. } = spec.order {
             // Every order is a permutation of all units, held with its ranks.
             let bytes = orders.saturating_mul(total).saturating_mul(16);
@@ -461,7 +471,6 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
                 rank
             })
             .collect();
-        let fractions = spec.fractions.values();
         let units_ablated: Vec<usize> = fractions
             .iter()
             .map(|f| ((f * total as f64).round() as usize).min(total))
@@ -480,13 +489,14 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
                 });
             }
         }
-        let run = self.evaluate_clamped(masks.len(), spec.clamp, |variant, p, keep| {
+        let run = self.evaluate_clamped(masks.len(), spec.clamp, folded, |variant, p, keep| {
             let (r, cut) = masks[variant];
             let ranks = &ranks[r][p.offset..p.offset + p.units];
             keep.iter_mut()
                 .zip(ranks)
                 .for_each(|(k, &rank)| *k = u8::from(rank >= cut));
         })?;
+        let stats = self.statistics()?;
         let n = self.data().len() as f64;
         let by_order = |counts: &[u64]| -> Vec<Vec<f64>> {
             index

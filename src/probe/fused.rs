@@ -209,6 +209,9 @@ impl ProbedLayer {
         pass.seen[i] = true;
         pass.call_order.push(i);
         pass.rows_in = Some(rows);
+        if pass.record_unclamped {
+            super::record_unclamped(pass, i, xs, true)?;
+        }
         pass.incremental_used = true;
         Ok(Some((plan, values)))
     }
