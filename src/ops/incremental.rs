@@ -125,8 +125,8 @@ impl<T> Out<T> {
     }
 }
 
-/// Sample rows per dense block: enough for the product's kernel, few enough to share the work.
-const DENSE_BLOCK: usize = 32;
+/// The fewest sample rows per dense block: below that the product's packing dominates.
+const DENSE_BLOCK: usize = 8;
 
 impl IncrementalCpu<'_> {
     fn run<T>(&self, unclamped: &[T], d: &[T], weights: &[T], m: usize) -> Result<Vec<T>>
@@ -164,11 +164,15 @@ impl IncrementalCpu<'_> {
                 if weights.len() != total * outputs || d.len() != m * inputs || q != outputs {
                     candle_core::bail!("incremental dense layer: inconsistent sizes");
                 }
-                let blocks: Vec<usize> = (0..m).step_by(DENSE_BLOCK).collect();
+                // One block per thread, in whole multiples of 8 rows (the kernel's height is a
+                // multiple of 8), so that the threads get even shares.
+                let threads = rayon::current_num_threads().max(1);
+                let block = m.div_ceil(threads).next_multiple_of(8).max(DENSE_BLOCK);
+                let blocks: Vec<usize> = (0..m).step_by(block).collect();
                 blocks.into_par_iter().for_each_init(
-                    || vec![T::default(); DENSE_BLOCK * widest],
+                    || vec![T::default(); block * widest],
                     |lhs, start| {
-                        let rows = DENSE_BLOCK.min(m - start);
+                        let rows = block.min(m - start);
                         for v in 0..variants {
                             let dst = copy_base(v, start, rows);
                             let cols = &self.added[v];
