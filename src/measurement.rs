@@ -97,12 +97,12 @@ pub fn auto_batch_rows(device: &candle_core::Device, widest: usize) -> usize {
 }
 
 /// How many times [`auto_batch_rows`] a chunk holds once the incremental path is in use: its
-/// batched products of the newly clamped inputs gain from larger chunks, the element-wise passes
-/// after it lose. Measured with `bench_check` (2 cores): at 2× the MNIST example's default check
-/// took 0.19 s against 0.24 s and the 256-wide benchmark MLP 0.22 s against 0.26 s, the small
-/// CNN's within its run-to-run noise (7.5 s against 7.0 s); at 8× the MNIST check fell to 0.13 s
-/// but the benchmark MLP rose to 0.36 s. The batched path keeps the automatic rows.
-const INCREMENTAL_ROWS: usize = 2;
+/// products of the newly clamped inputs gain from more samples per chunk, the element-wise
+/// passes after it lose. Measured with the CPU op (`ops::IncrementalCpu`; 2 cores, medians of
+/// interleaved runs): the MNIST example's default check took 0.105 s at 2×, 0.091 s at 4× and
+/// 0.096 s at 8×; the 256-wide benchmark MLP 0.138 s, 0.119 s and 0.120 s. The batched path
+/// keeps the automatic rows.
+const INCREMENTAL_ROWS: usize = 4;
 
 /// The value an ablated unit is clamped to, after the activation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
