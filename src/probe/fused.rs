@@ -133,7 +133,8 @@ impl Module for ProbedLayer {
 
 /// How each variant's output is reached: from a base (an earlier variant whose clamped set is
 /// contained in this one's, or the unclamped output) by removing the newly clamped inputs. The
-/// plan is tensors, so that a forward runs a fixed handful of ops whatever the variant count.
+/// plan is built once per check, so that a forward runs a fixed handful of ops whatever the
+/// variant count.
 #[derive(Debug)]
 pub(crate) struct Plan {
     variants: usize,
