@@ -321,6 +321,13 @@ impl CustomOp3 for IncrementalCpu<'_> {
         ) else {
             candle_core::bail!("incremental-layer: inputs must be contiguous");
         };
+        // The op reads a base's rows after writing them: a base must be an earlier variant.
+        if let Some(v) = (0..self.bases.len()).find(|&v| self.bases[v].is_some_and(|b| b >= v)) {
+            candle_core::bail!("incremental-layer: variant {v} has a later base");
+        }
+        if self.added.len() != self.bases.len() {
+            candle_core::bail!("incremental-layer: added inputs for every variant needed");
+        }
         let m = l2.dims()[0];
         if l1.dims()[0] != m {
             candle_core::bail!("incremental-layer: {} outputs for {m} inputs", l1.dims()[0]);
