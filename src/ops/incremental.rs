@@ -188,27 +188,13 @@ impl IncrementalCpu<'_> {
                                     .for_each(|(o, &c)| *o = src[c as usize]);
                             }
                             // dst (rows × outputs) −= lhs (rows × k) · w (k × outputs)
+                            let w = &weights[first[v] * outputs..];
                             unsafe {
-                                gemm::gemm(
-                                    rows,
-                                    outputs,
-                                    k,
-                                    dst,
-                                    1,
-                                    outputs as isize,
-                                    true,
-                                    lhs.as_ptr(),
-                                    1,
-                                    k as isize,
-                                    weights[first[v] * outputs..].as_ptr(),
-                                    1,
-                                    outputs as isize,
-                                    T::one(),
-                                    -T::one(),
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
+                                sub_product(
+                                    (rows, outputs, k),
+                                    (dst, outputs),
+                                    (lhs.as_ptr(), k),
+                                    (w.as_ptr(), outputs),
                                 )
                             };
                         }
@@ -249,27 +235,13 @@ impl IncrementalCpu<'_> {
                             let k = units.len() * kk;
                             // dst (outputs × positions) −= w (outputs × k) · rhs (k × positions);
                             // the weights of all variants share rows of `total · kk` values.
+                            let w = &weights[first[v] * kk..];
                             unsafe {
-                                gemm::gemm(
-                                    c.outputs,
-                                    positions,
-                                    k,
-                                    dst,
-                                    1,
-                                    positions as isize,
-                                    true,
-                                    weights[first[v] * kk..].as_ptr(),
-                                    1,
-                                    (total * kk) as isize,
-                                    rhs.as_ptr(),
-                                    1,
-                                    positions as isize,
-                                    T::one(),
-                                    -T::one(),
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
+                                sub_product(
+                                    (c.outputs, positions, k),
+                                    (dst, positions),
+                                    (w.as_ptr(), total * kk),
+                                    (rhs.as_ptr(), positions),
                                 )
                             };
                         }
@@ -281,6 +253,41 @@ impl IncrementalCpu<'_> {
         unsafe { out.set_len(len) };
         Ok(out)
     }
+}
+
+/// `dst −= lhs · rhs` for row-major matrices given as (pointer, row stride): `dst` `(m × n)`,
+/// `lhs` `(m × k)`, `rhs` `(k × n)`, on the calling thread.
+///
+/// # Safety
+/// The pointers must address matrices of those shapes and strides; `dst` must not overlap the
+/// others.
+unsafe fn sub_product<T: Copy + std::ops::Neg<Output = T> + num_one::One + 'static>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut T, usize),
+    (lhs, lhs_rs): (*const T, usize),
+    (rhs, rhs_rs): (*const T, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        true,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        1,
+        rhs_rs as isize,
+        T::one(),
+        -T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// `1` for the float types the op runs on.
