@@ -458,3 +458,41 @@ fn folded_statistics_still_see_a_batch_dependent_model() -> Result<()> {
     assert!(fs.batch_dependent && ss.batch_dependent);
     Ok(())
 }
+
+#[test]
+fn double_precision_is_bit_identical() -> Result<()> {
+    let (_, model, data) = mlp(40, true)?;
+    let f64_linear = |l: &Linear| -> Result<Linear> {
+        Ok(Linear::new(
+            l.weight().to_dtype(candle_core::DType::F64)?,
+            l.bias()
+                .map(|b| b.to_dtype(candle_core::DType::F64))
+                .transpose()?,
+        ))
+    };
+    let probes = ProbeSet::new();
+    let wide = Mlp {
+        first: f64_linear(&model.first)?,
+        second: probes
+            .add("fc1")?
+            .feeding(f64_linear(match model.second.layer() {
+                candle_reliance::probe::NextLayer::Linear(l) => l,
+                _ => unreachable!(),
+            })?),
+        third: probes
+            .add("fc2")?
+            .feeding(f64_linear(match model.third.layer() {
+                candle_reliance::probe::NextLayer::Linear(l) => l,
+                _ => unreachable!(),
+            })?),
+    };
+    let data = ProbeData::new(
+        data.xs().to_dtype(candle_core::DType::F64)?,
+        data.labels().clone(),
+    )?;
+    let (inc, reference) = both(&wide, &probes, &data, &spec(Clamp::Zero, 3, 4), 211)?;
+    assert!(inc.incremental);
+    assert_eq!(inc.per_order, reference.per_order);
+    assert_eq!(inc.agreement_per_order, reference.agreement_per_order);
+    Ok(())
+}
