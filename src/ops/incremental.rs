@@ -8,7 +8,7 @@
 //! (which candle runs as one convolution per group and a concatenation): its newly clamped
 //! channels' image patches are gathered from the sample's patch matrix, computed once.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, WithDType};
 use rayon::prelude::*;
 
 /// The shape of the layer the probe feeds, for one sample.
@@ -57,7 +57,7 @@ impl ConvShape {
 
     /// The sample's patch matrix, transposed: row `(c, ky, kx)`, column `(oy, ox)`, zero where
     /// the kernel reads padding. Rows of one channel are contiguous.
-    fn patches<T: Copy + Default>(&self, x: &[T], out: &mut [T]) {
+    fn patches<T: WithDType>(&self, x: &[T], out: &mut [T]) {
         let (oh, ow) = self.out_hw();
         let (s, p, d) = (self.stride, self.padding as isize, self.dilation);
         let mut row = 0;
@@ -70,14 +70,14 @@ impl ConvShape {
                         let iy = (oy * s + ky * d) as isize - p;
                         let line = &mut dst[oy * ow..(oy + 1) * ow];
                         if iy < 0 || iy >= self.height as isize {
-                            line.fill(T::default());
+                            line.fill(T::zero());
                             continue;
                         }
                         let src = &plane[iy as usize * self.width..(iy as usize + 1) * self.width];
                         for (ox, v) in line.iter_mut().enumerate() {
                             let ix = (ox * s + kx * d) as isize - p;
                             *v = if ix < 0 || ix >= self.width as isize {
-                                T::default()
+                                T::zero()
                             } else {
                                 src[ix as usize]
                             };
@@ -129,10 +129,13 @@ impl<T> Out<T> {
 const DENSE_BLOCK: usize = 8;
 
 impl IncrementalCpu<'_> {
-    fn run<T>(&self, unclamped: &[T], d: &[T], weights: &[T], m: usize) -> Result<Vec<T>>
-    where
-        T: Copy + Default + Send + Sync + std::ops::Neg<Output = T> + num_one::One + 'static,
-    {
+    fn run<T: WithDType>(
+        &self,
+        unclamped: &[T],
+        d: &[T],
+        weights: &[T],
+        m: usize,
+    ) -> Result<Vec<T>> {
         let variants = self.bases.len();
         let q = unclamped.len() / m.max(1);
         // Where each variant's inputs start among the weights.
@@ -170,7 +173,7 @@ impl IncrementalCpu<'_> {
                 let block = m.div_ceil(threads).next_multiple_of(8).max(DENSE_BLOCK);
                 let blocks: Vec<usize> = (0..m).step_by(block).collect();
                 blocks.into_par_iter().for_each_init(
-                    || vec![T::default(); block * widest],
+                    || vec![T::zero(); block * widest],
                     |lhs, start| {
                         let rows = block.min(m - start);
                         for v in 0..variants {
@@ -214,8 +217,8 @@ impl IncrementalCpu<'_> {
                 (0..m).into_par_iter().for_each_init(
                     || {
                         (
-                            vec![T::default(); c.channels * kk * positions],
-                            vec![T::default(); widest * kk * positions],
+                            vec![T::zero(); c.channels * kk * positions],
+                            vec![T::zero(); widest * kk * positions],
                         )
                     },
                     |(patches, rhs), s| {
@@ -261,7 +264,7 @@ impl IncrementalCpu<'_> {
 /// # Safety
 /// The pointers must address matrices of those shapes and strides; `dst` must not overlap the
 /// others.
-unsafe fn sub_product<T: Copy + std::ops::Neg<Output = T> + num_one::One + 'static>(
+unsafe fn sub_product<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut T, usize),
     (lhs, lhs_rs): (*const T, usize),
@@ -281,30 +284,13 @@ unsafe fn sub_product<T: Copy + std::ops::Neg<Output = T> + num_one::One + 'stat
         rhs,
         1,
         rhs_rs as isize,
-        T::one(),
-        -T::one(),
+        T::from_f64(1.0),
+        T::from_f64(-1.0),
         false,
         false,
         false,
         gemm::Parallelism::None,
     )
-}
-
-/// `1` for the float types the op runs on.
-mod num_one {
-    pub trait One {
-        fn one() -> Self;
-    }
-    impl One for f32 {
-        fn one() -> Self {
-            1.0
-        }
-    }
-    impl One for f64 {
-        fn one() -> Self {
-            1.0
-        }
-    }
 }
 
 impl CustomOp3 for IncrementalCpu<'_> {
