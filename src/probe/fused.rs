@@ -62,6 +62,14 @@ impl Module for NextLayer {
 }
 
 impl NextLayer {
+    /// The layer's weight.
+    fn weight(&self) -> &Tensor {
+        match self {
+            NextLayer::Linear(l) => l.weight(),
+            NextLayer::Conv2d(c) => c.weight(),
+        }
+    }
+
     /// Whether the incremental path applies to input `xs`.
     fn supports(&self, xs: &Tensor) -> bool {
         match (self, xs.rank()) {
@@ -288,10 +296,7 @@ fn build_plan(keep: &Tensor, values: &Tensor, dims: &[usize], layer: &NextLayer)
             .collect(),
         _ => added,
     };
-    let (device, dtype) = match layer {
-        NextLayer::Linear(l) => (l.weight().device(), l.weight().dtype()),
-        NextLayer::Conv2d(c) => (c.weight().device(), c.weight().dtype()),
-    };
+    let (device, dtype) = (layer.weight().device(), layer.weight().dtype());
     let kind = if device.is_cpu() && matches!(dtype, DType::F32 | DType::F64) {
         cpu_plan(columns, dims, layer)?
     } else {
@@ -367,10 +372,7 @@ fn batched_plan(
         .iter()
         .flat_map(|a| (0..width).map(move |j| if j < a.len() { 1.0 } else { 0.0 }))
         .collect();
-    let (device, dtype) = match layer {
-        NextLayer::Linear(l) => (l.weight().device(), l.weight().dtype()),
-        NextLayer::Conv2d(c) => (c.weight().device(), c.weight().dtype()),
-    };
+    let (device, dtype) = (layer.weight().device(), layer.weight().dtype());
     let gather = Tensor::new(gather.as_slice(), device)?;
     let real = Tensor::new(real.as_slice(), device)?.to_dtype(dtype)?;
     let weights = match layer {
