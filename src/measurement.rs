@@ -363,9 +363,10 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             let first = (start == shard.start)
                 .then(|| guard.call_order())
                 .transpose()?;
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             acc.observe(
                 start,
-                &logits,
+                (&logits, &pred),
                 &data.label_values()[start..],
                 &alone,
                 first.as_deref(),
@@ -605,12 +606,14 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         self.evaluate_folded(variants, &make_action, folded)
     }
 
-    /// Rows per expanded forward: the configured bound, or [`auto_batch_rows`].
-    pub(crate) fn max_rows(&self) -> Result<usize> {
-        Ok(match self.batching.max_batch_rows {
+    /// Rows per expanded forward: the configured bound, or [`auto_batch_rows`] for the probes'
+    /// shapes (`shapes`: the statistics, or a folded pass's shapes).
+    fn max_rows(&self, shapes: &UnitStatistics) -> usize {
+        match self.batching.max_batch_rows {
             Some(rows) => rows,
-            None => auto_batch_rows(self.data.xs().device(), self.statistics()?.widest_sample()),
-        })
+            None => auto_batch_rows(self.data.xs().device(), shapes.widest_sample()),
+        }
+        .max(1)
     }
 
     /// Correct predictions for each of `variants` settings, built per range of variants by
@@ -643,26 +646,19 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             settle_allocator();
         }
         let n = data.len();
-        let (max_rows, mut predictions, finite) = match &folded {
-            Some(f) => (
-                match self.batching.max_batch_rows {
-                    Some(rows) => rows,
-                    None => auto_batch_rows(data.xs().device(), f.shapes.widest_sample()),
-                },
-                vec![0; n],
-                // Unknown yet: the incremental path checks each chunk.
-                vec![false; f.shapes.probes.len()],
-            ),
-            None => {
-                let stats = self.statistics()?;
-                (
-                    self.max_rows()?,
-                    stats.predictions.clone(),
-                    stats.probes.iter().map(|p| p.value.finite()).collect(),
-                )
-            }
+        let shapes = match &folded {
+            Some(f) => &f.shapes,
+            None => self.statistics()?,
         };
-        let max_rows = max_rows.max(1);
+        let max_rows = self.max_rows(shapes);
+        let (mut predictions, finite) = match &folded {
+            // Unknown yet: filled by the first group; the incremental path checks each chunk.
+            Some(_) => (vec![0; n], vec![false; shapes.probes.len()]),
+            None => (
+                shapes.predictions.clone(),
+                shapes.probes.iter().map(|p| p.value.finite()).collect(),
+            ),
+        };
         let mut run = VariantRun {
             correct: vec![0; variants],
             agreeing: vec![0; variants],
@@ -838,7 +834,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 f.acc
                     .observe(
                         start,
-                        &unclamped,
+                        (&unclamped, &pred[..rows_in]),
                         &data.label_values()[start..],
                         &f.alone,
                         first.as_deref(),
@@ -921,13 +917,14 @@ pub(crate) struct StatsAcc {
 }
 
 impl StatsAcc {
-    /// Counts the unclamped logits `(rows, classes)` of samples `start..`, whose labels start
-    /// `labels`. `call_order`: for the rank's first chunk, the order its forward reached the
-    /// probes; its first row is then compared with the first sample's logits `alone`.
+    /// Counts the unclamped logits `(rows, classes)` of samples `start..` and their arg-max
+    /// `pred`, against labels starting `labels`. `call_order`: for the rank's first chunk, the
+    /// order its forward reached the probes; its first row is then compared with the first
+    /// sample's logits `alone`.
     fn observe(
         &mut self,
         start: usize,
-        logits: &Tensor,
+        (logits, pred): (&Tensor, &[u32]),
         labels: &[u32],
         alone: &Tensor,
         call_order: Option<&[usize]>,
@@ -940,9 +937,8 @@ impl StatsAcc {
             .to_vec1::<f32>()?
             .iter()
             .all(|v| v.is_finite());
-        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        self.correct += count_hits(&pred, &labels[..rows], 1)[0];
-        self.predictions[start..start + rows].copy_from_slice(&pred);
+        self.correct += count_hits(pred, &labels[..rows], 1)[0];
+        self.predictions[start..start + rows].copy_from_slice(&pred[..rows]);
         if let Some(order) = call_order {
             self.first_probe = order.first().copied().unwrap_or(0);
             self.batch_dependent = differs(alone, &logits.narrow(0, 0, 1)?)?;
