@@ -462,6 +462,7 @@ fn folded_statistics_still_see_a_batch_dependent_model() -> Result<()> {
 #[test]
 fn double_precision_is_bit_identical() -> Result<()> {
     let (_, model, data) = mlp(40, true)?;
+    // The same layers in f64; the fused ones are re-fused to new probes.
     let f64_linear = |l: &Linear| -> Result<Linear> {
         Ok(Linear::new(
             l.weight().to_dtype(candle_core::DType::F64)?,
@@ -471,20 +472,16 @@ fn double_precision_is_bit_identical() -> Result<()> {
         ))
     };
     let probes = ProbeSet::new();
+    let refused = |name: &str, fused: &ProbedLayer| -> Result<ProbedLayer> {
+        let candle_reliance::probe::NextLayer::Linear(l) = fused.layer() else {
+            unreachable!("the MLP feeds dense layers")
+        };
+        Ok(probes.add(name)?.feeding(f64_linear(l)?))
+    };
     let wide = Mlp {
         first: f64_linear(&model.first)?,
-        second: probes
-            .add("fc1")?
-            .feeding(f64_linear(match model.second.layer() {
-                candle_reliance::probe::NextLayer::Linear(l) => l,
-                _ => unreachable!(),
-            })?),
-        third: probes
-            .add("fc2")?
-            .feeding(f64_linear(match model.third.layer() {
-                candle_reliance::probe::NextLayer::Linear(l) => l,
-                _ => unreachable!(),
-            })?),
+        second: refused("fc1", &model.second)?,
+        third: refused("fc2", &model.third)?,
     };
     let data = ProbeData::new(
         data.xs().to_dtype(candle_core::DType::F64)?,
