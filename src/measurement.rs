@@ -50,6 +50,12 @@ pub struct Batching {
     /// applies the layer to every variant. Not a configuration key.
     #[serde(skip, default = "yes")]
     pub incremental: bool,
+    /// Let the variants of a clamp pass that clamp the same units at every probe reached so
+    /// far share their rows until a probe tells them apart (default; see "Shared rows" in
+    /// `docs/performance.md`); `false` gives every variant its own rows from the first probe.
+    /// Not a configuration key.
+    #[serde(skip, default = "yes")]
+    pub shared_rows: bool,
 }
 
 fn yes() -> bool {
@@ -63,6 +69,7 @@ impl Default for Batching {
             max_batch_rows: None,
             batched: true,
             incremental: true,
+            shared_rows: true,
         }
     }
 }
@@ -305,6 +312,13 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
     /// clamp-then-layer for every variant.
     pub fn with_incremental(mut self, incremental: bool) -> Self {
         self.batching.incremental = incremental;
+        self
+    }
+
+    /// Shared rows for variants that agree on the probes reached so far (default), or one
+    /// block of rows per variant from the first probe on.
+    pub fn with_shared_rows(mut self, shared: bool) -> Self {
+        self.batching.shared_rows = shared;
         self
     }
 
@@ -587,7 +601,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             })
             .collect::<Result<Vec<_>>>()?;
         let make_action = |range: Range<usize>| -> Result<Action> {
-            let keep = stats
+            let host: Vec<Vec<u8>> = stats
                 .probes
                 .iter()
                 .map(|p| {
@@ -595,11 +609,17 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                     for (row, variant) in range.clone().enumerate() {
                         fill_keep(variant, p, &mut k[row * p.units..(row + 1) * p.units]);
                     }
-                    Tensor::from_vec(k, (range.len(), p.units), &device)
+                    k
                 })
+                .collect();
+            let keep = host
+                .iter()
+                .zip(&stats.probes)
+                .map(|(k, p)| Tensor::from_slice(k, (range.len(), p.units), &device))
                 .collect::<Result<_>>()?;
             Ok(Action::Clamp {
                 keep,
+                host,
                 values: values.clone(),
             })
         };
@@ -680,6 +700,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             let first = make_action(0..group)?;
             let guard = probes.begin(first, group, true)?;
             guard.set_incremental(self.batching.incremental)?;
+            guard.set_merge(self.batching.shared_rows)?;
             guard.set_finite(finite)?;
             guard.set_record_unclamped(folded.is_some())?;
             let mut failure = None;
@@ -697,8 +718,21 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 let mut start = shard.start;
                 while start < shard.end {
                     let fold = folded.as_mut().filter(|_| g0 == 0);
-                    let result =
+                    let mut result =
                         self.batched_forward(&guard, &predictions, fold, start, m, range.len());
+                    if result.is_err() && start == shard.start && guard.merged()? {
+                        // Shared rows break a model that mixes activations from before and
+                        // after a later probe (a skip connection across it): run this first
+                        // chunk again with a block per variant, and keep that.
+                        guard.set_merge(false)?;
+                        if g0 == 0 {
+                            // The failed forward may have recorded sums at its first probes.
+                            guard.clear_sums()?;
+                        }
+                        let fold = folded.as_mut().filter(|_| g0 == 0);
+                        result =
+                            self.batched_forward(&guard, &predictions, fold, start, m, range.len());
+                    }
                     start += m;
                     if !decided {
                         if !guard.incremental_used()? {

@@ -20,6 +20,7 @@
 //! ```
 
 mod fused;
+mod merge;
 pub use fused::{NextLayer, ProbedLayer};
 
 use crate::ops::{level_clamp, level_noise, rows_units_inner, LevelNoise};
@@ -85,9 +86,11 @@ pub(crate) struct UnitSums {
 pub(crate) enum Action {
     /// Record per-unit sums; pass activations through.
     Stats,
-    /// Per probe: keep mask `(V, U)` u8 (one row per variant) and clamp values `(U,)`.
+    /// Per probe: keep mask `(V, U)` u8 (one row per variant), the same bytes on the host
+    /// (for the rows variants share, see `merge`) and clamp values `(U,)`.
     Clamp {
         keep: Vec<Tensor>,
+        host: Vec<Vec<u8>>,
         values: Vec<Tensor>,
     },
     /// Per probe: noise std `(V, U)` f32 (one row per variant); per probe seeds derive from
@@ -110,6 +113,10 @@ pub(crate) struct Pass {
     pub expand: bool,
     // Per forward:
     pub rows_in: Option<usize>,
+    /// Once the batch is expanded: the block of rows each variant reads (`merge`), and how
+    /// many blocks the rows hold.
+    partition: Option<std::sync::Arc<[u32]>>,
+    blocks: usize,
     pub seen: Vec<bool>,
     pub call_order: Vec<usize>,
     pub sample_offset: usize,
@@ -132,6 +139,13 @@ pub(crate) struct Pass {
     /// During an expanded clamp pass whose first variant clamps nothing: record every probe's
     /// per-unit sums over that variant's rows, so the pass also yields the statistics.
     pub record_unclamped: bool,
+    /// Whether the variants of a clamp pass that agree on the probes reached so far share rows
+    /// (`merge`).
+    pub merge: bool,
+    /// Per probe, its merge step under the current action.
+    merges: Vec<Option<std::sync::Arc<merge::MergeStep>>>,
+    /// Whether some forward of this pass ran fewer blocks than variants after a probe.
+    pub merged: bool,
 }
 
 impl ProbeSet {
@@ -202,6 +216,8 @@ impl ProbeSet {
             variants,
             expand,
             rows_in: None,
+            partition: None,
+            blocks: 0,
             seen: vec![false; n],
             call_order: Vec::with_capacity(n),
             sample_offset: 0,
@@ -214,6 +230,9 @@ impl ProbeSet {
             incremental_used: false,
             finite: vec![false; n],
             record_unclamped: false,
+            merge: false,
+            merges: vec![None; n],
+            merged: false,
         });
         self.shared.active.store(true, Ordering::Release);
         Ok(PassGuard { set: self })
@@ -251,6 +270,8 @@ impl PassGuard<'_> {
             p.seen.iter_mut().for_each(|s| *s = false);
             p.call_order.clear();
             p.rows_in = None;
+            p.partition = None;
+            p.blocks = 0;
             p.sample_offset = sample_offset;
             p.total_samples = total;
             Ok(())
@@ -285,6 +306,33 @@ impl PassGuard<'_> {
             p.variants = variants;
             p.expand = expand;
             p.plans.iter_mut().for_each(|plan| *plan = None);
+            p.merges.iter_mut().for_each(|m| *m = None);
+            Ok(())
+        })
+    }
+
+    /// Whether variants that agree on the probes reached so far share rows (see `merge`);
+    /// the plans built for the other setting are dropped.
+    pub fn set_merge(&self, merge: bool) -> Result<()> {
+        self.with(|p| {
+            if p.merge != merge {
+                p.merge = merge;
+                p.plans.iter_mut().for_each(|plan| *plan = None);
+                p.merges.iter_mut().for_each(|m| *m = None);
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether some forward ran fewer blocks of rows than variants.
+    pub fn merged(&self) -> Result<bool> {
+        self.with(|p| Ok(p.merged))
+    }
+
+    /// Drops the sums recorded so far (a forward that is run again).
+    pub fn clear_sums(&self) -> Result<()> {
+        self.with(|p| {
+            p.sums.iter_mut().for_each(|s| *s = None);
             Ok(())
         })
     }
@@ -441,10 +489,11 @@ impl Module for Probe {
         let expand = first && pass.expand;
         if first {
             pass.rows_in = Some(rows);
+            pass.blocks = pass.variants;
         } else if pass.expand {
             // Later probes must see the expanded batch; a model that reshapes with the batch
             // size it saw at the top of its forward does not, and the caller falls back.
-            let want = pass.rows_in.unwrap_or(rows) * pass.variants;
+            let want = pass.rows_in.unwrap_or(rows) * pass.blocks;
             if rows != want {
                 candle_core::bail!(
                     "probe `{name}` received {rows} rows where the expanded batch has {want}"
@@ -459,8 +508,16 @@ impl Module for Probe {
                 record_sums(&mut pass.sums[i], xs, pass.labels.as_ref()).map_err(in_probe)?;
                 Ok(xs.clone())
             }
-            Action::Clamp { keep, values } => {
-                level_clamp(xs, &keep[i], &values[i], expand).map_err(in_probe)
+            Action::Clamp { keep, values, .. } if !pass.expand => {
+                level_clamp(xs, &keep[i], &values[i], false).map_err(in_probe)
+            }
+            Action::Clamp { .. } => {
+                let step = merge::advance(pass, i).map_err(in_probe)?;
+                let Action::Clamp { values, .. } = &pass.action else {
+                    unreachable!("matched a clamp action above")
+                };
+                let rows_in = pass.rows_in.unwrap_or(rows);
+                merge::clamp(xs, &step, rows_in, &values[i], expand).map_err(in_probe)
             }
             Action::Noise {
                 std,

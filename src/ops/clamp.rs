@@ -3,16 +3,20 @@
 //! A select, not `x·keep + value·(1−keep)`: the arithmetic form turns an infinite or NaN
 //! activation into NaN even where the unit is clamped, and is two passes instead of one.
 
-use super::{contiguous, output_dims, rows_units_inner};
+use super::{contiguous, rows_units_inner};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::mem::{align_of, size_of, MaybeUninit};
 use std::ops::{BitAnd, BitOr, Not};
+use std::sync::Arc;
 
 pub(crate) struct LevelClamp {
     pub levels: usize,
     pub expand: bool,
+    /// For each level, the block of `rows_in` rows of `x` it reads (shared rows, see
+    /// `probe::merge`); CPU only. `None`: the level's own rows, or the input when `expand`.
+    pub sources: Option<(Arc<[u32]>, usize)>,
 }
 
 impl LevelClamp {
@@ -25,9 +29,19 @@ impl LevelClamp {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, units, inner) = rows_units_inner(dims)?;
         let l = self.levels;
-        let per_level = if self.expand { rows } else { rows / l };
+        let per_level = match (&self.sources, self.expand) {
+            (Some((blocks, rows_in)), _) => {
+                if blocks.len() != l || blocks.iter().any(|&b| (b as usize + 1) * rows_in > rows) {
+                    candle_core::bail!("level clamp: block sources out of range of {rows} rows");
+                }
+                *rows_in
+            }
+            (None, true) => rows,
+            (None, false) => rows / l,
+        };
         let row_len = units * inner;
-        let out_dims = output_dims(dims, l, self.expand);
+        let mut out_dims = dims.to_vec();
+        out_dims[0] = per_level * l;
         let total = per_level * l * row_len;
         // Every element is written below; skipping the zero fill saves a pass over the output.
         let mut out: Vec<T> = Vec::with_capacity(total);
@@ -42,7 +56,13 @@ impl LevelClamp {
                     for (i, dst) in block.chunks_mut(row_len).enumerate() {
                         let row = task * rows_per_task + i;
                         let level = row / per_level;
-                        let src_row = if self.expand { row % per_level } else { row };
+                        let src_row = match &self.sources {
+                            Some((blocks, _)) => {
+                                blocks[level] as usize * per_level + row % per_level
+                            }
+                            None if self.expand => row % per_level,
+                            None => row,
+                        };
                         let src = &x[src_row * row_len..(src_row + 1) * row_len];
                         let keep = &keep[level * units..(level + 1) * units];
                         if inner == 1 {
@@ -172,6 +192,9 @@ impl CustomOp3 for LevelClamp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, Geometry};
         use candle_core::cuda_backend::CudaStorageSlice as S;
+        if self.sources.is_some() {
+            candle_core::bail!("{}: block sources are a CPU path", self.name());
+        }
         let dims = l1.shape().dims();
         let g = Geometry::new(dims, self.levels, self.expand)?;
         let keep = match &s2.slice {
@@ -202,7 +225,7 @@ impl CustomOp3 for LevelClamp {
         }?;
         Ok((
             out,
-            Shape::from_dims(&output_dims(dims, self.levels, expand)),
+            Shape::from_dims(&super::output_dims(dims, self.levels, expand)),
         ))
     }
 }
@@ -236,6 +259,94 @@ pub(crate) fn level_clamp(
     x.contiguous()?.apply_op3_no_bwd(
         &keep.contiguous()?,
         &values.contiguous()?,
-        &LevelClamp { levels, expand },
+        &LevelClamp {
+            levels,
+            expand,
+            sources: None,
+        },
     )
+}
+
+/// [`level_clamp`] of rows shared by blocks of levels: level `l` reads the `rows_in` rows of
+/// block `sources[l]` of `x` (`(B·rows_in, …)`); the result has `L·rows_in` rows. One pass on
+/// the CPU; elsewhere a gather of the blocks' rows, then the clamp.
+pub(crate) fn level_clamp_shared(
+    x: &Tensor,
+    (sources, on_device): (&Arc<[u32]>, &Tensor),
+    rows_in: usize,
+    keep: &Tensor,
+    values: &Tensor,
+) -> Result<Tensor> {
+    let levels = keep.dim(0)?;
+    if sources.len() != levels || rows_in == 0 || x.dim(0)? % rows_in != 0 {
+        candle_core::bail!(
+            "level clamp: {} block sources for {levels} levels, {} rows in blocks of {rows_in}",
+            sources.len(),
+            x.dim(0)?
+        );
+    }
+    if !x.device().is_cpu() {
+        let mut out = x.dims().to_vec();
+        out[0] = levels * rows_in;
+        let blocks = x.dim(0)? / rows_in;
+        let gathered = x
+            .contiguous()?
+            .reshape((blocks, x.elem_count() / blocks))?
+            .index_select(on_device, 0)?
+            .reshape(out)?;
+        return level_clamp(&gathered, keep, values, false);
+    }
+    let (_, units, _) = rows_units_inner(x.dims())?;
+    if keep.dims2()?.1 != units || values.dims1()? != units || keep.dtype() != DType::U8 {
+        candle_core::bail!(
+            "level clamp: activation has {units} units, mask {:?} {:?}, values {:?}",
+            keep.dims(),
+            keep.dtype(),
+            values.dims()
+        );
+    }
+    let values = values.to_dtype(x.dtype())?;
+    x.contiguous()?.apply_op3_no_bwd(
+        &keep.contiguous()?,
+        &values.contiguous()?,
+        &LevelClamp {
+            levels,
+            expand: false,
+            sources: Some((sources.clone(), rows_in)),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn shared_blocks_hand_worked() -> Result<()> {
+        let dev = Device::Cpu;
+        // Two blocks of two rows, two units: block 0 = [[1, 2], [3, 4]], block 1 = [[5, 6],
+        // [7, 8]]. Level 0 reads block 1 keeping both units, level 1 block 1 clamping unit 0 to
+        // 9, level 2 block 0 clamping unit 1 to -1.
+        let x = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.], [7., 8.]], &dev)?;
+        let sources: Arc<[u32]> = vec![1, 1, 0].into();
+        let on_device = Tensor::new(&[1u32, 1, 0], &dev)?;
+        let keep = Tensor::new(&[[1u8, 1], [0, 1], [1, 0]], &dev)?;
+        let values = Tensor::new(&[9f32, -1.], &dev)?;
+        let out = level_clamp_shared(&x, (&sources, &on_device), 2, &keep, &values)?;
+        let want = [[5., 6.], [7., 8.], [9., 6.], [9., 8.], [1., -1.], [3., -1.]];
+        assert_eq!(out.to_vec2::<f32>()?, want);
+        // Feature maps (1 row per block, 2 channels of 2 positions): whole channels clamp.
+        let maps = Tensor::new(&[[[1f32, 2.], [3., 4.]], [[5., 6.], [7., 8.]]], &dev)?
+            .reshape((2, 2, 1, 2))?;
+        let out = level_clamp_shared(&maps, (&sources, &on_device), 1, &keep, &values)?;
+        let want = [5., 6., 7., 8., 9., 9., 7., 8., 1., 2., -1., -1.];
+        assert_eq!(out.dims(), [3, 2, 1, 2]);
+        assert_eq!(out.flatten_all()?.to_vec1::<f32>()?, want);
+        // A source past the blocks is an error, not a read out of bounds.
+        let far: Arc<[u32]> = vec![1, 2, 0].into();
+        let far_dev = Tensor::new(&[1u32, 2, 0], &dev)?;
+        assert!(level_clamp_shared(&x, (&far, &far_dev), 2, &keep, &values).is_err());
+        Ok(())
+    }
 }

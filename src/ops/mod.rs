@@ -37,7 +37,7 @@ mod stats;
 
 #[doc(inline)]
 pub use crate::rng::counter_normal;
-pub(crate) use clamp::level_clamp;
+pub(crate) use clamp::{level_clamp, level_clamp_shared};
 pub(crate) use incremental::{ConvShape, IncrementalCpu, LayerShape};
 #[doc(hidden)]
 pub use launch::Geometry;

@@ -192,7 +192,7 @@ impl ProbedLayer {
         let Some(pass) = inner.pass.as_mut() else {
             return Ok(None);
         };
-        let Action::Clamp { keep, values } = &pass.action else {
+        let Action::Clamp { values, .. } = &pass.action else {
             return Ok(None);
         };
         // Only the first probe reached sees the unexpanded batch, the same for every variant.
@@ -206,18 +206,20 @@ impl ProbedLayer {
             return Ok(None);
         }
         let values = values[i].clone();
-        let plan = match &pass.plans[i] {
-            Some(p) => p.clone(),
-            None => {
-                let p = Arc::new(build_plan(&keep[i], &values, xs.dims(), &self.layer)?);
-                pass.plans[i] = Some(p.clone());
-                p
-            }
-        };
         let (rows, _, _) = rows_units_inner(xs.dims())?;
         pass.seen[i] = true;
         pass.call_order.push(i);
         pass.rows_in = Some(rows);
+        // One output block per group of variants that agree on this probe (see `merge`).
+        let step = super::merge::advance(pass, i)?;
+        let plan = match &pass.plans[i] {
+            Some(p) => p.clone(),
+            None => {
+                let p = Arc::new(build_plan(&step.keep, &values, xs.dims(), &self.layer)?);
+                pass.plans[i] = Some(p.clone());
+                p
+            }
+        };
         if pass.record_unclamped {
             super::record_unclamped(pass, i, xs, true)?;
         }

@@ -1,6 +1,7 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod nets;
 pub mod scripted;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
