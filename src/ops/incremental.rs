@@ -94,16 +94,23 @@ impl ConvShape {
 /// `removal(v)` is the layer (without bias) applied to the removed inputs `d` (the activation
 /// minus its clamp values) restricted to `added[v]`.
 ///
-/// Inputs: the unclamped output `(m, …)`, `d` `(m, …)` and the weights of all variants' added
-/// inputs in variant order: dense `(Σ|added|, outputs)` (rows of the transposed weight);
-/// convolution `(outputs, Σ|added|, kh, kw)`. Output `(variants · m, …)` per sample as the
-/// unclamped output.
+/// Inputs: the unclamped output `(m, …)`, or, with `conv_from_weight`, a convolution's weight
+/// with its bias as one more column, `(outputs, channels · kh · kw + 1)` (the op computes the
+/// unclamped output from the patches it builds anyway: candle's convolution would build them
+/// again, and run its own product and bias pass); `d` `(m, …)`; the weights of all variants' added inputs
+/// in variant order: dense `(Σ|added|, outputs)` (rows of the transposed weight); convolution
+/// `(outputs, Σ|added|, kh, kw)`. Output `(variants · m, …)` per sample as the unclamped
+/// output.
 pub(crate) struct IncrementalCpu<'a> {
     /// Each variant's base, always an earlier variant (`None`: the unclamped output).
     pub bases: &'a [Option<usize>],
     /// Each variant's newly clamped inputs: columns of a dense layer, channels of a convolution.
     pub added: &'a [Vec<u32>],
     pub shape: LayerShape,
+    /// Whether a convolution's first input is its weight and bias, from which the op computes
+    /// the unclamped output (possible when the removed inputs `d` are the activation itself:
+    /// the zero clamp); else it is the unclamped output.
+    pub conv_from_weight: bool,
 }
 
 /// A raw pointer the sample blocks share; each writes only its own rows of every variant.
@@ -131,13 +138,16 @@ const DENSE_BLOCK: usize = 8;
 impl IncrementalCpu<'_> {
     fn run<T: WithDType>(
         &self,
-        unclamped: &[T],
+        first_in: &[T],
         d: &[T],
         weights: &[T],
         m: usize,
     ) -> Result<Vec<T>> {
         let variants = self.bases.len();
-        let q = unclamped.len() / m.max(1);
+        let q = match self.shape {
+            LayerShape::Dense { outputs, .. } => outputs,
+            LayerShape::Conv(c) => c.out_len(),
+        };
         // Where each variant's inputs start among the weights.
         let mut first = Vec::with_capacity(variants);
         let mut total = 0usize;
@@ -147,24 +157,30 @@ impl IncrementalCpu<'_> {
         }
         let widest = self.added.iter().map(Vec::len).max().unwrap_or(0);
         let len = variants * m * q;
+        let minus_one = T::from_f64(-1.0);
         let mut out: Vec<T> = Vec::with_capacity(len);
         let ptr = Out(out.as_mut_ptr());
         // One variant's rows `rows` of a block: copy the base, then subtract the product.
         // Safety: blocks are disjoint sample ranges, and a variant's base is an earlier variant
         // whose same rows this block wrote before.
-        let copy_base = |v: usize, start: usize, rows: usize| {
+        // `unclamped`: the block's unclamped rows.
+        let copy_base = |v: usize, start: usize, rows: usize, unclamped: *const T| {
             let out = ptr.get();
             let dst = unsafe { out.add((v * m + start) * q) };
             let src = match self.bases[v] {
                 Some(b) => unsafe { out.add((b * m + start) * q) as *const T },
-                None => unclamped[start * q..].as_ptr(),
+                None => unclamped,
             };
             unsafe { std::ptr::copy_nonoverlapping(src, dst, rows * q) };
             dst
         };
         match self.shape {
             LayerShape::Dense { inputs, outputs } => {
-                if weights.len() != total * outputs || d.len() != m * inputs || q != outputs {
+                let unclamped = first_in;
+                if weights.len() != total * outputs
+                    || d.len() != m * inputs
+                    || unclamped.len() != m * outputs
+                {
                     candle_core::bail!("incremental dense layer: inconsistent sizes");
                 }
                 // One block per thread, in whole multiples of 8 rows (the kernel's height is a
@@ -177,7 +193,7 @@ impl IncrementalCpu<'_> {
                     |lhs, start| {
                         let rows = block.min(m - start);
                         for v in 0..variants {
-                            let dst = copy_base(v, start, rows);
+                            let dst = copy_base(v, start, rows, unclamped[start * q..].as_ptr());
                             let cols = &self.added[v];
                             let k = cols.len();
                             if k == 0 {
@@ -193,11 +209,12 @@ impl IncrementalCpu<'_> {
                             // dst (rows × outputs) −= lhs (rows × k) · w (k × outputs)
                             let w = &weights[first[v] * outputs..];
                             unsafe {
-                                sub_product(
+                                add_product(
                                     (rows, outputs, k),
                                     (dst, outputs),
                                     (lhs.as_ptr(), k),
                                     (w.as_ptr(), outputs),
+                                    minus_one,
                                 )
                             };
                         }
@@ -208,23 +225,48 @@ impl IncrementalCpu<'_> {
                 let (oh, ow) = c.out_hw();
                 let (kk, positions) = (c.kh * c.kw, oh * ow);
                 let per_in = c.channels * c.height * c.width;
+                // The weight's rows, each followed by its output's bias.
+                let (full, ck) = (first_in, c.channels * kk);
+                let first_len = match self.conv_from_weight {
+                    true => c.outputs * (ck + 1),
+                    false => m * q,
+                };
                 if weights.len() != c.outputs * total * kk
                     || d.len() != m * per_in
-                    || q != c.out_len()
+                    || first_in.len() != first_len
                 {
                     candle_core::bail!("incremental convolution: inconsistent sizes");
                 }
                 (0..m).into_par_iter().for_each_init(
                     || {
                         (
-                            vec![T::zero(); c.channels * kk * positions],
+                            vec![T::zero(); ck * positions],
                             vec![T::zero(); widest * kk * positions],
+                            vec![T::zero(); q],
                         )
                     },
-                    |(patches, rhs), s| {
+                    |(patches, rhs, unclamped), s| {
                         c.patches(&d[s * per_in..(s + 1) * per_in], patches);
+                        let unclamped = if self.conv_from_weight {
+                            // Bias, plus weight · patches (the patches of the activation itself).
+                            for (o, row) in unclamped.chunks_mut(positions).enumerate() {
+                                row.fill(full[o * (ck + 1) + ck]);
+                            }
+                            unsafe {
+                                add_product(
+                                    (c.outputs, positions, ck),
+                                    (unclamped.as_mut_ptr(), positions),
+                                    (full.as_ptr(), ck + 1),
+                                    (patches.as_ptr(), positions),
+                                    T::from_f64(1.0),
+                                )
+                            };
+                            unclamped.as_ptr()
+                        } else {
+                            first_in[s * q..].as_ptr()
+                        };
                         for v in 0..variants {
-                            let dst = copy_base(v, s, 1);
+                            let dst = copy_base(v, s, 1, unclamped);
                             let units = &self.added[v];
                             if units.is_empty() {
                                 continue;
@@ -240,11 +282,12 @@ impl IncrementalCpu<'_> {
                             // the weights of all variants share rows of `total · kk` values.
                             let w = &weights[first[v] * kk..];
                             unsafe {
-                                sub_product(
+                                add_product(
                                     (c.outputs, positions, k),
                                     (dst, positions),
                                     (w.as_ptr(), total * kk),
                                     (rhs.as_ptr(), positions),
+                                    minus_one,
                                 )
                             };
                         }
@@ -258,17 +301,18 @@ impl IncrementalCpu<'_> {
     }
 }
 
-/// `dst −= lhs · rhs` for row-major matrices given as (pointer, row stride): `dst` `(m × n)`,
-/// `lhs` `(m × k)`, `rhs` `(k × n)`, on the calling thread.
+/// `dst += sign · lhs · rhs` for row-major matrices given as (pointer, row stride): `dst`
+/// `(m × n)`, `lhs` `(m × k)`, `rhs` `(k × n)`, on the calling thread.
 ///
 /// # Safety
 /// The pointers must address matrices of those shapes and strides; `dst` must not overlap the
 /// others.
-unsafe fn sub_product<T: WithDType>(
+unsafe fn add_product<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut T, usize),
     (lhs, lhs_rs): (*const T, usize),
     (rhs, rhs_rs): (*const T, usize),
+    sign: T,
 ) {
     gemm::gemm(
         m,
@@ -285,7 +329,7 @@ unsafe fn sub_product<T: WithDType>(
         1,
         rhs_rs as isize,
         T::from_f64(1.0),
-        T::from_f64(-1.0),
+        sign,
         false,
         false,
         false,
@@ -322,11 +366,20 @@ impl CustomOp3 for IncrementalCpu<'_> {
             candle_core::bail!("incremental-layer: added inputs for every variant needed");
         }
         let m = l2.dims()[0];
-        if l1.dims()[0] != m {
+        let dims = match self.shape {
+            LayerShape::Dense { .. } => {
+                let mut dims = l1.dims().to_vec();
+                dims[0] *= self.bases.len();
+                dims
+            }
+            LayerShape::Conv(c) => {
+                let (oh, ow) = c.out_hw();
+                vec![self.bases.len() * m, c.outputs, oh, ow]
+            }
+        };
+        if !self.conv_from_weight && l1.dims()[0] != m {
             candle_core::bail!("incremental-layer: {} outputs for {m} inputs", l1.dims()[0]);
         }
-        let mut dims = l1.dims().to_vec();
-        dims[0] *= self.bases.len();
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(u), CpuStorage::F32(d), CpuStorage::F32(w)) => {
                 CpuStorage::F32(self.run(&u[a0..a1], &d[b0..b1], &w[c0..c1], m)?)

@@ -164,6 +164,9 @@ enum PlanKind {
         /// The weights of those inputs in variant order: dense `(Σ|added|, out)`, convolution
         /// `(out, Σ|added|, kh, kw)`.
         weights: Tensor,
+        /// A convolution's weight with its bias as one more column, `(out, channels · kh · kw +
+        /// 1)`: the op computes the unclamped output itself.
+        full: Option<Tensor>,
         shape: LayerShape,
     },
     /// Elsewhere: a padded batched product and a chain-matrix product.
@@ -325,7 +328,7 @@ fn cpu_plan(added: Vec<Vec<u32>>, dims: &[usize], layer: &NextLayer) -> Result<P
             } else {
                 wt.index_select(&Tensor::new(all.as_slice(), wt.device())?, 0)?
             };
-            (w, LayerShape::Dense { inputs, outputs })
+            ((w, None), LayerShape::Dense { inputs, outputs })
         }
         NextLayer::Conv2d(c) => {
             let (outputs, channels, kh, kw) = c.weight().dims4()?;
@@ -335,6 +338,7 @@ fn cpu_plan(added: Vec<Vec<u32>>, dims: &[usize], layer: &NextLayer) -> Result<P
                 c.weight()
                     .index_select(&Tensor::new(all.as_slice(), c.weight().device())?, 1)?
             };
+            let w = (w, Some(weight_and_bias(c)?));
             let cfg = c.config();
             let shape = ConvShape {
                 channels,
@@ -350,11 +354,26 @@ fn cpu_plan(added: Vec<Vec<u32>>, dims: &[usize], layer: &NextLayer) -> Result<P
             (w, LayerShape::Conv(shape))
         }
     };
+    let (weights, full) = weights;
     Ok(PlanKind::Cpu {
         added,
         weights: weights.contiguous()?,
+        full,
         shape,
     })
+}
+
+/// A convolution's weight `(out, c, kh, kw)` as rows `(out, c · kh · kw)`, each followed by its
+/// output's bias (zero without one).
+fn weight_and_bias(c: &Conv2d) -> Result<Tensor> {
+    let w = c.weight();
+    let out = w.dim(0)?;
+    let rows = w.reshape((out, w.elem_count() / out.max(1)))?;
+    let bias = match c.bias() {
+        Some(b) => b.reshape((out, 1))?,
+        None => Tensor::zeros((out, 1), w.dtype(), w.device())?,
+    };
+    Tensor::cat(&[&rows, &bias], 1)?.contiguous()
 }
 
 /// The padded batched plan for devices other than the CPU.
@@ -416,7 +435,6 @@ fn batched_plan(
 
 /// The layer's output for every variant, variant-major: `(variants · N, ...)`.
 fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> Result<Tensor> {
-    let unclamped = layer.forward(xs)?;
     // What clamping removes from the input: h − c (h itself for the zero clamp).
     let d = if plan.zero {
         xs.clone()
@@ -431,16 +449,22 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
         PlanKind::Cpu {
             added,
             weights,
+            full,
             shape,
         } => {
+            // The op computes a convolution's unclamped output when `d` is the activation.
+            let from_weight = full.as_ref().filter(|_| plan.zero);
             let op = IncrementalCpu {
                 bases: &plan.bases,
                 added,
                 shape: *shape,
+                conv_from_weight: from_weight.is_some(),
             };
-            return unclamped
-                .contiguous()?
-                .apply_op3_no_bwd(&d.contiguous()?, weights, &op);
+            let first = match from_weight {
+                Some(f) => f.clone(),
+                None => layer.forward(xs)?.contiguous()?,
+            };
+            return first.apply_op3_no_bwd(&d.contiguous()?, weights, &op);
         }
         PlanKind::Batched {
             gather,
@@ -449,6 +473,7 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
             chain,
         } => (gather, *width, weights, chain),
     };
+    let unclamped = layer.forward(xs)?;
     let removed = match layer {
         NextLayer::Linear(_) => {
             // Rows of the transposed input `(inputs, m)` gathered to `(variants, width, m)`, read
