@@ -240,31 +240,16 @@ pub(crate) fn level_clamp(
     values: &Tensor,
     expand: bool,
 ) -> Result<Tensor> {
-    let (rows, units, _) = rows_units_inner(x.dims())?;
-    let (levels, mask_units) = keep.dims2()?;
-    if mask_units != units || values.dims1()? != units {
-        candle_core::bail!(
-            "level clamp: activation has {units} units, mask {:?}, values {:?}",
-            keep.dims(),
-            values.dims()
-        );
-    }
-    if !expand && rows % levels != 0 {
+    let (rows, levels) = (x.dim(0)?, keep.dim(0)?);
+    if !expand && rows % levels.max(1) != 0 {
         candle_core::bail!("level clamp: {rows} rows is not a multiple of {levels} levels");
     }
-    if keep.dtype() != DType::U8 {
-        candle_core::bail!("level clamp: keep mask must be u8, got {:?}", keep.dtype());
-    }
-    let values = values.to_dtype(x.dtype())?;
-    x.contiguous()?.apply_op3_no_bwd(
-        &keep.contiguous()?,
-        &values.contiguous()?,
-        &LevelClamp {
-            levels,
-            expand,
-            sources: None,
-        },
-    )
+    let op = LevelClamp {
+        levels,
+        expand,
+        sources: None,
+    };
+    apply(x, keep, values, op)
 }
 
 /// [`level_clamp`] of rows shared by blocks of levels: level `l` reads the `rows_in` rows of
@@ -296,25 +281,30 @@ pub(crate) fn level_clamp_shared(
             .reshape(out)?;
         return level_clamp(&gathered, keep, values, false);
     }
+    let op = LevelClamp {
+        levels,
+        expand: false,
+        sources: Some((sources.clone(), rows_in)),
+    };
+    apply(x, keep, values, op)
+}
+
+/// Checks the mask and values against the activation's units, then runs `op`.
+fn apply(x: &Tensor, keep: &Tensor, values: &Tensor, op: LevelClamp) -> Result<Tensor> {
     let (_, units, _) = rows_units_inner(x.dims())?;
-    if keep.dims2()?.1 != units || values.dims1()? != units || keep.dtype() != DType::U8 {
+    if keep.dims2()?.1 != units || values.dims1()? != units {
         candle_core::bail!(
-            "level clamp: activation has {units} units, mask {:?} {:?}, values {:?}",
+            "level clamp: activation has {units} units, mask {:?}, values {:?}",
             keep.dims(),
-            keep.dtype(),
             values.dims()
         );
     }
+    if keep.dtype() != DType::U8 {
+        candle_core::bail!("level clamp: keep mask must be u8, got {:?}", keep.dtype());
+    }
     let values = values.to_dtype(x.dtype())?;
-    x.contiguous()?.apply_op3_no_bwd(
-        &keep.contiguous()?,
-        &values.contiguous()?,
-        &LevelClamp {
-            levels,
-            expand: false,
-            sources: Some((sources.clone(), rows_in)),
-        },
-    )
+    x.contiguous()?
+        .apply_op3_no_bwd(&keep.contiguous()?, &values.contiguous()?, &op)
 }
 
 #[cfg(test)]
