@@ -49,6 +49,13 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     Ok(median(t))
 }
 
+/// One timed run, no warm-up (for runs that follow others of the same kind).
+fn once<T>(f: impl FnOnce() -> Result<T>) -> Result<f64> {
+    let t0 = Instant::now();
+    f()?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
 fn main() -> Result<()> {
     let args = <Args as clap::Parser>::parse();
     if let Some(n) = args.peak_rss {
@@ -206,7 +213,9 @@ fn rayon_threads() -> usize {
 /// A check of the monitor's default size (1 000 samples, 17 fractions, 3 random orders, zero
 /// clamp, with its statistics pass) against one training epoch on the 8 000 shipped training
 /// digits, for the MNIST example's MLP (784-512-512-10, AdamW, batch 64) and a small CNN (two
-/// 3×3 convolutions with probes on their pooled feature maps, SGD, batch 64). JSON object.
+/// 3×3 convolutions with probes on their pooled feature maps, SGD, batch 64); the check also
+/// without shared rows (a block of rows per variant from the first probe), and single-unit
+/// importance of every unit with and without them. JSON object.
 fn check_per_epoch(reps: usize) -> Result<String> {
     let mnist = common::mnist()?;
     let (xs, ys) = (&mnist.train.images, &mnist.train.labels);
@@ -235,19 +244,34 @@ fn check_per_epoch(reps: usize) -> Result<String> {
             })?
         };
         let m = || Measurement::new(&*model, &probes, &data);
-        let (mut inc_t, mut bat_t) = (vec![], vec![]);
+        let (mut inc_t, mut bat_t, mut own_t) = (vec![], vec![], vec![]);
+        let (mut imp_t, mut imp_own_t) = (vec![], vec![]);
+        let importance = |shared| {
+            m().with_shared_rows(shared)
+                .importance(candle_reliance::curves::Clamp::Zero)
+        };
         for _ in 0..reps.max(3) {
             inc_t.push(time(1, || m().ablation_curve(&spec))?);
             bat_t.push(time(1, || {
                 m().with_incremental(false).ablation_curve(&spec)
             })?);
+            own_t.push(time(1, || {
+                m().with_shared_rows(false).ablation_curve(&spec)
+            })?);
+            imp_t.push(once(|| importance(true))?);
+            imp_own_t.push(once(|| importance(false))?);
         }
-        let (inc, bat) = (median(inc_t), median(bat_t));
+        let (inc, bat, own) = (median(inc_t), median(bat_t), median(own_t));
+        let (imp, imp_own) = (median(imp_t), median(imp_own_t));
         out.push(format!(
             "\"{kind}\":{{\"epoch_s\":{epoch:.3},\"check_incremental_s\":{inc:.4},\"check_batched_s\":{bat:.4},\
-             \"incremental_over_epoch\":{:.4},\"batched_over_epoch\":{:.4}}}",
+             \"check_rows_per_variant_s\":{own:.4},\"incremental_over_epoch\":{:.4},\"batched_over_epoch\":{:.4},\
+             \"rows_per_variant_over_shared\":{:.3},\"importance_s\":{imp:.4},\
+             \"importance_rows_per_variant_s\":{imp_own:.4},\"importance_rows_per_variant_over_shared\":{:.3}}}",
             inc / epoch,
-            bat / epoch
+            bat / epoch,
+            own / inc,
+            imp_own / imp
         ));
     }
     Ok(format!("{{{}}}", out.join(",")))
