@@ -92,6 +92,23 @@ fn integer_cnn_is_bit_identical() -> Result<()> {
 }
 
 #[test]
+fn a_convolution_without_bias_is_bit_identical() -> Result<()> {
+    // The op computes the convolution's unclamped output itself, from its weight and bias.
+    let (probes, mut model, data) = cnn(11, true, (1, 1, 1))?;
+    let conv = match model.second.layer() {
+        candle_reliance::probe::NextLayer::Conv2d(c) => c.clone(),
+        other => panic!("expected a convolution, got {other:?}"),
+    };
+    let unbiased = candle_nn::Conv2d::new(conv.weight().clone(), None, *conv.config());
+    model.second = model.second.probe().clone().feeding(unbiased);
+    let (inc, reference) = both(&model, &probes, &data, &spec(Clamp::Zero, 3, 11), 100_000)?;
+    assert!(inc.incremental);
+    assert_eq!(inc.per_order, reference.per_order);
+    assert!(inc.accuracy.first() != inc.accuracy.last());
+    Ok(())
+}
+
+#[test]
 fn single_unit_deltas_are_bit_identical() -> Result<()> {
     // Importance clamps one unit per variant: each variant's base is the unclamped output.
     let (probes, model, data) = mlp(7, true)?;
