@@ -233,3 +233,77 @@ fn a_skip_connection_across_a_later_probe_keeps_a_block_per_variant() -> Result<
     }
     Ok(())
 }
+
+/// Three probes of 4, 6 and 8 units behind integer dense layers, counting the rows between
+/// them: `fc1 → ReLU → [a] → fc2 → ReLU → [b] → fc3 → ReLU → [c] → fc4`.
+struct ThreeProbes {
+    layers: [candle_nn::Linear; 4],
+    probes: [candle_reliance::probe::Probe; 3],
+    rows: [Cell<usize>; 3],
+}
+
+impl Module for ThreeProbes {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut h = xs.clone();
+        for (i, probe) in self.probes.iter().enumerate() {
+            h = self.layers[i].forward(&h)?.relu()?;
+            h = probe.forward(&h)?;
+            self.rows[i].set(self.rows[i].get() + h.dim(0)?);
+        }
+        self.layers[3].forward(&h)
+    }
+}
+
+#[test]
+fn a_middle_probe_splits_the_blocks_it_receives() -> Result<()> {
+    let mut rng = SplitMix64::new(90);
+    let set = ProbeSet::new();
+    let model = ThreeProbes {
+        layers: [
+            linear(&mut rng, 10, 4, true)?,
+            linear(&mut rng, 4, 6, true)?,
+            linear(&mut rng, 6, 8, true)?,
+            linear(&mut rng, 8, 5, true)?,
+        ],
+        probes: [set.add("a")?, set.add("b")?, set.add("c")?],
+        rows: Default::default(),
+    };
+    let xs = random(&mut rng, &[90, 10], 0, 3, true)?;
+    let data = labelled(&mut rng, &model, xs)?;
+    let n = data.len();
+    let take = || model.rows.each_ref().map(|r| r.replace(0));
+    let mut split_in_the_middle = false;
+    for _ in 0..6 {
+        let order = shuffled(&mut rng, 18);
+        let s = AblationSpec::default()
+            .with_fractions(13)
+            .with_order(AblationOrder::Explicit(order.clone()));
+        let ks: Vec<usize> = (0..13)
+            .map(|i| ((i as f64 / 12.0 * 18.0).round() as usize).min(18))
+            .collect();
+        // Distinct masks over all three probes, over probe a (units 0..4), over a and b
+        // (units 0..10).
+        let (variants, after_a) = distinct_masks(&order, &ks, 4);
+        let (_, after_b) = distinct_masks(&order, &ks, 10);
+        split_in_the_middle |= after_a < after_b && after_b < variants;
+        let reference = Measurement::new(&model, &set, &data)
+            .with_batched(false)
+            .ablation_curve(&s)?;
+        let m = Measurement::new(&model, &set, &data);
+        m.statistics()?;
+        take();
+        let c = m.ablation_curve(&s)?;
+        assert!(c.batched);
+        assert_eq!(c.per_order, reference.per_order, "order {order:?}");
+        assert_eq!(c.agreement_per_order, reference.agreement_per_order);
+        // Rows after probe a, b and c: blocks that agree on a; on a and b; every variant.
+        assert_eq!(
+            take(),
+            [after_a * n, after_b * n, variants * n],
+            "order {order:?}"
+        );
+    }
+    // Probe b split blocks that probe a left (and c split b's) in some order.
+    assert!(split_in_the_middle);
+    Ok(())
+}
