@@ -639,8 +639,9 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
     /// Correct predictions for each of `variants` settings, built per range of variants by
     /// `make_action`.
     ///
-    /// Batched: chunks of samples are expanded to `variants × samples` rows at the first probe,
-    /// with at most [`Measurement::max_rows`] rows per forward. If the model does not carry the
+    /// Batched: chunks of samples are expanded at the first probe, to `variants × samples` rows
+    /// by the last probe (variants that agree on the probes reached so far share rows until
+    /// then, see `probe::merge`), with at most [`Measurement::max_rows`] rows per forward. If the model does not carry the
     /// expanded batch through (a shape error, or logits whose first dimension is not
     /// `variants × samples`), it warns and falls back to one forward per variant.
     pub(crate) fn evaluate_variants(
