@@ -164,8 +164,8 @@ enum PlanKind {
         /// The weights of those inputs in variant order: dense `(Σ|added|, out)`, convolution
         /// `(out, Σ|added|, kh, kw)`.
         weights: Tensor,
-        /// A convolution's weight with its bias as one more column, `(out, channels · kh · kw +
-        /// 1)`: the op computes the unclamped output itself.
+        /// With the zero clamp, a convolution's weight with its bias as one more column, `(out,
+        /// channels · kh · kw + 1)`: the op computes the unclamped output itself.
         full: Option<Tensor>,
         shape: LayerShape,
     },
@@ -303,7 +303,7 @@ fn build_plan(keep: &Tensor, values: &Tensor, dims: &[usize], layer: &NextLayer)
     };
     let (device, dtype) = (layer.weight().device(), layer.weight().dtype());
     let kind = if device.is_cpu() && matches!(dtype, DType::F32 | DType::F64) {
-        cpu_plan(columns, dims, layer)?
+        cpu_plan(columns, dims, layer, zero)?
     } else {
         batched_plan(columns, &bases, layer)?
     };
@@ -315,8 +315,14 @@ fn build_plan(keep: &Tensor, values: &Tensor, dims: &[usize], layer: &NextLayer)
     })
 }
 
-/// The CPU op's plan: every variant's added inputs and their weights, unpadded.
-fn cpu_plan(added: Vec<Vec<u32>>, dims: &[usize], layer: &NextLayer) -> Result<PlanKind> {
+/// The CPU op's plan: every variant's added inputs and their weights, unpadded; with the zero
+/// clamp, a convolution's weight and bias for the op's own unclamped output.
+fn cpu_plan(
+    added: Vec<Vec<u32>>,
+    dims: &[usize],
+    layer: &NextLayer,
+    zero: bool,
+) -> Result<PlanKind> {
     let all: Vec<u32> = added.iter().flatten().copied().collect();
     let (weights, shape) = match layer {
         NextLayer::Linear(l) => {
@@ -328,7 +334,7 @@ fn cpu_plan(added: Vec<Vec<u32>>, dims: &[usize], layer: &NextLayer) -> Result<P
             } else {
                 wt.index_select(&Tensor::new(all.as_slice(), wt.device())?, 0)?
             };
-            ((w, None), LayerShape::Dense { inputs, outputs })
+            (w, LayerShape::Dense { inputs, outputs })
         }
         NextLayer::Conv2d(c) => {
             let (outputs, channels, kh, kw) = c.weight().dims4()?;
@@ -338,7 +344,6 @@ fn cpu_plan(added: Vec<Vec<u32>>, dims: &[usize], layer: &NextLayer) -> Result<P
                 c.weight()
                     .index_select(&Tensor::new(all.as_slice(), c.weight().device())?, 1)?
             };
-            let w = (w, Some(weight_and_bias(c)?));
             let cfg = c.config();
             let shape = ConvShape {
                 channels,
@@ -354,7 +359,12 @@ fn cpu_plan(added: Vec<Vec<u32>>, dims: &[usize], layer: &NextLayer) -> Result<P
             (w, LayerShape::Conv(shape))
         }
     };
-    let (weights, full) = weights;
+    // The op computes a convolution's unclamped output from the patches of `d`, which are the
+    // activation's own only for the zero clamp.
+    let full = match layer {
+        NextLayer::Conv2d(c) if zero => Some(weight_and_bias(c)?),
+        _ => None,
+    };
     Ok(PlanKind::Cpu {
         added,
         weights: weights.contiguous()?,
@@ -452,15 +462,13 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
             full,
             shape,
         } => {
-            // The op computes a convolution's unclamped output when `d` is the activation.
-            let from_weight = full.as_ref().filter(|_| plan.zero);
             let op = IncrementalCpu {
                 bases: &plan.bases,
                 added,
                 shape: *shape,
-                conv_from_weight: from_weight.is_some(),
+                conv_from_weight: full.is_some(),
             };
-            let first = match from_weight {
+            let first = match full {
                 Some(f) => f.clone(),
                 None => layer.forward(xs)?.contiguous()?,
             };
