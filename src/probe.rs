@@ -113,10 +113,9 @@ pub(crate) struct Pass {
     pub expand: bool,
     // Per forward:
     pub rows_in: Option<usize>,
-    /// Once the batch is expanded: the block of rows each variant reads (`merge`), and how
-    /// many blocks the rows hold.
-    partition: Option<std::sync::Arc<[u32]>>,
-    blocks: usize,
+    /// In a clamp pass, the merge step of the last probe reached: which block of rows each
+    /// variant reads, and how many blocks the rows hold (`merge`).
+    step: Option<std::sync::Arc<merge::MergeStep>>,
     pub seen: Vec<bool>,
     pub call_order: Vec<usize>,
     pub sample_offset: usize,
@@ -144,8 +143,6 @@ pub(crate) struct Pass {
     pub merge: bool,
     /// Per probe, its merge step under the current action.
     merges: Vec<Option<std::sync::Arc<merge::MergeStep>>>,
-    /// Whether some forward of this pass ran fewer blocks than variants after a probe.
-    pub merged: bool,
 }
 
 impl ProbeSet {
@@ -216,8 +213,7 @@ impl ProbeSet {
             variants,
             expand,
             rows_in: None,
-            partition: None,
-            blocks: 0,
+            step: None,
             seen: vec![false; n],
             call_order: Vec::with_capacity(n),
             sample_offset: 0,
@@ -232,7 +228,6 @@ impl ProbeSet {
             record_unclamped: false,
             merge: false,
             merges: vec![None; n],
-            merged: false,
         });
         self.shared.active.store(true, Ordering::Release);
         Ok(PassGuard { set: self })
@@ -270,8 +265,7 @@ impl PassGuard<'_> {
             p.seen.iter_mut().for_each(|s| *s = false);
             p.call_order.clear();
             p.rows_in = None;
-            p.partition = None;
-            p.blocks = 0;
+            p.step = None;
             p.sample_offset = sample_offset;
             p.total_samples = total;
             Ok(())
@@ -324,9 +318,9 @@ impl PassGuard<'_> {
         })
     }
 
-    /// Whether some forward ran fewer blocks of rows than variants.
+    /// Whether a probe under the current action left fewer blocks of rows than variants.
     pub fn merged(&self) -> Result<bool> {
-        self.with(|p| Ok(p.merged))
+        self.with(|p| Ok(p.merges.iter().flatten().any(|s| s.blocks < p.variants)))
     }
 
     /// Drops the sums recorded so far (a forward that is run again).
@@ -489,11 +483,11 @@ impl Module for Probe {
         let expand = first && pass.expand;
         if first {
             pass.rows_in = Some(rows);
-            pass.blocks = pass.variants;
         } else if pass.expand {
             // Later probes must see the expanded batch; a model that reshapes with the batch
             // size it saw at the top of its forward does not, and the caller falls back.
-            let want = pass.rows_in.unwrap_or(rows) * pass.blocks;
+            let blocks = pass.step.as_ref().map_or(pass.variants, |s| s.blocks);
+            let want = pass.rows_in.unwrap_or(rows) * blocks;
             if rows != want {
                 candle_core::bail!(
                     "probe `{name}` received {rows} rows where the expanded batch has {want}"
@@ -508,16 +502,14 @@ impl Module for Probe {
                 record_sums(&mut pass.sums[i], xs, pass.labels.as_ref()).map_err(in_probe)?;
                 Ok(xs.clone())
             }
-            Action::Clamp { keep, values, .. } if !pass.expand => {
-                level_clamp(xs, &keep[i], &values[i], false).map_err(in_probe)
-            }
-            Action::Clamp { .. } => {
+            Action::Clamp { keep, values, .. } => {
+                if !pass.expand {
+                    return level_clamp(xs, &keep[i], &values[i], false).map_err(in_probe);
+                }
+                let values = values[i].clone();
                 let step = merge::advance(pass, i).map_err(in_probe)?;
-                let Action::Clamp { values, .. } = &pass.action else {
-                    unreachable!("matched a clamp action above")
-                };
                 let rows_in = pass.rows_in.unwrap_or(rows);
-                merge::clamp(xs, &step, rows_in, &values[i], expand).map_err(in_probe)
+                merge::clamp(xs, &step, rows_in, &values, expand).map_err(in_probe)
             }
             Action::Noise {
                 std,

@@ -42,7 +42,7 @@ pub(crate) struct MergeStep {
 /// expands), cached per action: the blocks so far are those left by the probes already reached.
 /// Records the outgoing blocks in the pass.
 pub(crate) fn advance(pass: &mut Pass, i: usize) -> Result<Arc<MergeStep>> {
-    let incoming = pass.partition.clone();
+    let incoming = pass.step.as_ref().map(|s| s.outgoing.clone());
     let step = match &pass.merges[i] {
         Some(s) if s.incoming == incoming => s.clone(),
         _ => {
@@ -51,11 +51,7 @@ pub(crate) fn advance(pass: &mut Pass, i: usize) -> Result<Arc<MergeStep>> {
             s
         }
     };
-    if step.blocks < pass.variants {
-        pass.merged = true;
-    }
-    pass.partition = Some(step.outgoing.clone());
-    pass.blocks = step.blocks;
+    pass.step = Some(step.clone());
     Ok(step)
 }
 
