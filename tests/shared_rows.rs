@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{Module, Result, Tensor};
 use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp};
-use candle_reliance::rng::SplitMix64;
+use candle_reliance::rng::{permutation, SplitMix64};
 use candle_reliance::{Measurement, ProbeData, ProbeSet};
 use common::nets::{cnn, labelled, linear, mlp, random, spec, Net};
 use std::cell::Cell;
@@ -45,15 +45,6 @@ impl<L: Module> Module for Rows<'_, L> {
         self.logits.set(self.logits.get() + out.dim(0)?);
         Ok(out)
     }
-}
-
-/// A random permutation of `0..n`.
-fn shuffled(rng: &mut SplitMix64, n: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        v.swap(i, rng.below(i + 1));
-    }
-    v
 }
 
 /// Distinct masks of a cumulative curve along `order` at `ks` clamped units: all of them, and
@@ -102,7 +93,7 @@ fn check_explicit_orders<L: Module>(
         let total = Measurement::new(&model, probes, data)
             .statistics()?
             .total_units();
-        let order = shuffled(rng, total);
+        let order = permutation(total, rng.next_u64());
         let s = AblationSpec::default()
             .with_fractions(9)
             .with_order(AblationOrder::Explicit(order.clone()));
@@ -274,7 +265,7 @@ fn a_middle_probe_splits_the_blocks_it_receives() -> Result<()> {
     let take = || model.rows.each_ref().map(|r| r.replace(0));
     let mut split_in_the_middle = false;
     for _ in 0..6 {
-        let order = shuffled(&mut rng, 18);
+        let order = permutation(18, rng.next_u64());
         let s = AblationSpec::default()
             .with_fractions(13)
             .with_order(AblationOrder::Explicit(order.clone()));
