@@ -21,7 +21,7 @@
 
 mod fused;
 mod merge;
-pub use fused::{NextLayer, ProbedLayer};
+pub use fused::{AfterLayer, NextLayer, ProbedLayer};
 
 use crate::ops::{level_clamp, level_noise, rows_units_inner, LevelNoise};
 use candle_core::{DType, Module, Result, Tensor};

@@ -90,6 +90,77 @@ impl ConvShape {
     }
 }
 
+/// What the op applies to each variant's output before writing it: ReLU, then a `k × k`
+/// max-pool with stride `k` over each output channel (as candle's `max_pool2d(k)`; ReLU and
+/// max-pooling commute, so their order does not matter). The pre-activations the next variants
+/// start from stay in the op's scratch, so the full-size outputs never reach memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Tail {
+    pub relu: bool,
+    /// The pool's kernel and stride (`None`: no pool; convolutions only).
+    pub pool: Option<usize>,
+}
+
+impl Tail {
+    fn is_identity(&self) -> bool {
+        !self.relu && self.pool.is_none()
+    }
+
+    /// Pooled output `(height, width)` of an `(h, w)` map, as candle's `max_pool2d`.
+    pub fn pooled(k: usize, (h, w): (usize, usize)) -> Option<(usize, usize)> {
+        (k >= 1 && h >= k && w >= k).then(|| ((h - k) / k + 1, (w - k) / k + 1))
+    }
+
+    /// Writes the tail of `pre` (one sample's output: `channels` maps of `hw`, or a dense row
+    /// with `hw = (1, len)`) to `out`.
+    fn apply<T: WithDType>(&self, pre: &[T], channels: usize, hw: (usize, usize), out: &mut [T]) {
+        // candle's max: the window's first value, then each later value larger than it.
+        let mx = |a: T, b: T| if a < b { b } else { a };
+        let relu = self.relu;
+        // ReLU as candle's `max(v, 0)`: a NaN becomes 0.
+        let finish = |v: T| {
+            let positive = v.partial_cmp(&T::zero()) == Some(std::cmp::Ordering::Greater);
+            if relu && !positive {
+                T::zero()
+            } else {
+                v
+            }
+        };
+        let Some(k) = self.pool else {
+            out.iter_mut().zip(pre).for_each(|(o, &v)| *o = finish(v));
+            return;
+        };
+        let (h, w) = hw;
+        let Some((ph, pw)) = Self::pooled(k, hw) else {
+            return;
+        };
+        let planes = pre.chunks_exact(h * w).zip(out.chunks_exact_mut(ph * pw));
+        for (plane, dst) in planes.take(channels) {
+            for (oy, line) in dst.chunks_exact_mut(pw).enumerate() {
+                let rows = &plane[oy * k * w..(oy * k + k) * w];
+                if k == 2 {
+                    // The common 2 × 2 pool, in candle's order: top pair, then bottom pair.
+                    let (top, bottom) = rows.split_at(w);
+                    let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                    for (o, (t, b)) in line.iter_mut().zip(pairs) {
+                        *o = finish(mx(mx(mx(t[0], t[1]), b[0]), b[1]));
+                    }
+                    continue;
+                }
+                for (ox, o) in line.iter_mut().enumerate() {
+                    let mut largest = rows[ox * k];
+                    for row in rows.chunks_exact(w) {
+                        largest = row[ox * k..ox * k + k]
+                            .iter()
+                            .fold(largest, |a, &b| mx(a, b));
+                    }
+                    *o = finish(largest);
+                }
+            }
+        }
+    }
+}
+
 /// `out[v] = (bases[v] ? out[bases[v]] : unclamped) − removal(v)` for every variant `v`, where
 /// `removal(v)` is the layer (without bias) applied to the removed inputs `d` (the activation
 /// minus its clamp values) restricted to `added[v]`.
@@ -100,7 +171,7 @@ impl ConvShape {
 /// again, and run its own product and bias pass); `d` `(m, …)`; the weights of all variants' added inputs
 /// in variant order: dense `(Σ|added|, outputs)` (rows of the transposed weight); convolution
 /// `(outputs, Σ|added|, kh, kw)`. Output `(variants · m, …)` per sample as the unclamped
-/// output.
+/// output, or as the [`Tail`] leaves it.
 pub(crate) struct IncrementalCpu<'a> {
     /// Each variant's base, always an earlier variant (`None`: the unclamped output).
     pub bases: &'a [Option<usize>],
@@ -111,6 +182,8 @@ pub(crate) struct IncrementalCpu<'a> {
     /// the unclamped output (possible when the removed inputs `d` are the activation itself:
     /// the zero clamp); else it is the unclamped output.
     pub conv_from_weight: bool,
+    /// Applied to each variant's output (the identity: none).
+    pub tail: Tail,
 }
 
 /// A raw pointer the sample blocks share; each writes only its own rows of every variant.
@@ -144,10 +217,7 @@ impl IncrementalCpu<'_> {
         m: usize,
     ) -> Result<Vec<T>> {
         let variants = self.bases.len();
-        let q = match self.shape {
-            LayerShape::Dense { outputs, .. } => outputs,
-            LayerShape::Conv(c) => c.out_len(),
-        };
+        let (q, q_out) = self.row_lengths()?;
         // Where each variant's inputs start among the weights.
         let mut first = Vec::with_capacity(variants);
         let mut total = 0usize;
@@ -156,23 +226,39 @@ impl IncrementalCpu<'_> {
             total += a.len();
         }
         let widest = self.added.iter().map(Vec::len).max().unwrap_or(0);
-        let len = variants * m * q;
+        let len = variants * m * q_out;
         let minus_one = T::from_f64(-1.0);
+        let tail = (!self.tail.is_identity()).then_some(self.tail);
         let mut out: Vec<T> = Vec::with_capacity(len);
         let ptr = Out(out.as_mut_ptr());
-        // One variant's rows `rows` of a block: copy the base, then subtract the product.
+        // Copies variant `v`'s base rows `start..start + rows` (`unclamped`: those rows of the
+        // unclamped output) to where its own rows are computed, and returns that place: its rows
+        // of the output, or with a tail (one sample), its slot in the thread's scratch `pre`,
+        // one sample of every variant.
         // Safety: blocks are disjoint sample ranges, and a variant's base is an earlier variant
         // whose same rows this block wrote before.
-        // `unclamped`: the block's unclamped rows.
-        let copy_base = |v: usize, start: usize, rows: usize, unclamped: *const T| {
-            let out = ptr.get();
-            let dst = unsafe { out.add((v * m + start) * q) };
-            let src = match self.bases[v] {
-                Some(b) => unsafe { out.add((b * m + start) * q) as *const T },
-                None => unclamped,
+        let start_rows = |v: usize, (start, rows), unclamped: *const T, pre: &mut [T]| {
+            let (scratch, at) = match tail {
+                None => (ptr.get(), (v * m + start) * q),
+                Some(_) => (pre.as_mut_ptr(), v * q),
+            };
+            let dst = unsafe { scratch.add(at) };
+            let src = match (self.bases[v], tail) {
+                (Some(b), None) => unsafe { scratch.add((b * m + start) * q) as *const T },
+                (Some(b), Some(_)) => unsafe { scratch.add(b * q) as *const T },
+                (None, _) => unclamped,
             };
             unsafe { std::ptr::copy_nonoverlapping(src, dst, rows * q) };
             dst
+        };
+        // With a tail, writes it of a variant's finished sample to the output.
+        let finish = |v: usize, s: usize, c: &ConvShape, pre: *const T| {
+            let Some(tail) = tail else { return };
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(ptr.get().add((v * m + s) * q_out), q_out)
+            };
+            let pre = unsafe { std::slice::from_raw_parts(pre, q) };
+            tail.apply(pre, c.outputs, c.out_hw(), out);
         };
         match self.shape {
             LayerShape::Dense { inputs, outputs } => {
@@ -193,7 +279,8 @@ impl IncrementalCpu<'_> {
                     |lhs, start| {
                         let rows = block.min(m - start);
                         for v in 0..variants {
-                            let dst = copy_base(v, start, rows, unclamped[start * q..].as_ptr());
+                            let rows_in = unclamped[start * q..].as_ptr();
+                            let dst = start_rows(v, (start, rows), rows_in, &mut []);
                             let cols = &self.added[v];
                             let k = cols.len();
                             if k == 0 {
@@ -237,15 +324,17 @@ impl IncrementalCpu<'_> {
                 {
                     candle_core::bail!("incremental convolution: inconsistent sizes");
                 }
+                let scratch = if tail.is_some() { variants * q } else { 0 };
                 (0..m).into_par_iter().for_each_init(
                     || {
                         (
                             vec![T::zero(); ck * positions],
                             vec![T::zero(); widest * kk * positions],
                             vec![T::zero(); q],
+                            vec![T::zero(); scratch],
                         )
                     },
-                    |(patches, rhs, unclamped), s| {
+                    |(patches, rhs, unclamped, pre), s| {
                         c.patches(&d[s * per_in..(s + 1) * per_in], patches);
                         let unclamped = if self.conv_from_weight {
                             // Bias, plus weight · patches (the patches of the activation itself).
@@ -266,38 +355,59 @@ impl IncrementalCpu<'_> {
                             first_in[s * q..].as_ptr()
                         };
                         for v in 0..variants {
-                            let dst = copy_base(v, s, 1, unclamped);
+                            let dst = start_rows(v, (s, 1), unclamped, pre);
                             let units = &self.added[v];
-                            if units.is_empty() {
-                                continue;
+                            if !units.is_empty() {
+                                let block = kk * positions;
+                                for (j, &u) in units.iter().enumerate() {
+                                    let u = u as usize;
+                                    rhs[j * block..(j + 1) * block]
+                                        .copy_from_slice(&patches[u * block..(u + 1) * block]);
+                                }
+                                let k = units.len() * kk;
+                                // dst (outputs × positions) −= w (outputs × k) · rhs (k ×
+                                // positions); the weights of all variants share rows of
+                                // `total · kk` values.
+                                let w = &weights[first[v] * kk..];
+                                unsafe {
+                                    add_product(
+                                        (c.outputs, positions, k),
+                                        (dst, positions),
+                                        (w.as_ptr(), total * kk),
+                                        (rhs.as_ptr(), positions),
+                                        minus_one,
+                                    )
+                                };
                             }
-                            let block = kk * positions;
-                            for (j, &u) in units.iter().enumerate() {
-                                let u = u as usize;
-                                rhs[j * block..(j + 1) * block]
-                                    .copy_from_slice(&patches[u * block..(u + 1) * block]);
-                            }
-                            let k = units.len() * kk;
-                            // dst (outputs × positions) −= w (outputs × k) · rhs (k × positions);
-                            // the weights of all variants share rows of `total · kk` values.
-                            let w = &weights[first[v] * kk..];
-                            unsafe {
-                                add_product(
-                                    (c.outputs, positions, k),
-                                    (dst, positions),
-                                    (w.as_ptr(), total * kk),
-                                    (rhs.as_ptr(), positions),
-                                    minus_one,
-                                )
-                            };
+                            finish(v, s, &c, dst);
                         }
                     },
                 );
             }
         }
-        // Every element was written: each variant's rows by its base copy.
+        // Every element was written: each variant's rows by its base copy, or by its tail.
         unsafe { out.set_len(len) };
         Ok(out)
+    }
+
+    /// Values per sample of the layer's output and of the op's (after the tail).
+    fn row_lengths(&self) -> Result<(usize, usize)> {
+        match (self.shape, self.tail.pool) {
+            (LayerShape::Dense { outputs, .. }, _) if self.tail.is_identity() => {
+                Ok((outputs, outputs))
+            }
+            (LayerShape::Dense { .. }, _) => {
+                candle_core::bail!("incremental-layer: a tail needs a convolution")
+            }
+            (LayerShape::Conv(c), None) => Ok((c.out_len(), c.out_len())),
+            (LayerShape::Conv(c), Some(k)) => match Tail::pooled(k, c.out_hw()) {
+                Some((ph, pw)) => Ok((c.out_len(), c.outputs * ph * pw)),
+                None => candle_core::bail!(
+                    "incremental-layer: pool kernel {k} larger than the output {:?}",
+                    c.out_hw()
+                ),
+            },
+        }
     }
 }
 
@@ -373,7 +483,11 @@ impl CustomOp3 for IncrementalCpu<'_> {
                 dims
             }
             LayerShape::Conv(c) => {
-                let (oh, ow) = c.out_hw();
+                let (mut oh, mut ow) = c.out_hw();
+                if let Some(k) = self.tail.pool {
+                    self.row_lengths()?;
+                    (oh, ow) = Tail::pooled(k, (oh, ow)).unwrap_or((oh, ow));
+                }
                 vec![self.bases.len() * m, c.outputs, oh, ow]
             }
         };
@@ -390,5 +504,57 @@ impl CustomOp3 for IncrementalCpu<'_> {
             _ => candle_core::bail!("incremental-layer: f32 or f64 only, all inputs alike"),
         };
         Ok((out, Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tail;
+
+    #[test]
+    fn tail_hand_worked() {
+        // One 3 × 5 map: a 2 × 2 pool keeps rows 0–1 and columns 0–3 (candle floors).
+        let map = [
+            1f32, -2.0, 3.0, 0.5, 9.0, //
+            -4.0, -1.0, -6.0, -7.0, 9.0, //
+            8.0, 8.0, 8.0, 8.0, 8.0,
+        ];
+        let mut out = [f32::NAN; 2];
+        let pool = Tail {
+            relu: false,
+            pool: Some(2),
+        };
+        pool.apply(&map, 1, (3, 5), &mut out);
+        assert_eq!(out, [1.0, 3.0]);
+        // Two channels of 2 × 2, all negative in the second: ReLU then pool gives 0 there.
+        let maps = [1f32, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0];
+        let relu_pool = Tail {
+            relu: true,
+            pool: Some(2),
+        };
+        relu_pool.apply(&maps, 2, (2, 2), &mut out);
+        assert_eq!(out, [4.0, 0.0]);
+        // A 3 × 3 window (the general path) over 3 × 4: one output, the last column dropped.
+        let map = [
+            0f32, 1.0, 2.0, 99.0, 3.0, 7.0, 5.0, 99.0, 6.0, -7.0, 8.0, 99.0,
+        ];
+        let mut one = [f32::NAN; 1];
+        Tail {
+            relu: false,
+            pool: Some(3),
+        }
+        .apply(&map, 1, (3, 4), &mut one);
+        assert_eq!(one, [8.0]);
+        // ReLU alone, element by element.
+        let mut row = [f32::NAN; 3];
+        Tail {
+            relu: true,
+            pool: None,
+        }
+        .apply(&[-1.0, 0.0, 2.5], 1, (1, 3), &mut row);
+        assert_eq!(row, [0.0, 0.0, 2.5]);
+        assert_eq!(Tail::pooled(2, (7, 8)), Some((3, 4)));
+        assert_eq!(Tail::pooled(3, (2, 8)), None);
+        assert_eq!(Tail::pooled(0, (2, 8)), None);
     }
 }

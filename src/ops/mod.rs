@@ -38,7 +38,7 @@ mod stats;
 #[doc(inline)]
 pub use crate::rng::counter_normal;
 pub(crate) use clamp::{level_clamp, level_clamp_shared};
-pub(crate) use incremental::{ConvShape, IncrementalCpu, LayerShape};
+pub(crate) use incremental::{ConvShape, IncrementalCpu, LayerShape, Tail};
 #[doc(hidden)]
 pub use launch::Geometry;
 pub(crate) use noise::{level_noise, LevelNoise};

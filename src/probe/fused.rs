@@ -23,7 +23,7 @@
 //! ```
 
 use super::{lock, Action, Probe};
-use crate::ops::{rows_units_inner, ConvShape, IncrementalCpu, LayerShape};
+use crate::ops::{rows_units_inner, ConvShape, IncrementalCpu, LayerShape, Tail};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Linear};
 use std::sync::atomic::Ordering;
@@ -83,7 +83,28 @@ impl NextLayer {
     }
 }
 
-/// A [`Probe`] and the layer that reads its output, as one module: `layer(probe(x))`. Created
+/// A step a [`ProbedLayer`] applies to its layer's output, as the model's forward would right
+/// after the layer (see [`ProbedLayer::then_relu`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterLayer {
+    /// `relu()`.
+    Relu,
+    /// `max_pool2d(k)`: a `k × k` max-pool with stride `k` over each channel of a feature map.
+    MaxPool2d(usize),
+}
+
+impl AfterLayer {
+    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        match *self {
+            AfterLayer::Relu => xs.relu(),
+            AfterLayer::MaxPool2d(0) => candle_core::bail!("ProbedLayer: max-pool kernel 0"),
+            AfterLayer::MaxPool2d(k) => xs.max_pool2d(k),
+        }
+    }
+}
+
+/// A [`Probe`] and the layer that reads its output, as one module: `layer(probe(x))`, then the
+/// steps added with [`ProbedLayer::then_relu`] and [`ProbedLayer::then_max_pool2d`]. Created
 /// by [`Probe::feeding`].
 ///
 /// During a clamp measurement in which this probe is the first one the forward pass reaches, the
@@ -101,6 +122,7 @@ impl NextLayer {
 pub struct ProbedLayer {
     probe: Probe,
     layer: NextLayer,
+    after: Vec<AfterLayer>,
 }
 
 impl Probe {
@@ -110,6 +132,7 @@ impl Probe {
         ProbedLayer {
             probe: self,
             layer: layer.into(),
+            after: Vec::new(),
         }
     }
 }
@@ -124,17 +147,101 @@ impl ProbedLayer {
     pub fn layer(&self) -> &NextLayer {
         &self.layer
     }
+
+    /// Also applies ReLU to the layer's output; the model's forward drops its own `relu()`
+    /// after this module.
+    ///
+    /// Only a cost matter: during a clamp measurement the CPU computes the ReLU (and a
+    /// max-pool added with [`ProbedLayer::then_max_pool2d`]) inside the op that computes every
+    /// variant's layer output, so that those full-size outputs are never written out, read back
+    /// by the activation, written again and read by the pool. On a small CNN that made a check
+    /// about 2× cheaper (`docs/performance.md`, "Activation and pool in the fused layer").
+    ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// use candle_nn::{Conv2d, Conv2dConfig};
+    /// use candle_reliance::ProbeSet;
+    ///
+    /// let probes = ProbeSet::new();
+    /// let w = Tensor::ones((2, 1, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+    /// // probe → conv → ReLU → 2×2 max-pool, as one module.
+    /// let block = probes
+    ///     .add("conv1")?
+    ///     .feeding(Conv2d::new(w, None, Conv2dConfig::default()))
+    ///     .then_relu()
+    ///     .then_max_pool2d(2);
+    /// let x = Tensor::new(&[[[[1f32, -2.0], [3.0, -4.0]]]], &Device::Cpu)?;
+    /// assert_eq!(block.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, vec![3.0, 3.0]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn then_relu(mut self) -> Self {
+        self.after.push(AfterLayer::Relu);
+        self
+    }
+
+    /// Also applies a `k × k` max-pool with stride `k` (candle's `max_pool2d(k)`) to the
+    /// layer's output, a feature map; see [`ProbedLayer::then_relu`]. A kernel of 0 is an error
+    /// at the forward pass.
+    pub fn then_max_pool2d(mut self, k: usize) -> Self {
+        self.after.push(AfterLayer::MaxPool2d(k));
+        self
+    }
+
+    /// The steps applied after the layer, in order.
+    pub fn after(&self) -> &[AfterLayer] {
+        &self.after
+    }
+
+    /// The steps after the layer, with candle's ops.
+    fn finish(&self, mut xs: Tensor) -> Result<Tensor> {
+        for a in &self.after {
+            xs = a.apply(&xs)?;
+        }
+        Ok(xs)
+    }
+
+    /// The steps after the layer as the CPU op's tail, if it can apply them all.
+    fn tail(&self, shape: LayerShape) -> Option<Tail> {
+        // A dense layer's ReLU fused measured no faster (the MNIST MLP): candle's runs after.
+        let LayerShape::Conv(c) = shape else {
+            return None;
+        };
+        let mut tail = Tail::default();
+        for a in &self.after {
+            match *a {
+                AfterLayer::Relu => tail.relu = true,
+                // ReLU and max-pooling commute: one pool anywhere in the steps.
+                AfterLayer::MaxPool2d(k)
+                    if tail.pool.is_none() && Tail::pooled(k, c.out_hw()).is_some() =>
+                {
+                    tail.pool = Some(k)
+                }
+                _ => return None,
+            }
+        }
+        Some(tail)
+    }
 }
 
 impl Module for ProbedLayer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let shared = &self.probe.shared;
         if !shared.active.load(Ordering::Acquire) {
-            return self.layer.forward(xs);
+            return self.finish(self.layer.forward(xs)?);
         }
         match self.claim(xs)? {
-            Some((plan, values)) => incremental(xs, &self.layer, &plan, &values),
-            None => self.layer.forward(&self.probe.forward(xs)?),
+            Some((plan, values)) => {
+                let tail = match &plan.kind {
+                    PlanKind::Cpu { shape, .. } => self.tail(*shape),
+                    PlanKind::Batched { .. } => None,
+                };
+                let out = incremental(xs, &self.layer, &plan, &values, tail.unwrap_or_default())?;
+                match tail {
+                    Some(_) => Ok(out),
+                    None => self.finish(out),
+                }
+            }
+            None => self.finish(self.layer.forward(&self.probe.forward(xs)?)?),
         }
     }
 }
@@ -443,8 +550,15 @@ fn batched_plan(
     })
 }
 
-/// The layer's output for every variant, variant-major: `(variants · N, ...)`.
-fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> Result<Tensor> {
+/// The layer's output for every variant, variant-major: `(variants · N, ...)`; on the CPU with
+/// `tail` applied (elsewhere `tail` must be the identity).
+fn incremental(
+    xs: &Tensor,
+    layer: &NextLayer,
+    plan: &Plan,
+    values: &Tensor,
+    tail: Tail,
+) -> Result<Tensor> {
     // What clamping removes from the input: h − c (h itself for the zero clamp).
     let d = if plan.zero {
         xs.clone()
@@ -467,6 +581,7 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
                 added,
                 shape: *shape,
                 conv_from_weight: full.is_some(),
+                tail,
             };
             let first = match full {
                 Some(f) => f.clone(),
@@ -514,4 +629,63 @@ fn incremental(xs: &Tensor, layer: &NextLayer, plan: &Plan, values: &Tensor) -> 
     let mut dims = per_variant;
     dims[0] *= v;
     out.reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ProbeSet;
+    use candle_core::Device;
+    use candle_nn::Conv2dConfig;
+
+    #[test]
+    fn the_op_takes_the_steps_it_can_apply() -> Result<()> {
+        let probes = ProbeSet::new();
+        let w = Tensor::zeros((2, 1, 3, 3), DType::F32, &Device::Cpu)?;
+        let conv = probes
+            .add("a")?
+            .feeding(Conv2d::new(w, None, Conv2dConfig::default()));
+        // An 8 × 8 output map.
+        let shape = LayerShape::Conv(ConvShape {
+            channels: 1,
+            height: 10,
+            width: 10,
+            outputs: 2,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+        });
+        let tail = |l: &ProbedLayer| l.tail(shape);
+        assert_eq!(tail(&conv), Some(Tail::default()));
+        let relu_pool = conv.clone().then_relu().then_max_pool2d(2);
+        let expected = Tail {
+            relu: true,
+            pool: Some(2),
+        };
+        assert_eq!(tail(&relu_pool), Some(expected));
+        assert_eq!(
+            tail(&conv.clone().then_max_pool2d(2).then_relu()),
+            Some(expected)
+        );
+        // Two pools, a window wider than the map, a zero kernel: candle's ops after the op.
+        assert_eq!(tail(&relu_pool.then_max_pool2d(2)), None);
+        assert_eq!(tail(&conv.clone().then_max_pool2d(9)), None);
+        assert_eq!(tail(&conv.then_max_pool2d(0)), None);
+        // A dense layer's ReLU runs after the op.
+        let dense = LayerShape::Dense {
+            inputs: 4,
+            outputs: 2,
+        };
+        let lin = probes
+            .add("b")?
+            .feeding(Linear::new(
+                Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?,
+                None,
+            ))
+            .then_relu();
+        assert_eq!(lin.tail(dense), None);
+        Ok(())
+    }
 }
