@@ -213,22 +213,24 @@ fn rayon_threads() -> usize {
 /// A check of the monitor's default size (1 000 samples, 17 fractions, 3 random orders, zero
 /// clamp, with its statistics pass) against one training epoch on the 8 000 shipped training
 /// digits, for the MNIST example's MLP (784-512-512-10, AdamW, batch 64) and a small CNN (two
-/// 3×3 convolutions with probes on their pooled feature maps, SGD, batch 64); the check also
-/// without shared rows (a block of rows per variant from the first probe), and single-unit
-/// importance of every unit with and without them. JSON object.
+/// 3×3 convolutions with probes on their pooled feature maps, SGD, batch 64), the CNN twice: its
+/// second convolution's ReLU and pool in the fused layer (`cnn`) and in the model's forward
+/// (`cnn_steps_outside`); the check also without shared rows (a block of rows per variant from
+/// the first probe), and single-unit importance of every unit with and without them. JSON
+/// object.
 fn check_per_epoch(reps: usize) -> Result<String> {
     let mnist = common::mnist()?;
     let (xs, ys) = (&mnist.train.images, &mnist.train.labels);
     let data = ProbeData::new(xs.clone(), ys.clone())?.subset(1000, 0)?;
     let spec = candle_reliance::RelianceConfig::default().ablation;
     let mut out = vec![];
-    for kind in ["mlp", "cnn"] {
+    for kind in ["mlp", "cnn", "cnn_steps_outside"] {
         let varmap = VarMap::new();
         let probes = ProbeSet::new();
         let model: Box<dyn Module> = if kind == "mlp" {
             Box::new(common::Mlp::new(&varmap, &[512, 512], 0.0, &probes, 0)?)
         } else {
-            Box::new(SmallCnn::new(&varmap, &probes)?)
+            Box::new(SmallCnn::new(&varmap, &probes, kind == "cnn")?)
         };
         let mut rng = common::Rng::new(0);
         let reps = reps.clamp(1, 3);
@@ -279,6 +281,8 @@ fn check_per_epoch(reps: usize) -> Result<String> {
 
 /// 28×28 digits: conv 3×3 (16) → ReLU → max-pool → [probe, conv 3×3 (32)] → ReLU → max-pool →
 /// [probe, linear 32·7·7 → 10]. The probes see pooled feature maps (units are channels).
+/// `fused_steps`: conv2's ReLU and max-pool are steps of its fused layer
+/// (`then_relu().then_max_pool2d(2)`), else calls in this forward; the same network either way.
 struct SmallCnn {
     c1: candle_nn::Conv2d,
     c2: ProbedLayer,
@@ -286,17 +290,21 @@ struct SmallCnn {
 }
 
 impl SmallCnn {
-    fn new(varmap: &VarMap, probes: &ProbeSet) -> Result<Self> {
+    fn new(varmap: &VarMap, probes: &ProbeSet, fused_steps: bool) -> Result<Self> {
         let vb = candle_nn::VarBuilder::from_varmap(varmap, candle_core::DType::F32, &Device::Cpu);
         let cfg = candle_nn::Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
+        let c2 = probes
+            .add("conv1")?
+            .feeding(candle_nn::conv2d(16, 32, 3, cfg, vb.pp("conv2"))?);
         let net = Self {
             c1: candle_nn::conv2d(1, 16, 3, cfg, vb.pp("conv1"))?,
-            c2: probes
-                .add("conv1")?
-                .feeding(candle_nn::conv2d(16, 32, 3, cfg, vb.pp("conv2"))?),
+            c2: match fused_steps {
+                true => c2.then_relu().then_max_pool2d(2),
+                false => c2,
+            },
             fc: probes
                 .add("conv2")?
                 .feeding(candle_nn::linear(32 * 7 * 7, 10, vb.pp("fc"))?),
@@ -310,7 +318,10 @@ impl Module for SmallCnn {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let x = xs.reshape((xs.dim(0)?, 1, 28, 28))?;
         let h = self.c1.forward(&x)?.relu()?.max_pool2d(2)?;
-        let h = self.c2.forward(&h)?.relu()?.max_pool2d(2)?;
+        let mut h = self.c2.forward(&h)?;
+        if self.c2.after().is_empty() {
+            h = h.relu()?.max_pool2d(2)?;
+        }
         self.fc.forward(&h)
     }
 }
