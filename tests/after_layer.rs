@@ -8,23 +8,47 @@
 mod common;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
+use candle_nn::{Conv2d, Conv2dConfig, Linear};
 use candle_reliance::curves::{AblationCurve, Clamp};
 use candle_reliance::probe::{AfterLayer, ProbedLayer};
 use candle_reliance::rng::SplitMix64;
 use candle_reliance::{Measurement, ProbeData, ProbeSet};
 use common::nets::{labelled, linear, random, spec};
 
-/// conv 3×3 (1 → 4) → ReLU → [probe, conv 3×3 (4 → 6, padding 1), then `steps`] → [probe, dense
-/// layer] → classes; `fused`: the steps in the fused layer, else in this forward.
-struct Pooled {
-    first: Conv2d,
+/// first layer → ReLU → [probe, layer, then `steps`] → [probe, dense layer] → classes; the steps
+/// in the fused layer, or those of them in `outside` in this forward.
+struct Stepped<L> {
+    first: L,
     second: ProbedLayer,
     third: ProbedLayer,
     outside: Vec<AfterLayer>,
 }
 
-impl Module for Pooled {
+/// conv 3×3 (1 → 4) → ReLU → [probe, conv 3×3 (4 → 6, padding 1), steps] → [probe, dense].
+type Pooled = Stepped<Conv2d>;
+
+/// dense 12 → 16 → ReLU → [probe, dense 16 → 24, ReLU] → [probe, dense 24 → 5].
+type Mlp = Stepped<Linear>;
+
+/// The steps into `layer` (`fused`), or left for the forward.
+fn with_steps(
+    mut layer: ProbedLayer,
+    steps: &[AfterLayer],
+    fused: bool,
+) -> (ProbedLayer, Vec<AfterLayer>) {
+    if !fused {
+        return (layer, steps.to_vec());
+    }
+    for step in steps {
+        layer = match *step {
+            AfterLayer::Relu => layer.then_relu(),
+            AfterLayer::MaxPool2d(k) => layer.then_max_pool2d(k),
+        };
+    }
+    (layer, vec![])
+}
+
+impl<L: Module> Module for Stepped<L> {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut h = self.second.forward(&self.first.forward(xs)?.relu()?)?;
         for step in &self.outside {
@@ -70,16 +94,7 @@ fn pooled(
         }
     }
     let fc = linear(&mut rng, 6 * map * map, 4, integer)?;
-    let mut second = probes.add("c1")?.feeding(conv);
-    let mut outside = steps.to_vec();
-    if fused {
-        for step in outside.drain(..) {
-            second = match step {
-                AfterLayer::Relu => second.then_relu(),
-                AfterLayer::MaxPool2d(k) => second.then_max_pool2d(k),
-            };
-        }
-    }
+    let (second, outside) = with_steps(probes.add("c1")?.feeding(conv), steps, fused);
     let model = Pooled {
         first,
         second,
@@ -91,8 +106,58 @@ fn pooled(
     Ok((probes, model, data))
 }
 
-/// The curve of the fused network, of the unfused one (incremental), and of one forward per
-/// variant of the fused one.
+/// The MLP for `seed`, its ReLU after the second layer fused or not; the same weights and data
+/// either way.
+fn mlp(seed: u64, integer: bool, fused: bool) -> Result<(ProbeSet, Mlp, ProbeData)> {
+    let mut rng = SplitMix64::new(seed);
+    let probes = ProbeSet::new();
+    let first = linear(&mut rng, 12, 16, integer)?;
+    let second = probes
+        .add("fc1")?
+        .feeding(linear(&mut rng, 16, 24, integer)?);
+    let (second, outside) = with_steps(second, &[AfterLayer::Relu], fused);
+    let model = Mlp {
+        first,
+        second,
+        third: probes
+            .add("fc2")?
+            .feeding(linear(&mut rng, 24, 5, integer)?),
+        outside,
+    };
+    let xs = random(&mut rng, &[150, 12], 0, 3, integer)?;
+    let data = labelled(&mut rng, &model, xs)?;
+    Ok((probes, model, data))
+}
+
+/// The curves of `fused` and `unfused` (the same network) and of one forward per variant of
+/// `fused`, at `max_rows` rows per expanded forward.
+fn compare<L: Module>(
+    (probes, fused, data): &(ProbeSet, Stepped<L>, ProbeData),
+    (probes_u, unfused, data_u): &(ProbeSet, Stepped<L>, ProbeData),
+    clamp: Clamp,
+    seed: u64,
+    max_rows: usize,
+) -> Result<[AblationCurve; 3]> {
+    let s = spec(clamp, 3, seed);
+    assert_eq!(
+        data.label_values(),
+        data_u.label_values(),
+        "the two networks must label alike"
+    );
+    let a = Measurement::new(fused, probes, data)
+        .with_max_batch_rows(max_rows)
+        .ablation_curve(&s)?;
+    let b = Measurement::new(unfused, probes_u, data_u)
+        .with_max_batch_rows(max_rows)
+        .ablation_curve(&s)?;
+    let c = Measurement::new(fused, probes, data)
+        .with_batched(false)
+        .ablation_curve(&s)?;
+    assert!(a.incremental && b.incremental && !c.incremental);
+    Ok([a, b, c])
+}
+
+/// [`compare`] for the pooled CNN.
 fn three(
     seed: u64,
     integer: bool,
@@ -101,25 +166,13 @@ fn three(
     clamp: Clamp,
     max_rows: usize,
 ) -> Result<[AblationCurve; 3]> {
-    let s = spec(clamp, 3, seed);
-    let (probes, fused, data) = pooled(seed, integer, side, steps, true)?;
-    let (probes_u, unfused, data_u) = pooled(seed, integer, side, steps, false)?;
-    assert_eq!(
-        data.label_values(),
-        data_u.label_values(),
-        "the two networks must label alike"
-    );
-    let a = Measurement::new(&fused, &probes, &data)
-        .with_max_batch_rows(max_rows)
-        .ablation_curve(&s)?;
-    let b = Measurement::new(&unfused, &probes_u, &data_u)
-        .with_max_batch_rows(max_rows)
-        .ablation_curve(&s)?;
-    let c = Measurement::new(&fused, &probes, &data)
-        .with_batched(false)
-        .ablation_curve(&s)?;
-    assert!(a.incremental && b.incremental && !c.incremental);
-    Ok([a, b, c])
+    compare(
+        &pooled(seed, integer, side, steps, true)?,
+        &pooled(seed, integer, side, steps, false)?,
+        clamp,
+        seed,
+        max_rows,
+    )
 }
 
 const RELU_POOL2: [AfterLayer; 2] = [AfterLayer::Relu, AfterLayer::MaxPool2d(2)];
@@ -165,6 +218,42 @@ fn float_networks_and_the_mean_clamp_match_the_unfused_path_bit_for_bit() -> Res
     }
     // Integer weights with the mean clamp (fractional clamp values), in chunks.
     let [fused, unfused, _] = three(23, true, 10, &RELU_POOL2, Clamp::Mean, 150)?;
+    assert_eq!(fused.per_order, unfused.per_order);
+    Ok(())
+}
+
+#[test]
+fn a_dense_layers_relu_matches() -> Result<()> {
+    for seed in 60..63 {
+        for max_rows in [100_000, 240] {
+            let curves = |clamp| {
+                compare(
+                    &mlp(seed, true, true)?,
+                    &mlp(seed, true, false)?,
+                    clamp,
+                    seed,
+                    max_rows,
+                )
+            };
+            let [fused, unfused, reference] = curves(Clamp::Zero)?;
+            assert_eq!(fused.per_order, reference.per_order, "seed {seed}");
+            assert_eq!(fused.per_order, unfused.per_order, "seed {seed}");
+            assert!(fused.accuracy.first() != fused.accuracy.last());
+            let [fused, unfused, _] = curves(Clamp::Mean)?;
+            assert_eq!(
+                fused.per_order, unfused.per_order,
+                "seed {seed}, mean clamp"
+            );
+        }
+    }
+    // Float weights: the same op's values, rectified in place or by candle.
+    let [fused, unfused, _] = compare(
+        &mlp(63, false, true)?,
+        &mlp(63, false, false)?,
+        Clamp::Zero,
+        63,
+        100_000,
+    )?;
     assert_eq!(fused.per_order, unfused.per_order);
     Ok(())
 }

@@ -106,6 +106,14 @@ impl Tail {
         !self.relu && self.pool.is_none()
     }
 
+    /// ReLU in place, as candle's `max(v, 0)` (a NaN becomes 0).
+    fn rectify<T: WithDType>(values: &mut [T]) {
+        let zero = T::zero();
+        for v in values {
+            *v = if *v > zero { *v } else { zero };
+        }
+    }
+
     /// Pooled output `(height, width)` of an `(h, w)` map, as candle's `max_pool2d`.
     pub fn pooled(k: usize, (h, w): (usize, usize)) -> Option<(usize, usize)> {
         (k >= 1 && h >= k && w >= k).then(|| ((h - k) / k + 1, (w - k) / k + 1))
@@ -118,14 +126,8 @@ impl Tail {
         let mx = |a: T, b: T| if a < b { b } else { a };
         let relu = self.relu;
         // ReLU as candle's `max(v, 0)`: a NaN becomes 0.
-        let finish = |v: T| {
-            let positive = v.partial_cmp(&T::zero()) == Some(std::cmp::Ordering::Greater);
-            if relu && !positive {
-                T::zero()
-            } else {
-                v
-            }
-        };
+        let zero = T::zero();
+        let finish = |v: T| if !relu || v > zero { v } else { zero };
         let Some(k) = self.pool else {
             out.iter_mut().zip(pre).for_each(|(o, &v)| *o = finish(v));
             return;
@@ -233,20 +235,20 @@ impl IncrementalCpu<'_> {
         let ptr = Out(out.as_mut_ptr());
         // Copies variant `v`'s base rows `start..start + rows` (`unclamped`: those rows of the
         // unclamped output) to where its own rows are computed, and returns that place: its rows
-        // of the output, or with a tail (one sample), its slot in the thread's scratch `pre`,
-        // one sample of every variant.
+        // of the output, or with `pre` (one sample), its slot there (a scratch holding one
+        // sample of every variant).
         // Safety: blocks are disjoint sample ranges, and a variant's base is an earlier variant
         // whose same rows this block wrote before.
-        let start_rows = |v: usize, (start, rows), unclamped: *const T, pre: &mut [T]| {
-            let (scratch, at) = match tail {
-                None => (ptr.get(), (v * m + start) * q),
-                Some(_) => (pre.as_mut_ptr(), v * q),
+        let start_rows = |v: usize, (start, rows), unclamped: *const T, pre: Option<&mut [T]>| {
+            let (scratch, in_out) = match pre {
+                None => (ptr.get(), true),
+                Some(p) => (p.as_mut_ptr(), false),
             };
-            let dst = unsafe { scratch.add(at) };
-            let src = match (self.bases[v], tail) {
-                (Some(b), None) => unsafe { scratch.add((b * m + start) * q) as *const T },
-                (Some(b), Some(_)) => unsafe { scratch.add(b * q) as *const T },
-                (None, _) => unclamped,
+            let row = |w: usize| if in_out { (w * m + start) * q } else { w * q };
+            let dst = unsafe { scratch.add(row(v)) };
+            let src = match self.bases[v] {
+                Some(b) => unsafe { scratch.add(row(b)) as *const T },
+                None => unclamped,
             };
             unsafe { std::ptr::copy_nonoverlapping(src, dst, rows * q) };
             dst
@@ -274,16 +276,42 @@ impl IncrementalCpu<'_> {
                 let threads = rayon::current_num_threads().max(1);
                 let block = m.div_ceil(threads).next_multiple_of(8).max(DENSE_BLOCK);
                 let blocks: Vec<usize> = (0..m).step_by(block).collect();
+                // A ReLU tail rectifies a variant's rows in place, in cache, once the last
+                // variant that starts from them has: after variant `v`, those in `released[v]`.
+                let mut released = vec![vec![]; variants];
+                if let Some(tail) = tail {
+                    if tail.pool.is_some() {
+                        candle_core::bail!("incremental dense layer: a pool needs a feature map");
+                    }
+                    let mut last: Vec<usize> = (0..variants).collect();
+                    for (v, b) in self.bases.iter().enumerate() {
+                        if let Some(b) = *b {
+                            last[b] = last[b].max(v);
+                        }
+                    }
+                    for (w, &v) in last.iter().enumerate() {
+                        released[v].push(w);
+                    }
+                }
+                let rectify = |v: usize, start: usize, rows: usize| {
+                    for &w in &released[v] {
+                        let at = (w * m + start) * q;
+                        let rows =
+                            unsafe { std::slice::from_raw_parts_mut(ptr.get().add(at), rows * q) };
+                        Tail::rectify(rows);
+                    }
+                };
                 blocks.into_par_iter().for_each_init(
                     || vec![T::zero(); block * widest],
                     |lhs, start| {
                         let rows = block.min(m - start);
                         for v in 0..variants {
                             let rows_in = unclamped[start * q..].as_ptr();
-                            let dst = start_rows(v, (start, rows), rows_in, &mut []);
+                            let dst = start_rows(v, (start, rows), rows_in, None);
                             let cols = &self.added[v];
                             let k = cols.len();
                             if k == 0 {
+                                rectify(v, start, rows);
                                 continue;
                             }
                             for r in 0..rows {
@@ -304,6 +332,7 @@ impl IncrementalCpu<'_> {
                                     minus_one,
                                 )
                             };
+                            rectify(v, start, rows);
                         }
                     },
                 );
@@ -325,6 +354,7 @@ impl IncrementalCpu<'_> {
                     candle_core::bail!("incremental convolution: inconsistent sizes");
                 }
                 let scratch = if tail.is_some() { variants * q } else { 0 };
+                let in_scratch = tail.is_some();
                 (0..m).into_par_iter().for_each_init(
                     || {
                         (
@@ -355,6 +385,7 @@ impl IncrementalCpu<'_> {
                             first_in[s * q..].as_ptr()
                         };
                         for v in 0..variants {
+                            let pre = in_scratch.then_some(&mut pre[..]);
                             let dst = start_rows(v, (s, 1), unclamped, pre);
                             let units = &self.added[v];
                             if !units.is_empty() {
@@ -393,11 +424,9 @@ impl IncrementalCpu<'_> {
     /// Values per sample of the layer's output and of the op's (after the tail).
     fn row_lengths(&self) -> Result<(usize, usize)> {
         match (self.shape, self.tail.pool) {
-            (LayerShape::Dense { outputs, .. }, _) if self.tail.is_identity() => {
-                Ok((outputs, outputs))
-            }
-            (LayerShape::Dense { .. }, _) => {
-                candle_core::bail!("incremental-layer: a tail needs a convolution")
+            (LayerShape::Dense { outputs, .. }, None) => Ok((outputs, outputs)),
+            (LayerShape::Dense { .. }, Some(_)) => {
+                candle_core::bail!("incremental-layer: a pool needs a feature map")
             }
             (LayerShape::Conv(c), None) => Ok((c.out_len(), c.out_len())),
             (LayerShape::Conv(c), Some(k)) => match Tail::pooled(k, c.out_hw()) {

@@ -202,20 +202,17 @@ impl ProbedLayer {
 
     /// The steps after the layer as the CPU op's tail, if it can apply them all.
     fn tail(&self, shape: LayerShape) -> Option<Tail> {
-        // A dense layer's ReLU fused measured no faster (the MNIST MLP): candle's runs after.
-        let LayerShape::Conv(c) = shape else {
-            return None;
+        // A pool needs a feature map at least as large as its window.
+        let pools = |k| match shape {
+            LayerShape::Conv(c) => Tail::pooled(k, c.out_hw()).is_some(),
+            LayerShape::Dense { .. } => false,
         };
         let mut tail = Tail::default();
         for a in &self.after {
             match *a {
                 AfterLayer::Relu => tail.relu = true,
                 // ReLU and max-pooling commute: one pool anywhere in the steps.
-                AfterLayer::MaxPool2d(k)
-                    if tail.pool.is_none() && Tail::pooled(k, c.out_hw()).is_some() =>
-                {
-                    tail.pool = Some(k)
-                }
+                AfterLayer::MaxPool2d(k) if tail.pool.is_none() && pools(k) => tail.pool = Some(k),
                 _ => return None,
             }
         }
@@ -673,7 +670,7 @@ mod tests {
         assert_eq!(tail(&relu_pool.then_max_pool2d(2)), None);
         assert_eq!(tail(&conv.clone().then_max_pool2d(9)), None);
         assert_eq!(tail(&conv.then_max_pool2d(0)), None);
-        // A dense layer's ReLU runs after the op.
+        // A dense layer takes a ReLU, not a pool.
         let dense = LayerShape::Dense {
             inputs: 4,
             outputs: 2,
@@ -685,7 +682,12 @@ mod tests {
                 None,
             ))
             .then_relu();
-        assert_eq!(lin.tail(dense), None);
+        let relu = Tail {
+            relu: true,
+            pool: None,
+        };
+        assert_eq!(lin.tail(dense), Some(relu));
+        assert_eq!(lin.then_max_pool2d(1).tail(dense), None);
         Ok(())
     }
 }
