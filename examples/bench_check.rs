@@ -213,9 +213,9 @@ fn rayon_threads() -> usize {
 /// A check of the monitor's default size (1 000 samples, 17 fractions, 3 random orders, zero
 /// clamp, with its statistics pass) against one training epoch on the 8 000 shipped training
 /// digits, for the MNIST example's MLP (784-512-512-10, AdamW, batch 64) and a small CNN (two
-/// 3×3 convolutions with probes on their pooled feature maps, SGD, batch 64), the CNN twice: its
-/// second convolution's ReLU and pool in the fused layer (`cnn`) and in the model's forward
-/// (`cnn_steps_outside`); the check also without shared rows (a block of rows per variant from
+/// 3×3 convolutions with probes on their pooled feature maps, SGD, batch 64), each twice: the
+/// steps after the first fused layer (the MLP's ReLU, the CNN's ReLU and pool) in that layer
+/// (`mlp`, `cnn`) and in the model's forward (`*_steps_outside`); the check also without shared rows (a block of rows per variant from
 /// the first probe), and single-unit importance of every unit with and without them. JSON
 /// object.
 fn check_per_epoch(reps: usize) -> Result<String> {
@@ -224,17 +224,21 @@ fn check_per_epoch(reps: usize) -> Result<String> {
     let data = ProbeData::new(xs.clone(), ys.clone())?.subset(1000, 0)?;
     let spec = candle_reliance::RelianceConfig::default().ablation;
     let mut out = vec![];
-    for kind in ["mlp", "cnn", "cnn_steps_outside"] {
+    for kind in ["mlp", "mlp_steps_outside", "cnn", "cnn_steps_outside"] {
         let varmap = VarMap::new();
         let probes = ProbeSet::new();
-        let model: Box<dyn Module> = if kind == "mlp" {
-            Box::new(common::Mlp::new(&varmap, &[512, 512], 0.0, &probes, 0)?)
+        let model: Box<dyn Module> = if kind.starts_with("mlp") {
+            let mlp = common::Mlp::new(&varmap, &[512, 512], 0.0, &probes, 0)?;
+            Box::new(match kind {
+                "mlp" => mlp,
+                _ => mlp.with_relu_outside(),
+            })
         } else {
             Box::new(SmallCnn::new(&varmap, &probes, kind == "cnn")?)
         };
         let mut rng = common::Rng::new(0);
         let reps = reps.clamp(1, 3);
-        let epoch = if kind == "mlp" {
+        let epoch = if kind.starts_with("mlp") {
             let mut opt = common::adamw(varmap.all_vars(), 1e-3)?;
             time(reps, || {
                 common::train_epoch(|x| model.forward(x), &mut opt, xs, ys, 64, &mut rng)

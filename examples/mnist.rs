@@ -53,7 +53,8 @@ struct Args {
 }
 
 /// The probes sit after the hidden activations, each fused with the layer that reads it
-/// (`probe.feeding(layer)`), so that a check computes that layer incrementally.
+/// (`probe.feeding(layer)`), so that a check computes that layer incrementally; fc2's ReLU is a
+/// step of its fused layer (`then_relu()`), which a check applies in the same op.
 struct Mlp {
     fc1: Linear,
     fc2: ProbedLayer,
@@ -66,7 +67,8 @@ impl Mlp {
             fc1: linear(784, hidden, vb.pp("fc1"))?,
             fc2: probes
                 .add("fc1")?
-                .feeding(linear(hidden, hidden, vb.pp("fc2"))?),
+                .feeding(linear(hidden, hidden, vb.pp("fc2"))?)
+                .then_relu(),
             fc3: probes
                 .add("fc2")?
                 .feeding(linear(hidden, 10, vb.pp("fc3"))?),
@@ -77,7 +79,7 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.fc1.forward(xs)?.relu()?;
-        let h = self.fc2.forward(&h)?.relu()?; // probe "fc1", then fc2
+        let h = self.fc2.forward(&h)?; // probe "fc1", fc2, ReLU
         self.fc3.forward(&h) // probe "fc2", then fc3
     }
 }

@@ -58,6 +58,9 @@ pub struct Mlp {
     /// `layers[i + 1]` behind the probe after activation `i`.
     pub fused: Vec<ProbedLayer>,
     pub dropout: Option<Dropout>,
+    /// Whether the hidden ReLUs after the first are steps of the fused layers (`then_relu`), as
+    /// built; else calls in the forward (the same network).
+    relu_fused: bool,
 }
 
 impl Mlp {
@@ -79,9 +82,15 @@ impl Mlp {
             .collect::<Result<Vec<_>>>()?;
         let fused = (0..hidden.len())
             .map(|i| {
-                Ok(probes
+                let layer = probes
                     .add(format!("fc{}", i + 1))?
-                    .feeding(layers[i + 1].clone()))
+                    .feeding(layers[i + 1].clone());
+                // The ReLU after every hidden layer but the last fused layer's (the logits).
+                Ok(if i + 1 < hidden.len() {
+                    layer.then_relu()
+                } else {
+                    layer
+                })
             })
             .collect::<Result<_>>()?;
         seeded_init(varmap, seed)?;
@@ -89,22 +98,35 @@ impl Mlp {
             layers,
             fused,
             dropout: (dropout > 0.0).then(|| Dropout::new(dropout)),
+            relu_fused: true,
         })
+    }
+
+    /// The same network with every ReLU called in the forward instead of fused (for benchmarks).
+    pub fn with_relu_outside(mut self) -> Self {
+        for f in &mut self.fused {
+            *f = f.probe().clone().feeding(f.layer().clone());
+        }
+        self.relu_fused = false;
+        self
     }
 }
 
 impl Mlp {
     /// Forward pass; dropout is active only when `train`.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.layers[0].forward(xs)?;
-        for next in &self.fused {
-            h = h.relu()?;
+        let mut h = self.layers[0].forward(xs)?.relu()?;
+        for (i, next) in self.fused.iter().enumerate() {
             // Dropout before the probe: the same network, as probes are identities in training
             // and dropout is one at evaluation.
             if let Some(d) = &self.dropout {
                 h = d.forward_t(&h, train)?;
             }
+            // ReLU included, except for the logits.
             h = next.forward(&h)?;
+            if !self.relu_fused && i + 1 < self.fused.len() {
+                h = h.relu()?;
+            }
         }
         Ok(h)
     }
