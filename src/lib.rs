@@ -48,7 +48,8 @@
 //! # Modules
 //!
 //! * [`probe`] — [`Probe`] layers, the [`ProbeSet`] that drives them during a measurement, and
-//!   [`ProbedLayer`]: a probe fused with the layer it feeds, which makes checks cheaper.
+//!   [`ProbedLayer`]: a probe fused with the layer it feeds (and the ReLU and max-pool after
+//!   it), which makes checks cheaper.
 //! * [`data`] — the fixed training subset a measurement runs on ([`ProbeData`]).
 //! * [`measurement`] — [`Measurement`]: a model, its probes and data, the statistics pass run
 //!   once and shared by every measurement below.

@@ -90,10 +90,12 @@ impl ConvShape {
     }
 }
 
-/// What the op applies to each variant's output before writing it: ReLU, then a `k × k`
+/// What the op applies to each variant's output: ReLU, and after a convolution a `k × k`
 /// max-pool with stride `k` over each output channel (as candle's `max_pool2d(k)`; ReLU and
-/// max-pooling commute, so their order does not matter). The pre-activations the next variants
-/// start from stay in the op's scratch, so the full-size outputs never reach memory.
+/// max-pooling commute, so their order does not matter). A convolution's outputs are computed
+/// in a per-thread scratch, one sample of every variant (later variants start from their base's
+/// pre-activations there), and only the tail's result is written out; a dense layer's rows are
+/// rectified in place once no later variant starts from them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Tail {
     pub relu: bool,
@@ -279,10 +281,8 @@ impl IncrementalCpu<'_> {
                 // A ReLU tail rectifies a variant's rows in place, in cache, once the last
                 // variant that starts from them has: after variant `v`, those in `released[v]`.
                 let mut released = vec![vec![]; variants];
-                if let Some(tail) = tail {
-                    if tail.pool.is_some() {
-                        candle_core::bail!("incremental dense layer: a pool needs a feature map");
-                    }
+                if tail.is_some() {
+                    // (`row_lengths` refused a pool.)
                     let mut last: Vec<usize> = (0..variants).collect();
                     for (v, b) in self.bases.iter().enumerate() {
                         if let Some(b) = *b {
@@ -423,19 +423,28 @@ impl IncrementalCpu<'_> {
 
     /// Values per sample of the layer's output and of the op's (after the tail).
     fn row_lengths(&self) -> Result<(usize, usize)> {
-        match (self.shape, self.tail.pool) {
-            (LayerShape::Dense { outputs, .. }, None) => Ok((outputs, outputs)),
-            (LayerShape::Dense { .. }, Some(_)) => {
+        match self.shape {
+            LayerShape::Dense { outputs, .. } if self.tail.pool.is_none() => Ok((outputs, outputs)),
+            LayerShape::Dense { .. } => {
                 candle_core::bail!("incremental-layer: a pool needs a feature map")
             }
-            (LayerShape::Conv(c), None) => Ok((c.out_len(), c.out_len())),
-            (LayerShape::Conv(c), Some(k)) => match Tail::pooled(k, c.out_hw()) {
-                Some((ph, pw)) => Ok((c.out_len(), c.outputs * ph * pw)),
-                None => candle_core::bail!(
+            LayerShape::Conv(c) => {
+                let (h, w) = self.conv_out_hw(&c)?;
+                Ok((c.out_len(), c.outputs * h * w))
+            }
+        }
+    }
+
+    /// A convolution's output map `(height, width)` after the tail.
+    fn conv_out_hw(&self, c: &ConvShape) -> Result<(usize, usize)> {
+        match self.tail.pool {
+            None => Ok(c.out_hw()),
+            Some(k) => Tail::pooled(k, c.out_hw()).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
                     "incremental-layer: pool kernel {k} larger than the output {:?}",
                     c.out_hw()
-                ),
-            },
+                ))
+            }),
         }
     }
 }
@@ -512,11 +521,7 @@ impl CustomOp3 for IncrementalCpu<'_> {
                 dims
             }
             LayerShape::Conv(c) => {
-                let (mut oh, mut ow) = c.out_hw();
-                if let Some(k) = self.tail.pool {
-                    self.row_lengths()?;
-                    (oh, ow) = Tail::pooled(k, (oh, ow)).unwrap_or((oh, ow));
-                }
+                let (oh, ow) = self.conv_out_hw(&c)?;
                 vec![self.bases.len() * m, c.outputs, oh, ow]
             }
         };
