@@ -155,7 +155,7 @@ impl ProbedLayer {
     /// max-pool added with [`ProbedLayer::then_max_pool2d`]) inside the op that computes every
     /// variant's layer output, so that those full-size outputs are not written out, read back by
     /// the activation, written again and read by the pool. That made a small CNN's check 2.1–2.7×
-    /// and the MNIST MLP's 1.03–1.14× cheaper (`docs/performance.md`, "Activation and pool in the
+    /// and the MNIST MLP's about 1.1× cheaper (`docs/performance.md`, "Activation and pool in the
     /// fused layer"). Elsewhere these are candle's `relu` and `max_pool2d`.
     ///
     /// ```
