@@ -215,9 +215,9 @@ fn rayon_threads() -> usize {
 /// digits, for the MNIST example's MLP (784-512-512-10, AdamW, batch 64) and a small CNN (two
 /// 3×3 convolutions with probes on their pooled feature maps, SGD, batch 64), each twice: the
 /// steps after the first fused layer (the MLP's ReLU, the CNN's ReLU and pool) in that layer
-/// (`mlp`, `cnn`) and in the model's forward (`*_steps_outside`); the check also without shared rows (a block of rows per variant from
-/// the first probe), and single-unit importance of every unit with and without them. JSON
-/// object.
+/// (`mlp`, `cnn`) and in the model's forward (`*_steps_outside`); the check also without shared
+/// rows (a block of rows per variant from the first probe), and single-unit importance of every
+/// unit with and without them. JSON object.
 fn check_per_epoch(reps: usize) -> Result<String> {
     let mnist = common::mnist()?;
     let (xs, ys) = (&mnist.train.images, &mnist.train.labels);

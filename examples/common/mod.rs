@@ -58,9 +58,6 @@ pub struct Mlp {
     /// `layers[i + 1]` behind the probe after activation `i`.
     pub fused: Vec<ProbedLayer>,
     pub dropout: Option<Dropout>,
-    /// Whether the hidden ReLUs after the first are steps of the fused layers (`then_relu`), as
-    /// built; else calls in the forward (the same network).
-    relu_fused: bool,
 }
 
 impl Mlp {
@@ -98,7 +95,6 @@ impl Mlp {
             layers,
             fused,
             dropout: (dropout > 0.0).then(|| Dropout::new(dropout)),
-            relu_fused: true,
         })
     }
 
@@ -107,7 +103,6 @@ impl Mlp {
         for f in &mut self.fused {
             *f = f.probe().clone().feeding(f.layer().clone());
         }
-        self.relu_fused = false;
         self
     }
 }
@@ -122,9 +117,9 @@ impl Mlp {
             if let Some(d) = &self.dropout {
                 h = d.forward_t(&h, train)?;
             }
-            // ReLU included, except for the logits.
             h = next.forward(&h)?;
-            if !self.relu_fused && i + 1 < self.fused.len() {
+            // A hidden layer's ReLU: its fused layer's step, or called here.
+            if i + 1 < self.fused.len() && next.after().is_empty() {
                 h = h.relu()?;
             }
         }

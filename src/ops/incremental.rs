@@ -108,12 +108,21 @@ impl Tail {
         !self.relu && self.pool.is_none()
     }
 
-    /// ReLU in place, as candle's `max(v, 0)` (a NaN becomes 0).
-    fn rectify<T: WithDType>(values: &mut [T]) {
+    /// ReLU as candle's `max(v, 0)`: a NaN becomes 0. A plain comparison, which vectorizes
+    /// (a `partial_cmp` form did not).
+    #[inline]
+    fn relu<T: WithDType>(v: T) -> T {
         let zero = T::zero();
-        for v in values {
-            *v = if *v > zero { *v } else { zero };
+        if v > zero {
+            v
+        } else {
+            zero
         }
+    }
+
+    /// ReLU in place.
+    fn rectify<T: WithDType>(values: &mut [T]) {
+        values.iter_mut().for_each(|v| *v = Self::relu(*v));
     }
 
     /// Pooled output `(height, width)` of an `(h, w)` map, as candle's `max_pool2d`.
@@ -121,15 +130,12 @@ impl Tail {
         (k >= 1 && h >= k && w >= k).then(|| ((h - k) / k + 1, (w - k) / k + 1))
     }
 
-    /// Writes the tail of `pre` (one sample's output: `channels` maps of `hw`, or a dense row
-    /// with `hw = (1, len)`) to `out`.
+    /// Writes the tail of `pre` (one sample's output: `channels` maps of `hw`) to `out`.
     fn apply<T: WithDType>(&self, pre: &[T], channels: usize, hw: (usize, usize), out: &mut [T]) {
         // candle's max: the window's first value, then each later value larger than it.
         let mx = |a: T, b: T| if a < b { b } else { a };
         let relu = self.relu;
-        // ReLU as candle's `max(v, 0)`: a NaN becomes 0.
-        let zero = T::zero();
-        let finish = |v: T| if !relu || v > zero { v } else { zero };
+        let finish = |v: T| if relu { Self::relu(v) } else { v };
         let Some(k) = self.pool else {
             out.iter_mut().zip(pre).for_each(|(o, &v)| *o = finish(v));
             return;
@@ -354,7 +360,6 @@ impl IncrementalCpu<'_> {
                     candle_core::bail!("incremental convolution: inconsistent sizes");
                 }
                 let scratch = if tail.is_some() { variants * q } else { 0 };
-                let in_scratch = tail.is_some();
                 (0..m).into_par_iter().for_each_init(
                     || {
                         (
@@ -385,7 +390,7 @@ impl IncrementalCpu<'_> {
                             first_in[s * q..].as_ptr()
                         };
                         for v in 0..variants {
-                            let pre = in_scratch.then_some(&mut pre[..]);
+                            let pre = tail.is_some().then_some(&mut pre[..]);
                             let dst = start_rows(v, (s, 1), unclamped, pre);
                             let units = &self.added[v];
                             if !units.is_empty() {
