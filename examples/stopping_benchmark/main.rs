@@ -7,6 +7,7 @@
 //! cargo run --release --example stopping_benchmark -- run --data mnist --model mlp --seeds 0,1,2
 //! cargo run --release --example stopping_benchmark -- run --quick
 //! cargo run --release --example stopping_benchmark -- report docs/results/stopping/*.jsonl
+//! cargo run --release --example stopping_benchmark -- diagnose docs/results/stopping/runs/*.jsonl
 //! ```
 //!
 //! One JSON line per run goes to the results file (`--out`). Runs already in the file are
@@ -20,17 +21,18 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod diagnose;
 mod report;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{
-    batch_norm, conv2d_no_bias, linear, loss, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig,
-    Linear, Optimizer, VarBuilder, VarMap,
+    batch_norm, conv2d, conv2d_no_bias, linear, loss, BatchNorm, BatchNormConfig, Conv2d,
+    Conv2dConfig, Linear, Optimizer, VarBuilder, VarMap,
 };
-use candle_reliance::curves::AblationOrder;
+use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp, NoiseSpec};
 use candle_reliance::data::corrupt_labels;
-use candle_reliance::{Measurement, Probe, ProbeData, ProbeSet, RelianceConfig};
+use candle_reliance::{Measurement, Probe, ProbeData, ProbeSet, ProbedLayer, RelianceConfig};
 use clap::{Parser, Subcommand};
 use common::idx::load_mnist_dir;
 use common::{seeded_init, Mlp, Rng};
@@ -53,6 +55,9 @@ enum Cmd {
     Run(RunArgs),
     /// Replay every criterion over recorded runs; print the tables, write choices and plots.
     Report(report::ReportArgs),
+    /// Why the reliance signal follows memorization on some networks and not on others, from
+    /// runs recorded with `--diagnostics`.
+    Diagnose(diagnose::DiagnoseArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -63,7 +68,8 @@ struct RunArgs {
     /// Data sets: mnist (the shipped digits) and/or fashion.
     #[arg(long, value_delimiter = ',', default_value = "mnist")]
     data: Vec<DataSet>,
-    /// Models: mlp (784-512-512-10) and/or cnn (two 3×3 conv layers with batch norm).
+    /// Models: mlp (784-512-512-10), cnn (two 3×3 conv layers with batch norm) and/or
+    /// cnn-plain (two 3×3 conv layers without batch norm, probes fused as the README shows).
     #[arg(long, value_delimiter = ',', default_value = "mlp")]
     model: Vec<ModelKind>,
     /// Optimizers: sgd (lr 0.05), momentum (SGD, momentum 0.9, lr 0.01), adamw (lr 1e-3,
@@ -91,6 +97,11 @@ struct RunArgs {
     /// separate curve (the default check's agreement curve measures the same in its own passes).
     #[arg(long)]
     self_curve: bool,
+    /// Also record, at every check, the measurements that explain the default metric: the
+    /// mean-clamp curve, each probe's curve alone, the noise curve, the agreement curve on the
+    /// subset's clean, memorized and unfit samples, and the subset's loss (`check.diag`).
+    #[arg(long)]
+    diagnostics: bool,
     /// Folder with the Fashion-MNIST IDX files.
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     fashion_dir: PathBuf,
@@ -120,6 +131,7 @@ enum DataSet {
 enum ModelKind {
     Mlp,
     Cnn,
+    CnnPlain,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -322,9 +334,51 @@ impl Cnn {
     }
 }
 
+/// A plain CNN for 28×28 images, without batch norm: conv 3×3 (16) → ReLU → max-pool →
+/// [probe, conv 3×3 (32) → ReLU → max-pool] → [probe, linear 32·7·7 → 10]. The probes see the
+/// pooled feature maps (units are channels) and are fused with the layer that reads them, conv2's
+/// ReLU and pool as steps of its fused layer, as the README recommends.
+struct PlainCnn {
+    c1: Conv2d,
+    c2: ProbedLayer,
+    fc: ProbedLayer,
+}
+
+impl PlainCnn {
+    fn new(varmap: &VarMap, probes: &ProbeSet, seed: u64) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let net = Self {
+            c1: conv2d(1, 16, 3, cfg, vb.pp("conv1"))?,
+            c2: probes
+                .add("conv1")?
+                .feeding(conv2d(16, 32, 3, cfg, vb.pp("conv2"))?)
+                .then_relu()
+                .then_max_pool2d(2),
+            fc: probes
+                .add("conv2")?
+                .feeding(linear(32 * 7 * 7, 10, vb.pp("fc"))?),
+        };
+        seeded_init(varmap, seed)?;
+        Ok(net)
+    }
+}
+
+impl Module for PlainCnn {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let x = xs.reshape((xs.dim(0)?, 1, 28, 28))?;
+        let h = self.c1.forward(&x)?.relu()?.max_pool2d(2)?;
+        self.fc.forward(&self.c2.forward(&h)?)
+    }
+}
+
 enum Net {
     Mlp(Mlp),
     Cnn(Box<Cnn>),
+    CnnPlain(Box<PlainCnn>),
 }
 
 impl Net {
@@ -332,6 +386,7 @@ impl Net {
         match self {
             Net::Mlp(m) => m.forward_t(xs, train),
             Net::Cnn(c) => c.forward_t(xs, train),
+            Net::CnnPlain(c) => c.forward(xs),
         }
     }
 }
@@ -405,6 +460,143 @@ fn predict(model: &Net, xs: &Tensor) -> Result<Vec<u32>> {
     Ok(out)
 }
 
+/// Which subset samples had their labels corrupted, and the network's predictions on them: the
+/// groups the agreement curve is split into in [`diagnostics`].
+struct DiagGroups<'a> {
+    /// Row in the training split of each subset sample.
+    subset_idx: &'a [usize],
+    /// Per training-split row: whether its label was corrupted.
+    corrupted: &'a [bool],
+    /// The network's arg-max prediction per subset sample, unablated.
+    predictions: &'a [u32],
+}
+
+/// Area under a curve sampled at evenly spaced points of `[0, 1]` (trapezoids).
+fn area(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return v.first().copied().unwrap_or(f64::NAN);
+    }
+    let h = 1.0 / (v.len() - 1) as f64;
+    v.windows(2).map(|w| (w[0] + w[1]) * 0.5 * h).sum()
+}
+
+/// What explains a check's metric (`--diagnostics`): the subset's loss against its (noisy)
+/// labels; the mean-clamp curve; each probe's units ablated alone (the default fractions of that
+/// probe's units, random orders of its own units; areas over `[0, 1]` of those fractions); the
+/// noise curve against the labels and against the network's own predictions; and the agreement
+/// curve on three groups of the subset: clean labels, corrupted labels the network predicts
+/// (memorized) and corrupted labels it does not.
+fn diagnostics(
+    m: &Measurement<Net>,
+    model: &Net,
+    probes: &ProbeSet,
+    subset: &ProbeData,
+    spec: &AblationSpec,
+    groups: &DiagGroups,
+) -> Result<Value> {
+    let dev = Device::Cpu;
+    let (orders, seed) = match spec.order {
+        AblationOrder::Random { orders, seed } => (orders, seed),
+        _ => bail!("diagnostics need random orders"),
+    };
+    let mut out = json!({});
+    let (loss, _) = evaluate(model, subset.xs(), subset.labels())?;
+    out["subset_loss"] = json!(loss);
+
+    let t = Instant::now();
+    let mean = m.ablation_curve(&spec.clone().with_clamp(Clamp::Mean))?;
+    out["mean_clamp"] = json!({
+        "acc0": mean.unablated_accuracy,
+        "auc": mean.auc_per_order,
+        "agreement_auc": mean.agreement_auc_per_order,
+        "seconds": t.elapsed().as_secs_f64(),
+    });
+
+    let stats = m.statistics()?.clone();
+    let total = stats.total_units();
+    let fractions = spec.fractions.values();
+    let mut per_probe = vec![];
+    for p in &stats.probes {
+        let t = Instant::now();
+        let own: Vec<f64> = fractions
+            .iter()
+            .map(|f| f * p.units as f64 / total as f64)
+            .collect();
+        let (mut acc, mut agree) = (vec![], vec![]);
+        for r in 0..orders {
+            let perm = candle_reliance::rng::permutation(
+                p.units,
+                candle_reliance::rng::derive_seed(seed ^ 0xD1A6_0000, r as u64),
+            );
+            let mut order: Vec<usize> = perm.iter().map(|&u| p.offset + u).collect();
+            order.extend((0..total).filter(|u| !(p.offset..p.offset + p.units).contains(u)));
+            let c = m.ablation_curve(
+                &AblationSpec::default()
+                    .with_fractions(own.clone())
+                    .with_order(AblationOrder::Explicit(order)),
+            )?;
+            acc.push(area(&c.accuracy));
+            agree.push(area(&c.agreement));
+        }
+        per_probe.push(json!({
+            "probe": p.name,
+            "units": p.units,
+            "auc": acc,
+            "agreement_auc": agree,
+            "seconds": t.elapsed().as_secs_f64(),
+        }));
+    }
+    out["per_probe"] = json!(per_probe);
+
+    let t = Instant::now();
+    let noise_spec = NoiseSpec::default()
+        .with_scales(candle_reliance::curves::log_spaced(-1.0, 1.0, 5))
+        .with_draws(1);
+    let own = ProbeData::new(subset.xs().clone(), Tensor::new(groups.predictions, &dev)?)?;
+    let noise = m.noise_curve(&noise_spec)?;
+    let noise_own = Measurement::new(model, probes, &own).noise_curve(&noise_spec)?;
+    out["noise"] = json!({
+        "scales": noise.scales,
+        "accuracy": noise.accuracy,
+        "agreement": noise_own.accuracy,
+        "auc": noise.auc,
+        "agreement_auc": noise_own.auc,
+        "seconds": t.elapsed().as_secs_f64(),
+    });
+
+    let t = Instant::now();
+    let labels = subset.label_values();
+    let mut idx: [Vec<u32>; 3] = Default::default();
+    for (i, &row) in groups.subset_idx.iter().enumerate() {
+        let g = match (groups.corrupted[row], groups.predictions[i] == labels[i]) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => 2,
+        };
+        idx[g].push(i as u32);
+    }
+    let mut g = json!({});
+    for (name, ids) in ["clean", "memorized", "unfit_noisy"].iter().zip(&idx) {
+        if ids.len() < 10 {
+            g[*name] = json!({ "n": ids.len() });
+            continue;
+        }
+        let xs = subset
+            .xs()
+            .index_select(&Tensor::new(ids.as_slice(), &dev)?, 0)?;
+        let pred: Vec<u32> = ids
+            .iter()
+            .map(|&i| groups.predictions[i as usize])
+            .collect();
+        let d = ProbeData::new(xs, Tensor::new(pred.as_slice(), &dev)?)?;
+        let c = Measurement::new(model, probes, &d).ablation_curve(spec)?;
+        g[*name] = json!({ "n": ids.len(), "agreement_auc": c.agreement_auc_per_order });
+    }
+    g["seconds"] = json!(t.elapsed().as_secs_f64());
+    out["groups"] = g;
+    Ok(out)
+}
+
 fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) -> Result<Value> {
     let dev = Device::Cpu;
     let wall = Instant::now();
@@ -444,6 +636,7 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
             Net::Mlp(Mlp::new(&varmap, &[h, h], 0.0, &probes, key.seed)?)
         }
         ModelKind::Cnn => Net::Cnn(Box::new(Cnn::new(&varmap, &probes, key.seed)?)),
+        ModelKind::CnnPlain => Net::CnnPlain(Box::new(PlainCnn::new(&varmap, &probes, key.seed)?)),
     };
     let mut opt = Opt::new(key.optim, &varmap)?;
     let mut rng = Rng::new(key.seed ^ 0xABCD);
@@ -457,6 +650,18 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
         config.data.subset_size
     };
     let subset = ProbeData::new(tx.clone(), ty.clone())?.subset(subset_size, config.data.seed)?;
+    // The subset's rows in the training split, as `ProbeData::subset` draws them.
+    let mut subset_idx: Vec<usize> =
+        candle_reliance::rng::permutation(n, config.data.seed)[..subset.len().min(n)].to_vec();
+    subset_idx.sort_unstable();
+    anyhow::ensure!(
+        subset_idx.len() == subset.len()
+            && subset_idx
+                .iter()
+                .zip(subset.label_values())
+                .all(|(&i, &y)| ty_noisy[i] == y),
+        "the subset's rows could not be recovered"
+    );
     let (default_orders, order_seed) = match spec.order {
         AblationOrder::Random { orders, seed } => (orders, seed),
         _ => bail!("the default ablation order is expected to be random"),
@@ -571,6 +776,16 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
             check["extra_seconds"] = json!(t3.elapsed().as_secs_f64());
         }
         let subset_pred = predict(&model, subset.xs())?;
+        if args.diagnostics {
+            let t5 = Instant::now();
+            let groups = DiagGroups {
+                subset_idx: &subset_idx,
+                corrupted: &corrupted,
+                predictions: &subset_pred,
+            };
+            check["diag"] = diagnostics(&m, &model, &probes, &subset, &spec, &groups)?;
+            check["diag_seconds"] = json!(t5.elapsed().as_secs_f64());
+        }
         if args.self_curve {
             let t4 = Instant::now();
             let own = ProbeData::new(
@@ -749,5 +964,6 @@ fn main() -> Result<()> {
     match Args::parse().cmd {
         Cmd::Run(a) => run(a),
         Cmd::Report(a) => report::report(a),
+        Cmd::Diagnose(a) => diagnose::diagnose(a),
     }
 }
