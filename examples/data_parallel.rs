@@ -118,6 +118,8 @@ fn rank_main(
             let part = &batch[batch.len() * r / world..batch.len() * (r + 1) / world];
             let idx = Tensor::new(part, xs.device())?;
             let logits = model.forward_t(&xs.index_select(&idx, 0)?, true)?;
+            // Each rank reports the samples it trained on; the monitor sums the changes.
+            monitor.observe(part, &logits)?;
             // Summed, not averaged, here: the all-reduce sums, and the division below makes it
             // the mean over the whole minibatch.
             let l =

@@ -1,5 +1,6 @@
 //! An ordinary candle MNIST training loop (MLP, two hidden ReLU layers) with the reliance
-//! monitor added: probes after the two activations and three lines in the loop.
+//! monitor added: probes after the two activations and four lines in the loop (the fourth,
+//! `observe`, hands the monitor the predictions the loop makes anyway).
 //!
 //! ```text
 //! cargo run --release --example mnist -- --label-noise 0.2
@@ -179,6 +180,8 @@ fn main() -> Result<()> {
         for batch in order.chunks(args.batch_size) {
             let idx = Tensor::new(batch, &device)?;
             let logits = model.forward(&train_x.index_select(&idx, 0)?)?;
+            // (2) Optional: the batch's predictions, for Label Wave over every training sample.
+            monitor.observe(batch, &logits)?;
             let loss = loss::cross_entropy(&logits, &train_y.index_select(&idx, 0)?)?;
             opt.backward_step(&loss)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
@@ -195,13 +198,13 @@ fn main() -> Result<()> {
             "epoch"
         );
 
-        // (2) Ask the monitor after every epoch.
+        // (3) Ask the monitor after every epoch.
         if monitor.on_epoch_end(epoch, &model, &varmap)?.is_stop() {
             break;
         }
     }
 
-    // (3) Put the best epoch's weights back.
+    // (4) Put the kept epoch's weights back.
     let best = monitor.finish(&varmap)?;
     let (test_loss, test_acc) = evaluate(&model, &mnist.test.images, &mnist.test.labels)?;
     if let Some(history) = &monitor.config().output.history_file {

@@ -516,20 +516,17 @@ pub fn history_plots(history: &[CheckRecord]) -> (Plot, Plot) {
     let mut trend = Plot::new("Reliance checks")
         .x_label("epoch")
         .y_label("value")
-        .series(Series::line_points(
-            format!("{metric_name} (smoothed)"),
-            by_epoch(|r| r.smoothed),
-        ))
+        .series(Series::line_points(metric_name, by_epoch(|r| r.value)))
         .series(Series::line_points("ablation AUC", by_epoch(|r| r.auc)).dashed())
         .series(
             Series::line_points("training accuracy", by_epoch(|r| r.unablated_accuracy)).dashed(),
         );
-    if let Some(best) = history.iter().rfind(|r| r.kept) {
-        trend = trend.marker(
-            best.epoch as f64,
-            format!("kept epoch {}", best.epoch),
-            "#2ca02c",
-        );
+    let kept = history
+        .last()
+        .and_then(|r| r.kept_epoch)
+        .or_else(|| history.iter().rfind(|r| r.kept).map(|r| r.epoch));
+    if let Some(best) = kept {
+        trend = trend.marker(best as f64, format!("kept epoch {best}"), "#2ca02c");
     }
     if let Some(stop) = history.iter().find(|r| r.decision.is_stop()) {
         trend = trend.marker(stop.epoch as f64, "stop", "#d62728");

@@ -307,6 +307,7 @@ fn scripted_ranks(
         for epoch in 1..=10 {
             train_epoch(&varmap, epoch)?;
             poison(r, epoch, &varmap)?;
+            observe(&mut monitor, epoch, r, world)?;
             let d = monitor.on_epoch_end(epoch, &net, &varmap)?;
             let stop = d.is_stop();
             decisions.push(d);
@@ -460,7 +461,7 @@ fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
         RelianceConfig::from_yaml_str(
             "schedule: {check_every: 1, warmup_epochs: 1}\n\
              ablation: {fractions: 9, orders: 3, seed: 5}\n\
-             stopping: {tolerance: 0.03, patience: 8}\n",
+             stopping: {tolerance: 0.03}\n",
         )
     };
     // One monitor over the trajectory; `rank` None is the single process.
@@ -502,32 +503,35 @@ fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
     Ok(())
 }
 
-/// A ranked run with disk snapshots interrupted after epoch 6 (the kept epoch 5 already on disk)
+/// A ranked run with disk snapshots interrupted after epoch 5 (the kept epoch 5 already on disk)
 /// and resumed on every rank from rank 0's state file: the ranks decide as the uninterrupted
-/// single process, and every rank restores epoch 5's weights — the other ranks from rank 0's
-/// snapshot file, which they read when resuming.
+/// single process (each reporting its share of the training predictions, summed over the
+/// ranks), and every rank restores epoch 5's weights — the other ranks from rank 0's snapshot
+/// file, which they read when resuming.
 #[test]
 fn resumed_ranked_runs_decide_and_restore_as_one_process() -> Result<()> {
     use common::scripted::*;
     let single_dir = tempfile::tempdir().unwrap();
     let (want, want_kept, want_weights) = single_process(single_dir.path())?;
-    assert_eq!((want.len(), want_kept), (7, Some(5)));
+    assert_eq!((want.len(), want_kept), (6, Some(5)));
 
     for world in [2, 3] {
         let dir = tempfile::tempdir().unwrap();
         let best = dir.path().join("best.safetensors");
         let extra = format!("restore_best: {{mode: disk, path: {}}}\n", best.display());
         let cfg = config(dir.path(), &extra)?;
-        let interrupt_after = 6;
-        // First sitting: epochs 1..=6 on every rank, then the processes end.
+        let interrupt_after = 5;
+        // First sitting: epochs 1..=5 on every rank, then the processes end.
         let first: Vec<Vec<Decision>> = each_rank(world, |rank| {
+            let r = rank.rank();
             let (varmap, net, probes, data) = setup()?;
             let mut m = RelianceMonitor::new_ranked(cfg.clone(), probes, data, Arc::new(rank))?;
-            run(&mut m, &varmap, &net, 1, interrupt_after)
+            run_rank(&mut m, &varmap, &net, 1, interrupt_after, r, world)
         })?;
         // Second sitting: every rank resumes from rank 0's state file.
         let state = RelianceMonitor::load_state(dir.path().join("state.json"))?;
         let second: Vec<RankOutcome> = each_rank(world, |rank| {
+            let r = rank.rank();
             let (varmap, net, probes, data) = setup()?;
             let mut m = RelianceMonitor::resume_ranked(
                 cfg.clone(),
@@ -536,7 +540,7 @@ fn resumed_ranked_runs_decide_and_restore_as_one_process() -> Result<()> {
                 state.clone(),
                 Arc::new(rank),
             )?;
-            let d = run(&mut m, &varmap, &net, interrupt_after + 1, 10)?;
+            let d = run_rank(&mut m, &varmap, &net, interrupt_after + 1, 10, r, world)?;
             let kept = m.finish(&varmap)?;
             Ok((d, kept, values(&varmap)))
         })?;
@@ -561,7 +565,7 @@ fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
     let (varmap, net, probes, data) = setup()?;
     let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
     run(&mut monitor, &varmap, &net, 1, 3)?;
-    let later = monitor.state();
+    let later = monitor.state()?;
     let earlier = {
         let mut s = later.clone();
         s.history.pop();

@@ -2,7 +2,7 @@
 //! trips, and the example file `examples/reliance.yaml`.
 
 use candle_reliance::curves::{AblationOrder, Clamp, Fractions, NoiseSpec};
-use candle_reliance::monitor::{Keep, Metric, SnapshotMode};
+use candle_reliance::monitor::{LabelWaveRule, Metric, SnapshotMode};
 use candle_reliance::RelianceConfig;
 use std::path::{Path, PathBuf};
 
@@ -68,9 +68,13 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(noise.seed, 0);
     assert_eq!(d.stopping.metric, Metric::AgreementAuc);
     assert_eq!(d.stopping.tolerance, 0.03);
-    assert_eq!(d.stopping.patience, 8);
-    assert_eq!(d.stopping.smoothing, 0.0);
-    assert_eq!(d.stopping.keep, Keep::MostAccurateNearPeak);
+    assert_eq!(
+        d.stopping.label_wave,
+        LabelWaveRule {
+            window: 3,
+            patience: 5
+        }
+    );
     assert!(d.restore_best.enabled);
     assert_eq!(d.restore_best.mode, SnapshotMode::Memory);
     assert_eq!(
@@ -84,10 +88,13 @@ fn defaults_are_the_documented_ones() {
 
 #[test]
 fn a_partial_file_keeps_the_other_defaults() {
-    let cfg = RelianceConfig::from_yaml_str("stopping:\n  patience: 5\nablation:\n  clamp: mean\n")
-        .unwrap();
+    let cfg = RelianceConfig::from_yaml_str(
+        "stopping:\n  label_wave:\n    patience: 7\nablation:\n  clamp: mean\n",
+    )
+    .unwrap();
     let mut want = RelianceConfig::default();
-    want.stopping.patience = 5;
+    // The Label Wave window keeps its documented default, 3.
+    want.stopping.label_wave.patience = 7;
     want.ablation.clamp = Clamp::Mean;
     assert_eq!(cfg, want);
 }
@@ -105,9 +112,9 @@ const BAD: &[Bad] = &[
     // Range checks. The offending key is the first of its section here; see
     // `checked_key_error_reports_the_line_of_the_key` for a key further down.
     Bad {
-        yaml: "schedule:\n  warmup_epochs: 1\nstopping:\n  patience: 0\n",
-        expect: &["stopping", "patience", "at least 1", "0"],
-        line: Some(4),
+        yaml: "schedule:\n  warmup_epochs: 1\nstopping:\n  label_wave:\n    patience: 0\n",
+        expect: &["stopping.label_wave.patience", "at least 1", "0"],
+        line: Some(5),
     },
     Bad {
         yaml: "ablation:\n  fractions: [0.0, 0.5, 1.5]\n",
@@ -185,13 +192,13 @@ const BAD: &[Bad] = &[
         line: Some(2),
     },
     Bad {
-        yaml: "stopping:\n  smoothing: 1.0\n",
-        expect: &["stopping", "smoothing", "[0, 1)"],
+        yaml: "stopping:\n  tolerance: 1.0\n",
+        expect: &["stopping", "tolerance", "[0, 1)"],
         line: Some(2),
     },
     Bad {
-        yaml: "stopping:\n  smoothing: -0.5\n",
-        expect: &["stopping", "smoothing", "-0.5"],
+        yaml: "stopping:\n  tolerance: -0.5\n",
+        expect: &["stopping", "tolerance", "-0.5"],
         line: Some(2),
     },
     Bad {
@@ -242,8 +249,8 @@ const BAD: &[Bad] = &[
         line: Some(3),
     },
     Bad {
-        yaml: "stopping:\n  metric: auc\n  patiense: 4\n",
-        expect: &["stopping", "patiense", "patience"],
+        yaml: "stopping:\n  metric: auc\n  tolerence: 4\n",
+        expect: &["stopping", "tolerence", "tolerance"],
         line: Some(3),
     },
     Bad {
@@ -252,7 +259,7 @@ const BAD: &[Bad] = &[
         line: Some(3),
     },
     Bad {
-        yaml: "stopping:\n  patience: 2\n  metric: accuracy\n",
+        yaml: "stopping:\n  tolerance: 0.1\n  metric: accuracy\n",
         expect: &["stopping", "metric", "accuracy", "normalized_auc"],
         line: Some(3),
     },
@@ -268,9 +275,9 @@ const BAD: &[Bad] = &[
         line: Some(2),
     },
     Bad {
-        yaml: "stopping:\n  metric: auc\n  patience: -1\n",
+        yaml: "stopping:\n  metric: auc\n  label_wave:\n    patience: -1\n",
         expect: &["stopping", "patience", "-1"],
-        line: Some(3),
+        line: Some(4),
     },
     Bad {
         yaml: "data:\n  seed: 1.5\n",
@@ -336,7 +343,7 @@ const BAD: &[Bad] = &[
     },
     // Not YAML: the list opened on line 2 is never closed.
     Bad {
-        yaml: "stopping:\n  patience: [1, 2\n",
+        yaml: "stopping:\n  tolerance: [1, 2\n",
         expect: &["]"],
         line: Some(2),
     },
@@ -385,9 +392,13 @@ fn errors_start_with_the_same_prefix() {
 #[test]
 fn checked_key_error_reports_the_line_of_the_key() {
     for (yaml, line) in [
-        ("stopping:\n  metric: auc\n  patience: 0\n", 3),
+        (
+            "stopping:\n  metric: auc\n  label_wave:\n    patience: 0\n",
+            4,
+        ),
+        ("stopping:\n  label_wave: {window: 3, patience: 0}\n", 2),
         ("restore_best:\n  mode: disk\n  path: ''\n", 3),
-        ("stopping:\n  metric: auc\n\n\n  smoothing: 1.0\n", 5),
+        ("stopping:\n  metric: auc\n\n\n  tolerance: 1.0\n", 5),
     ] {
         let msg = parse_err(yaml);
         assert!(mentions_line(&msg, line), "yaml:\n{yaml}error: {msg}");
@@ -397,19 +408,23 @@ fn checked_key_error_reports_the_line_of_the_key() {
 /// Range-check errors name the dotted key path, like type errors do.
 #[test]
 fn checked_key_error_names_the_dotted_path() {
-    let msg = parse_err("stopping:\n  patience: 0\n");
-    assert!(msg.contains("stopping.patience"), "{msg}");
+    let msg = parse_err("stopping:\n  label_wave: {patience: 0}\n");
+    assert!(msg.contains("stopping.label_wave.patience"), "{msg}");
 }
 
 #[test]
 fn validate_names_the_bad_key_of_a_config_built_in_code() {
     type Edit = fn(&mut RelianceConfig);
     let cases: &[(&str, Edit)] = &[
-        ("stopping.patience", |c| c.stopping.patience = 0),
+        ("stopping.label_wave.patience", |c| {
+            c.stopping.label_wave.patience = 0
+        }),
+        ("stopping.label_wave.window", |c| {
+            c.stopping.label_wave.window = 4
+        }),
         ("stopping.tolerance", |c| c.stopping.tolerance = -1.0),
         ("stopping.tolerance", |c| c.stopping.tolerance = f64::NAN),
         ("stopping.tolerance", |c| c.stopping.tolerance = 1.0),
-        ("stopping.smoothing", |c| c.stopping.smoothing = 1.0),
         ("schedule.check_every", |c| c.schedule.check_every = 0),
         ("schedule.max_epochs", |c| c.schedule.max_epochs = Some(0)),
         ("data.subset_size", |c| c.data.subset_size = 0),
@@ -451,8 +466,8 @@ fn validate_names_the_bad_key_of_a_config_built_in_code() {
 #[test]
 fn validate_accepts_a_good_config_built_in_code() {
     let mut cfg = RelianceConfig::default();
-    cfg.stopping.patience = 1;
-    cfg.stopping.smoothing = 0.9;
+    cfg.stopping.label_wave.patience = 1;
+    cfg.stopping.tolerance = 0.9;
     cfg.ablation.fractions = Fractions::Explicit(vec![0.0, 0.5, 1.0]);
     cfg.noise = Some(NoiseSpec::default().with_scales(vec![0.1, 1.0]));
     cfg.restore_best.mode = SnapshotMode::Disk;
@@ -488,10 +503,10 @@ noise:
 selectivity: true
 stopping:
   metric: auc
-  patience: 6
   tolerance: 0.05
-  smoothing: 0.5
-  keep: peak
+  label_wave:
+    window: 5
+    patience: 6
 restore_best:
   enabled: false
   mode: disk
@@ -532,10 +547,14 @@ fn a_file_setting_every_key_round_trips() {
     assert_eq!(noise.draws, 4);
     assert_eq!(noise.seed, 13);
     assert_eq!(cfg.stopping.metric, Metric::Auc);
-    assert_eq!(cfg.stopping.patience, 6);
     assert_eq!(cfg.stopping.tolerance, 0.05);
-    assert_eq!(cfg.stopping.smoothing, 0.5);
-    assert_eq!(cfg.stopping.keep, Keep::Peak);
+    assert_eq!(
+        cfg.stopping.label_wave,
+        LabelWaveRule {
+            window: 5,
+            patience: 6
+        }
+    );
     assert!(!cfg.restore_best.enabled);
     assert_eq!(cfg.restore_best.mode, SnapshotMode::Disk);
     assert_eq!(
@@ -610,7 +629,7 @@ fn the_example_file_differs_from_the_defaults_only_in_its_output_files() {
         cfg.output.state_file,
         Some(PathBuf::from("reliance-out/state.json"))
     );
-    assert_eq!(cfg.stopping.patience, 8);
+    assert_eq!(cfg.stopping.label_wave.patience, 5);
     assert_eq!(cfg.stopping.metric, Metric::AgreementAuc);
     assert_eq!(cfg.ablation.fractions, Fractions::Evenly(17));
     assert_eq!(cfg.restore_best.mode, SnapshotMode::Memory);
@@ -650,12 +669,12 @@ fn a_missing_file_is_an_error_naming_the_path() {
 fn a_bad_file_is_an_error_naming_the_path_the_key_and_the_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
-    std::fs::write(&path, "# comment\nstopping:\n  patience: 0\n").unwrap();
+    std::fs::write(&path, "# comment\nstopping:\n  tolerance: 2\n").unwrap();
     let msg = RelianceConfig::from_yaml_file(&path)
         .unwrap_err()
         .to_string();
     assert!(msg.contains(&path.display().to_string()), "{msg}");
-    assert!(msg.contains("patience"), "{msg}");
+    assert!(msg.contains("tolerance"), "{msg}");
     assert!(mentions_line(&msg, 3), "{msg}");
 }
 
@@ -690,7 +709,7 @@ fn the_schedule_counts_epochs_from_one() {
 #[test]
 fn a_section_header_with_nothing_under_it_gives_that_sections_defaults() {
     let cfg = RelianceConfig::from_yaml_str(
-        "ablation:\n  # clamp: mean\nnoise:\n  # draws: 3\nstopping:\n  patience: 4\n",
+        "ablation:\n  # clamp: mean\nnoise:\n  # draws: 3\nstopping:\n  tolerance: 0.04\n",
     )
     .unwrap();
     assert_eq!(cfg.ablation, RelianceConfig::default().ablation);
@@ -698,7 +717,45 @@ fn a_section_header_with_nothing_under_it_gives_that_sections_defaults() {
         cfg.noise, None,
         "an empty noise section leaves the noise curve off"
     );
-    assert_eq!(cfg.stopping.patience, 4);
+    assert_eq!(cfg.stopping.tolerance, 0.04);
     let on = RelianceConfig::from_yaml_str("noise: {}\n").unwrap();
     assert_eq!(on.noise, Some(NoiseSpec::default()));
+}
+
+/// Keys of the stopping rule of 0.1 are refused with what replaced them, at their line; an empty
+/// or partial `label_wave:` section takes the documented defaults (window 3, patience 5).
+#[test]
+fn keys_of_earlier_versions_say_what_replaced_them() {
+    for key in [
+        "patience: 8",
+        "smoothing: 0.0",
+        "keep: peak",
+        "accuracy_drop: 0.1",
+        "fallback: none",
+    ] {
+        let yaml = format!("stopping:\n  metric: auc\n  {key}\n");
+        let msg = parse_err(&yaml);
+        let name = key.split(':').next().unwrap();
+        assert!(
+            msg.contains(&format!("`{name}` was removed in 0.2.0"))
+                && msg.contains("docs/configuration.md"),
+            "{msg}"
+        );
+        assert!(mentions_line(&msg, 3) || mentions_line(&msg, 2), "{msg}");
+    }
+    for yaml in [
+        "stopping:\n  label_wave:\n",
+        "stopping:\n  label_wave: {}\n",
+    ] {
+        let cfg = RelianceConfig::from_yaml_str(yaml).unwrap();
+        assert_eq!(cfg.stopping.label_wave, LabelWaveRule::default(), "{yaml}");
+    }
+    let cfg = RelianceConfig::from_yaml_str("stopping:\n  label_wave: {window: 1}\n").unwrap();
+    assert_eq!(
+        cfg.stopping.label_wave,
+        LabelWaveRule {
+            window: 1,
+            patience: 5
+        }
+    );
 }

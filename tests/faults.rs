@@ -8,8 +8,8 @@ use candle_reliance::monitor::read_history;
 use candle_reliance::{RelianceConfig, RelianceMonitor, StopReason};
 use common::scripted::*;
 
-/// The scripted run's configuration with the default metric (agreement AUC), tolerance 0 and
-/// patience 2.
+/// The scripted run's configuration with another metric (tolerance 0, Label Wave window 1,
+/// patience 2).
 fn cfg(dir: &std::path::Path, metric: &str) -> Result<RelianceConfig> {
     let mut c = config(dir, "")?;
     c.stopping.metric = serde_norway::from_str(metric).unwrap();
@@ -82,10 +82,11 @@ fn a_dead_network_is_never_kept_and_stops_as_collapsed() -> Result<()> {
                 break;
             }
         }
-        // Epoch 3 is the last on the plateau; 4 and 5 are degenerate; patience 2 stops at 5.
+        // Epoch 3 is the last healthy check; from 4 on every check is degenerate, and a run of
+        // them as long as the patience (2) stops at 6.
         match &reasons[..] {
             [(
-                5,
+                6,
                 Some(StopReason::Collapsed {
                     kept_epoch, what, ..
                 }),
@@ -238,6 +239,7 @@ fn train_on(
 ) -> Result<usize> {
     for epoch in from..=10 {
         train_epoch(varmap, epoch)?;
+        observe(monitor, epoch, 0, 1)?;
         if monitor.on_epoch_end(epoch, net, varmap)?.is_stop() {
             return Ok(epoch);
         }
@@ -303,11 +305,11 @@ fn a_crash_at_any_write_leaves_files_a_resume_continues_from() -> Result<()> {
             let state = RelianceMonitor::load_state(&state_file)
                 .unwrap_or_else(|e| panic!("crash at write {k}: unreadable state: {e}"));
             let from = state.last_epoch.map_or(1, |e| e + 1);
-            if state.stopping.stopped.is_some() {
+            if state.stopped.is_some() {
                 stopped_at = state.last_epoch; // the stop was committed before the crash
             }
             // The kept epoch's weights are in the snapshot the state names.
-            if let Some(kept) = state.stopping.kept.as_ref().map(|b| b.epoch) {
+            if let Some(kept) = state.kept_epoch {
                 assert!(
                     dir.path()
                         .join(format!("best.safetensors.epoch{kept}"))
@@ -479,5 +481,19 @@ fn a_kept_epoch_whose_snapshot_cannot_be_written_is_not_recorded() -> Result<()>
         "epoch 2 was kept without its weights"
     );
     assert_eq!(read_history(dir.path().join("hist.jsonl"))?.len(), 1);
+    let state = RelianceMonitor::load_state(dir.path().join("state.json"))?;
+    assert_eq!((state.last_epoch, state.kept_epoch), (Some(1), Some(1)));
+    // Once the obstacle is gone the same epoch is reported again, and decides as it would have.
+    std::fs::remove_file(dir.path().join("snap")).unwrap();
+    std::fs::create_dir(dir.path().join("snap")).unwrap();
+    monitor.on_epoch_end(2, &net, &varmap)?;
+    assert_eq!(monitor.best_epoch(), Some(2));
+    let hist = read_history(dir.path().join("hist.jsonl"))?;
+    assert_eq!(hist.iter().map(|r| r.epoch).collect::<Vec<_>>(), [1, 2]);
+    assert!(dir
+        .path()
+        .join("snap")
+        .join("best.safetensors.epoch2")
+        .exists());
     Ok(())
 }

@@ -1,9 +1,7 @@
 //! Label Wave and its prediction-change counter on hand-worked sequences.
 
 use candle_core::{Device, Result, Tensor};
-use candle_reliance::monitor::{
-    EarlyStoppingStrategy, LabelWave, LabelWaveRule, PredictionChanges,
-};
+use candle_reliance::monitor::{LabelWave, LabelWaveRule, PredictionChanges};
 use candle_reliance::StopReason;
 
 /// Logits whose arg-max is `classes[i]` for row i (two classes).
@@ -87,6 +85,8 @@ fn label_wave_keeps_the_first_low_of_the_centred_average() {
                     lowest_epoch: 4,
                     lowest,
                     epochs_since: 2,
+                    kept_epoch: Some(4),
+                    plateau_end: None,
                 }) => assert!((lowest - 7.0).abs() < 1e-12),
                 r => panic!("unexpected {r:?}"),
             }

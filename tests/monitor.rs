@@ -6,14 +6,17 @@ mod common;
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_reliance::{
-    monitor::{read_history, Fallback, Keep, Metric, StoppingRule},
-    Decision, MonitorState, ProbeSet, RelianceMonitor, StopReason,
+    monitor::{
+        read_history, Decision, EarlyStoppingStrategy, LabelWaveRule, Metric, Observation,
+        StoppingRule, Warning,
+    },
+    MonitorState, ProbeSet, RelianceMonitor, StopReason,
 };
 use common::scripted::*;
 use std::path::Path;
 
 #[test]
-fn stops_after_the_peak_and_restores_its_weights_bit_exact() -> Result<()> {
+fn stops_when_prediction_changes_rise_and_restores_the_kept_weights_bit_exact() -> Result<()> {
     let dir = tempfile::tempdir().unwrap();
     let (varmap, net, probes, data) = setup()?;
     let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
@@ -26,18 +29,20 @@ fn stops_after_the_peak_and_restores_its_weights_bit_exact() -> Result<()> {
     );
     assert_eq!(aucs[3], aucs[4], "same units, same orders, same AUC");
     assert!(aucs[5] < aucs[4], "{aucs:?}");
-    // Peak at 4, tied at 5 (on the plateau with tolerance 0); 6 and 7 below it: patience 2
-    // stops at epoch 7 and keeps epoch 5, the last on the plateau.
-    assert_eq!(decisions.len(), 7);
-    match decisions[6].reason() {
-        Some(StopReason::Declined {
-            peak_epoch: 4,
-            kept_epoch: 5,
-            epochs_below: 2,
-            ..
-        }) => {}
-        r => panic!("unexpected {r:?}"),
-    }
+    // Training changes 32, 20, 12 (epoch 4), 15, 18: Label Wave (window 1, patience 2) stops at
+    // epoch 6. Epochs 1–5 are on the plateau (tolerance 0: epoch 5 ties the peak), all equally
+    // accurate: the later is kept, epoch 5; epoch 6 is neither on it nor a new low.
+    assert_eq!(decisions.len(), 6);
+    assert_eq!(
+        decisions[5].reason(),
+        Some(&StopReason::PredictionChangesRose {
+            lowest_epoch: 4,
+            lowest: 12.0,
+            epochs_since: 2,
+            kept_epoch: Some(5),
+            plateau_end: Some(5),
+        })
+    );
     // Every record's unablated accuracy: all 64 samples right with k ≥ 1.
     assert!(monitor
         .history()
@@ -53,32 +58,38 @@ fn stops_after_the_peak_and_restores_its_weights_bit_exact() -> Result<()> {
     assert_eq!(values(&varmap), want, "epoch 5's weights, bit for bit");
 
     let hist = read_history(dir.path().join("hist.jsonl"))?;
-    assert_eq!(hist.len(), 7);
     assert_eq!(
         hist.iter().map(|r| r.epoch).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6]
     );
-    assert!(hist[6].decision.is_stop());
+    assert!(hist[5].decision.is_stop());
     assert_eq!(
         hist.iter().map(|r| r.kept).collect::<Vec<_>>(),
-        [true, true, true, true, true, false, false]
+        [true, true, true, true, true, false]
+    );
+    assert_eq!(
+        hist.iter().map(|r| r.kept_epoch).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 5].map(Some)
+    );
+    assert_eq!(
+        hist.iter().map(|r| r.training_changes).collect::<Vec<_>>(),
+        [None, Some(32), Some(20), Some(12), Some(15), Some(18)]
     );
     assert_eq!(hist[3].curve.fractions.len(), 9);
 
-    // Plots of the history: one curve per check, and the trend with the best epoch marked.
+    // Plots of the history: one curve per check, and the trend with the kept epoch marked.
     let (trend, curves) = candle_reliance::plot::plot_history_file(dir.path().join("hist.jsonl"))?;
     let curves = std::fs::read_to_string(curves).unwrap();
-    for epoch in 1..=7 {
+    for epoch in 1..=6 {
         assert!(
             curves.contains(&format!(r#"data-label="epoch {epoch}""#)),
             "epoch {epoch}"
         );
     }
-    assert_eq!(curves.matches("<polyline").count(), 7);
+    assert_eq!(curves.matches("<polyline").count(), 6);
     let trend = std::fs::read_to_string(trend).unwrap();
     assert!(
-        trend.contains(r#"data-label="auc (smoothed)""#)
-            && trend.contains(r#"data-label="ablation AUC""#)
+        trend.contains(r#"data-label="auc""#) && trend.contains(r#"data-label="ablation AUC""#)
     );
     assert!(trend.contains(">kept epoch 5</text>") && trend.contains(">stop</text>"));
     Ok(())
@@ -149,7 +160,7 @@ fn interrupted_and_resumed_runs_decide_identically() -> Result<()> {
     )?;
     let want = run(&mut reference, &varmap, &net, 1, 10)?;
     assert!(want.last().unwrap().is_stop());
-    let want_state = strip_seconds(&reference.state());
+    let want_state = strip_seconds(&reference.state()?);
 
     for cut in [1, 3, 4, 5] {
         let dir = tempfile::tempdir().unwrap();
@@ -170,7 +181,7 @@ fn interrupted_and_resumed_runs_decide_identically() -> Result<()> {
         got.extend(run(&mut resumed, &varmap, &net, cut + 1, 10)?);
         assert_eq!(got, want, "interrupted after epoch {cut}");
         assert_eq!(
-            strip_seconds(&resumed.state()),
+            strip_seconds(&resumed.state()?),
             want_state,
             "interrupted after epoch {cut}"
         );
@@ -205,6 +216,12 @@ fn max_epochs_and_non_finite_stop() -> Result<()> {
             reason: StopReason::MaxEpochs { epoch: 3 }
         }
     );
+    // Prediction changes were still falling (32, 20): the budget ended before they rose.
+    assert_eq!(
+        monitor.history()[2].warnings,
+        [Warning::NoRiseWithinBudget { epoch: 3 }]
+    );
+    assert!(monitor.history()[..2].iter().all(|r| r.warnings.is_empty()));
 
     // The first monitor holds the output folder until it is dropped.
     assert!(RelianceMonitor::new(cfg.clone(), probes.clone(), data.clone()).is_err());
@@ -235,7 +252,7 @@ fn schedule_and_epoch_order() -> Result<()> {
     let mut cfg = config(dir.path(), "")?;
     cfg.schedule.check_every = 2;
     cfg.schedule.warmup_epochs = 3;
-    cfg.stopping.patience = 100;
+    cfg.stopping.label_wave.patience = 100;
     let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
     run(&mut monitor, &varmap, &net, 1, 8)?;
     let epochs: Vec<usize> = monitor.history().iter().map(|r| r.epoch).collect();
@@ -291,7 +308,7 @@ fn every_check_logs_a_structured_event() -> Result<()> {
         .iter()
         .filter(|e| e["fields"]["message"] == "reliance check")
         .collect();
-    assert_eq!(checks.len(), 7, "one event per check:\n{text}");
+    assert_eq!(checks.len(), 6, "one event per check:\n{text}");
     for (i, c) in checks.iter().enumerate() {
         let f = &c["fields"];
         assert_eq!(f["epoch"], i as u64 + 1);
@@ -303,77 +320,69 @@ fn every_check_logs_a_structured_event() -> Result<()> {
             "accuracy_0",
             "seconds",
             "value",
+            "kept_epoch",
         ] {
             assert!(f[key].is_number(), "{key} missing in {f}");
         }
-        assert_eq!(f["decision"], if i == 6 { "stop" } else { "continue" });
+        assert_eq!(f["decision"], if i == 5 { "stop" } else { "continue" });
+        assert_eq!(f["training_changes"].is_number(), i > 0, "{f}");
         // What is switched off is left out, not logged as NaN or empty.
         for key in ["noise_auc", "selectivity"] {
             assert!(f.get(key).is_none(), "{key} logged while off: {f}");
         }
-        if i < 6 {
+        if i < 5 {
             assert!(f.get("reason").is_none(), "a reason without a stop: {f}");
         }
     }
-    assert!(checks[6]["fields"]["reason"]
+    assert!(checks[5]["fields"]["reason"]
         .as_str()
         .unwrap()
-        .contains("reliance rose"));
+        .contains("prediction changes rose"));
     assert!(events.iter().any(|e| e["fields"]["message"]
         == "restored the weights of the best epoch"
         && e["fields"]["best_epoch"] == 5));
     Ok(())
 }
 
-/// The monitor hands each check's unablated accuracy to the stopping rule: of two checks on the
-/// plateau, `most_accurate_near_peak` (the default) restores the accurate one, `last_near_peak`
-/// the later one. Epoch 2 is epoch 1's network with its two output columns swapped: every
+/// The monitor hands each check's unablated accuracy to the stopping rule, which keeps the most
+/// accurate candidate. Epoch 2 is epoch 1's network with its two output columns swapped: every
 /// prediction flips, so its accuracy is 0 against 1, while its agreement with its own
-/// predictions under ablation stays on a plateau as wide as 50% of the peak.
+/// predictions under ablation stays on a plateau as wide as 50% of the peak. Both are
+/// candidates; epoch 1 comes back.
 #[test]
-fn the_most_accurate_plateau_check_is_restored() -> Result<()> {
-    for (keep, kept) in [(Keep::MostAccurateNearPeak, 1), (Keep::LastNearPeak, 2)] {
-        let dir = tempfile::tempdir().unwrap();
-        let (varmap, net, probes, data) = setup()?;
-        let mut cfg = config(dir.path(), "")?;
-        cfg.stopping = StoppingRule {
-            metric: Metric::AgreementAuc,
-            tolerance: 0.5,
-            patience: 5,
-            keep,
-            // Epoch 2 loses all its accuracy: the guard would call it unstable and keep neither.
-            accuracy_drop: 1.0,
-            // The metric never rises above epoch 1's: the fallback would decide.
-            fallback: Fallback::None,
-            ..Default::default()
-        };
-        assert_eq!(keep == Keep::MostAccurateNearPeak, keep == Keep::default());
-        let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
-        let (w1, w2, swapped) = straight_and_swapped()?;
-        for (epoch, w2) in [(1, &w2), (2, &swapped)] {
-            set_weights(&varmap, &w1, w2)?;
-            let d = monitor.on_epoch_end(epoch, &net, &varmap)?;
-            assert!(!d.is_stop(), "{keep:?}: epoch {epoch}: {d:?}");
-        }
-        let acc: Vec<f64> = monitor
-            .history()
-            .iter()
-            .map(|r| r.unablated_accuracy)
-            .collect();
-        assert_eq!(acc, [1.0, 0.0], "{keep:?}");
-        let metric: Vec<f64> = monitor.history().iter().map(|r| r.value).collect();
-        assert!(
-            metric[1] >= 0.5 * metric[0],
-            "{keep:?}: both on the plateau: {metric:?}"
-        );
-        assert_eq!(monitor.finish(&varmap)?, Some(kept), "{keep:?}");
-        let want = if kept == 1 { &w2 } else { &swapped };
-        assert_eq!(
-            values(&varmap)[1].1,
-            want.flatten_all()?.to_vec1::<f32>()?,
-            "{keep:?}: epoch {kept}'s weights"
-        );
+fn the_most_accurate_candidate_is_restored() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut cfg = config(dir.path(), "")?;
+    cfg.stopping = StoppingRule {
+        metric: Metric::AgreementAuc,
+        tolerance: 0.5,
+        ..Default::default()
+    };
+    let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
+    let (w1, w2, swapped) = straight_and_swapped()?;
+    for (epoch, w) in [(1, &w2), (2, &swapped)] {
+        set_weights(&varmap, &w1, w)?;
+        let d = monitor.on_epoch_end(epoch, &net, &varmap)?;
+        assert!(!d.is_stop(), "epoch {epoch}: {d:?}");
     }
+    let acc: Vec<f64> = monitor
+        .history()
+        .iter()
+        .map(|r| r.unablated_accuracy)
+        .collect();
+    assert_eq!(acc, [1.0, 0.0]);
+    let metric: Vec<f64> = monitor.history().iter().map(|r| r.value).collect();
+    assert!(
+        metric[1] >= 0.5 * metric[0],
+        "both on the plateau: {metric:?}"
+    );
+    assert_eq!(monitor.finish(&varmap)?, Some(1));
+    assert_eq!(
+        values(&varmap)[1].1,
+        w2.flatten_all()?.to_vec1::<f32>()?,
+        "epoch 1's weights"
+    );
     Ok(())
 }
 
@@ -417,7 +426,7 @@ fn prediction_changes_between_checks_are_counted_and_resumed() -> Result<()> {
         "the script"
     );
     // Resumed after epoch 3: epoch 4 is counted against epoch 3's predictions.
-    let state = monitor.state();
+    let state = monitor.state()?;
     drop(monitor);
     let mut resumed = RelianceMonitor::resume(config(dir.path(), "")?, probes, data, state)?;
     for (epoch, w) in [(4, script[3]), (5, script[4])] {
@@ -440,49 +449,19 @@ fn prediction_changes_between_checks_are_counted_and_resumed() -> Result<()> {
     Ok(())
 }
 
-/// With the accuracy guard on (the default), a check whose network lost its accuracy (epoch 2:
-/// the output columns swapped, accuracy 0 against 1) is recorded as unstable and not kept, even
-/// where its metric would put it on the plateau.
+/// Without `observe`, Label Wave follows the probe data's prediction changes between checks.
+/// The metric is highest at the first check (8 units per class, then 4, 2, 1, 1); the output
+/// columns are swapped at epochs 2–3 (accuracy 0), so the changes are 64, 0, 64, 0: the lowest
+/// at epoch 3, Label Wave's patience 2 runs out at epoch 5. Epoch 1 is the most accurate
+/// candidate; the metric, off its plateau since epoch 1 while the changes fell, is flagged as
+/// uninformative at epoch 3.
 #[test]
-fn an_unstable_check_is_recorded_and_not_kept() -> Result<()> {
-    let dir = tempfile::tempdir().unwrap();
-    let (varmap, net, probes, data) = setup()?;
-    let mut cfg = config(dir.path(), "")?;
-    cfg.stopping = StoppingRule {
-        metric: Metric::AgreementAuc,
-        tolerance: 0.5,
-        patience: 5,
-        keep: Keep::LastNearPeak,
-        ..Default::default()
-    };
-    let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
-    let (w1, w2, swapped) = straight_and_swapped()?;
-    for (epoch, w2) in [(1, &w2), (2, &swapped)] {
-        set_weights(&varmap, &w1, w2)?;
-        monitor.on_epoch_end(epoch, &net, &varmap)?;
-    }
-    let flags: Vec<(bool, bool)> = monitor
-        .history()
-        .iter()
-        .map(|r| (r.unstable, r.kept))
-        .collect();
-    assert_eq!(flags, [(false, true), (true, false)]);
-    assert_eq!(monitor.finish(&varmap)?, Some(1));
-    assert_eq!(values(&varmap)[1].1, w2.flatten_all()?.to_vec1::<f32>()?);
-    Ok(())
+fn probe_data_changes_decide_without_observe() -> Result<()> {
+    probe_data_run(false)?;
+    probe_data_run(true)
 }
 
-/// The fallback end to end: the metric is highest at the first check (8 units per class, then
-/// 4, 2, 1, 1), so Label Wave on the probe data's prediction changes decides. The output columns
-/// are swapped at epochs 2–3, so the changes are 64, 0, 64, 0: the fewest at epoch 3, Label
-/// Wave's patience 2 runs out at epoch 5, the rule's (2) long before; epoch 3's weights come back.
-#[test]
-fn the_label_wave_fallback_stops_and_restores_its_epoch() -> Result<()> {
-    fallback_run(false)?;
-    fallback_run(true)
-}
-
-fn fallback_run(disk: bool) -> Result<()> {
+fn probe_data_run(disk: bool) -> Result<()> {
     let dir = tempfile::tempdir().unwrap();
     let (varmap, net, probes, data) = setup()?;
     let extra = match disk {
@@ -496,15 +475,10 @@ fn fallback_run(disk: bool) -> Result<()> {
     cfg.stopping = StoppingRule {
         metric: Metric::AgreementAuc,
         tolerance: 0.0,
-        patience: 2,
-        // The swapped epochs lose all their accuracy; the guard is not what this tests.
-        accuracy_drop: 1.0,
-        fallback: Fallback::LabelWave,
-        label_wave: candle_reliance::monitor::LabelWaveRule {
+        label_wave: LabelWaveRule {
             window: 1,
             patience: 2,
         },
-        ..Default::default()
     };
     let mut monitor = RelianceMonitor::new(cfg, probes, data)?;
     let swap = |w2: &Tensor| Tensor::cat(&[w2.narrow(1, 1, 1)?, w2.narrow(1, 0, 1)?], 1);
@@ -526,23 +500,334 @@ fn fallback_run(disk: bool) -> Result<()> {
     );
     let changes: Vec<Option<usize>> = hist.iter().map(|r| r.prediction_changes).collect();
     assert_eq!(changes, [None, Some(64), Some(0), Some(64), Some(0)]);
+    assert!(hist.iter().all(|r| r.training_changes.is_none()));
     let kept: Vec<bool> = hist.iter().map(|r| r.kept).collect();
-    assert_eq!(kept, [true, true, true, false, false]);
+    assert_eq!(kept, [true, false, false, false, false]);
+    assert_eq!(
+        hist[2].warnings,
+        [Warning::RelianceUninformative {
+            epoch: 3,
+            plateau_end: 1,
+            lowest_epoch: 3
+        }]
+    );
     assert!(decisions[..4].iter().all(|d| !d.is_stop()), "{decisions:?}");
-    match decisions[4].reason() {
-        Some(StopReason::FellBackToLabelWave {
+    assert_eq!(
+        decisions[4].reason(),
+        Some(&StopReason::PredictionChangesRose {
             lowest_epoch: 3,
-            kept_epoch: 3,
-            epochs_below: 4,
-            ..
-        }) => {}
-        other => panic!("unexpected {other:?}"),
-    }
-    assert_eq!(monitor.finish(&varmap)?, Some(3));
+            lowest: 0.0,
+            epochs_since: 2,
+            kept_epoch: Some(1),
+            plateau_end: Some(1),
+        })
+    );
+    assert_eq!(monitor.finish(&varmap)?, Some(1));
     assert_eq!(
         values(&varmap)[1].1,
-        script[2].1.flatten_all()?.to_vec1::<f32>()?,
-        "disk {disk}: epoch 3's weights, bit for bit"
+        script[0].1.flatten_all()?.to_vec1::<f32>()?,
+        "disk {disk}: epoch 1's weights, bit for bit"
     );
+    Ok(())
+}
+
+/// A rule of the user's, in the manner of Lightning's `EarlyStopping`: stop once the raw AUC has
+/// not improved by `min_delta` for `patience` checks; keep the best check.
+struct AucPatience {
+    min_delta: f64,
+    patience: usize,
+    best: Option<(usize, f64)>,
+    waited: usize,
+}
+
+impl EarlyStoppingStrategy for AucPatience {
+    fn step(&mut self, obs: &Observation) -> Decision {
+        let Some(check) = &obs.check else {
+            return Decision::Continue;
+        };
+        match self.best {
+            Some((_, best)) if check.auc < best + self.min_delta => self.waited += 1,
+            _ => (self.best, self.waited) = (Some((obs.epoch, check.auc)), 0),
+        }
+        if self.waited >= self.patience {
+            let message = format!("the AUC has not improved for {} checks", self.waited);
+            return Decision::Stop {
+                reason: StopReason::Custom { message },
+            };
+        }
+        Decision::Continue
+    }
+
+    fn kept_epoch(&self) -> Option<usize> {
+        self.best.map(|(epoch, _)| epoch)
+    }
+}
+
+/// The monitor runs a strategy of the user's: the scripted AUC rises to epoch 4, ties at 5
+/// (an improvement by `min_delta` 0) and falls; patience 2 stops at 7 and epoch 5 comes back.
+#[test]
+fn a_strategy_of_the_users_decides_and_its_epoch_is_restored() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut cfg = config(dir.path(), "")?;
+    let rule = || AucPatience {
+        min_delta: 0.0,
+        patience: 2,
+        best: None,
+        waited: 0,
+    };
+    // It cannot save its state: with a state file that is refused at once.
+    let e = RelianceMonitor::new(cfg.clone(), probes.clone(), data.clone())?
+        .with_strategy(Box::new(rule()))
+        .err()
+        .expect("a state file with a strategy that cannot save")
+        .to_string();
+    assert!(
+        e.contains("output.state_file") && e.contains("save_state"),
+        "{e}"
+    );
+    cfg.output.state_file = None;
+    let mut monitor = RelianceMonitor::new(cfg, probes, data)?.with_strategy(Box::new(rule()))?;
+    let decisions = run(&mut monitor, &varmap, &net, 1, 10)?;
+    assert_eq!(decisions.len(), 7);
+    assert_eq!(
+        decisions[6].reason(),
+        Some(&StopReason::Custom {
+            message: "the AUC has not improved for 2 checks".into()
+        })
+    );
+    assert!(monitor.state().is_err(), "no state to save");
+    assert_eq!(monitor.finish(&varmap)?, Some(5));
+    assert_eq!(
+        values(&varmap)[1].1,
+        weights(5)?.1.flatten_all()?.to_vec1::<f32>()?
+    );
+    // The history records the user's decisions and kept epochs.
+    let hist = read_history(dir.path().join("hist.jsonl"))?;
+    assert_eq!(
+        hist.iter().map(|r| r.kept_epoch).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 5, 5].map(Some)
+    );
+    Ok(())
+}
+
+/// A strategy that names as kept an epoch the monitor holds no weights of is an error, and the
+/// epoch can be reported again.
+#[test]
+fn a_kept_epoch_without_a_snapshot_is_refused() -> Result<()> {
+    struct KeepsThePrevious(Option<usize>);
+    impl EarlyStoppingStrategy for KeepsThePrevious {
+        fn step(&mut self, obs: &Observation) -> Decision {
+            self.0 = obs.epoch.checked_sub(1).filter(|&e| e > 0);
+            Decision::Continue
+        }
+        fn kept_epoch(&self) -> Option<usize> {
+            self.0
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut cfg = config(dir.path(), "")?;
+    cfg.output.state_file = None;
+    let mut monitor =
+        RelianceMonitor::new(cfg, probes, data)?.with_strategy(Box::new(KeepsThePrevious(None)))?;
+    train_epoch(&varmap, 1)?;
+    monitor.on_epoch_end(1, &net, &varmap)?;
+    train_epoch(&varmap, 2)?;
+    let e = monitor
+        .on_epoch_end(2, &net, &varmap)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("from None to Some(1) at epoch 2"), "{e}");
+    assert_eq!(monitor.history().len(), 1);
+    Ok(())
+}
+
+#[test]
+fn observe_refuses_what_it_cannot_count() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
+    let logits = Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu)?;
+    // The monitor was given 64 training samples.
+    let e = monitor.observe(&[3, 64], &logits).unwrap_err().to_string();
+    assert!(
+        e.starts_with("observe: ") && e.contains("index 64") && e.contains("64"),
+        "{e}"
+    );
+    let e = monitor.observe(&[3], &logits).unwrap_err().to_string();
+    assert!(e.contains("2 rows of logits for 1 indices"), "{e}");
+    let flat = Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu)?;
+    assert!(monitor.observe(&[0, 1], &flat).is_err());
+    // Reported in epoch 1, not in epoch 2: an error naming the epoch.
+    train_epoch(&varmap, 1)?;
+    observe(&mut monitor, 1, 0, 1)?;
+    monitor.on_epoch_end(1, &net, &varmap)?;
+    train_epoch(&varmap, 2)?;
+    let e = monitor
+        .on_epoch_end(2, &net, &varmap)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("none in epoch 2"), "{e}");
+    // Nothing was lost: reporting the epoch's predictions, the same epoch goes through.
+    observe(&mut monitor, 2, 0, 1)?;
+    monitor.on_epoch_end(2, &net, &varmap)?;
+    assert_eq!(monitor.history()[1].training_changes, Some(32));
+    Ok(())
+}
+
+#[test]
+fn a_state_this_version_cannot_continue_is_refused_saying_why() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let cfg = config(dir.path(), "")?;
+    let mut monitor = RelianceMonitor::new(cfg.clone(), probes.clone(), data.clone())?;
+    run(&mut monitor, &varmap, &net, 1, 3)?;
+    drop(monitor);
+    let path = dir.path().join("state.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["format"], 2);
+    // A file of 0.1: no format number.
+    let old = dir.path().join("old.json");
+    let mut without = v.clone();
+    without.as_object_mut().unwrap().remove("format");
+    std::fs::write(&old, without.to_string()).unwrap();
+    let e = RelianceMonitor::load_state(&old).unwrap_err().to_string();
+    assert!(
+        e.contains("earlier version") && e.contains("old.json"),
+        "{e}"
+    );
+    v["format"] = 7.into();
+    std::fs::write(&old, v.to_string()).unwrap();
+    let e = RelianceMonitor::load_state(&old).unwrap_err().to_string();
+    assert!(e.contains("format 7"), "{e}");
+    // Training predictions for another training set.
+    let mut state = RelianceMonitor::load_state(&path)?;
+    state.training_predictions.as_mut().unwrap().push(0);
+    let e = RelianceMonitor::resume(cfg.clone(), probes.clone(), data.clone(), state)
+        .err()
+        .expect("another training set")
+        .to_string();
+    assert!(e.contains("65") && e.contains("64"), "{e}");
+    // A kept epoch the rule's state does not name.
+    let mut state = RelianceMonitor::load_state(&path)?;
+    state.kept_epoch = Some(1);
+    let e = RelianceMonitor::resume(cfg, probes, data, state)
+        .err()
+        .expect("a tampered kept epoch")
+        .to_string();
+    assert!(e.contains("keeps epoch"), "{e}");
+    Ok(())
+}
+
+/// A strategy that keeps the epoch before the one just stepped (`lookback` 1): the monitor holds
+/// the previous check's weights and snapshots them when they become the kept ones.
+#[derive(Default)]
+struct KeepsTheOneBefore {
+    last: Option<usize>,
+    kept: Option<usize>,
+}
+
+impl EarlyStoppingStrategy for KeepsTheOneBefore {
+    fn step(&mut self, obs: &Observation) -> Decision {
+        self.kept = self.last;
+        self.last = Some(obs.epoch);
+        Decision::Continue
+    }
+    fn kept_epoch(&self) -> Option<usize> {
+        self.kept
+    }
+    fn lookback(&self) -> usize {
+        1
+    }
+    fn save_state(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!([self.last, self.kept]))
+    }
+    fn load_state(&mut self, state: serde_json::Value) -> Result<()> {
+        (self.last, self.kept) = serde_json::from_value(state).map_err(candle_core::Error::msg)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_kept_epoch_moved_back_to_a_held_one_is_restored_bit_exact() -> Result<()> {
+    for disk in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let best = dir.path().join("best.safetensors");
+        let extra = match disk {
+            true => format!("restore_best: {{mode: disk, path: {}}}\n", best.display()),
+            false => String::new(),
+        };
+        let cfg = config(dir.path(), &extra)?;
+        let (varmap, net, probes, data) = setup()?;
+        let strategy = || Box::new(KeepsTheOneBefore::default());
+        let mut monitor =
+            RelianceMonitor::new(cfg.clone(), probes, data.clone())?.with_strategy(strategy())?;
+        run(&mut monitor, &varmap, &net, 1, 4)?;
+        assert_eq!(monitor.best_epoch(), Some(3), "disk {disk}");
+        if disk {
+            // The kept epoch's file and the held one's, nothing else.
+            let state = RelianceMonitor::load_state(dir.path().join("state.json"))?;
+            assert_eq!(
+                (state.kept_epoch, &state.held_epochs[..]),
+                (Some(3), &[4][..])
+            );
+            let mut snaps: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.starts_with("best.safetensors"))
+                .collect();
+            snaps.sort();
+            assert_eq!(
+                snaps,
+                ["best.safetensors.epoch3", "best.safetensors.epoch4"]
+            );
+            // Interrupted here and resumed: epoch 4's weights come from its held file.
+            drop(monitor);
+            let probes = ProbeSet::new();
+            let net = Net {
+                w1: net.w1.clone(),
+                w2: net.w2.clone(),
+                probe: probes.add("hidden")?,
+            };
+            let mut resumed =
+                RelianceMonitor::resume(cfg, probes, data, state)?.with_strategy(strategy())?;
+            run(&mut resumed, &varmap, &net, 5, 5)?;
+            assert_eq!(resumed.finish(&varmap)?, Some(4));
+            assert_eq!(
+                values(&varmap)[1].1,
+                weights(4)?.1.flatten_all()?.to_vec1::<f32>()?,
+                "epoch 4's weights from the held file"
+            );
+            let left: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.starts_with("best.safetensors"))
+                .collect();
+            assert_eq!(
+                left,
+                ["best.safetensors"],
+                "held files are gone after finish"
+            );
+        } else {
+            run(&mut monitor, &varmap, &net, 5, 6)?;
+            assert_eq!(monitor.finish(&varmap)?, Some(5));
+            assert_eq!(
+                values(&varmap),
+                vec![
+                    (
+                        "w1".to_string(),
+                        weights(5)?.0.flatten_all()?.to_vec1::<f32>()?
+                    ),
+                    (
+                        "w2".to_string(),
+                        weights(5)?.1.flatten_all()?.to_vec1::<f32>()?
+                    ),
+                ],
+                "epoch 5's weights, held while epoch 6 trained"
+            );
+        }
+    }
     Ok(())
 }

@@ -1,648 +1,561 @@
-//! The stopping state machine on scripted metric sequences, worked out by hand.
+//! The stopping rule's state machine, row by row of its precedence table (docs/configuration.md,
+//! "The stopping rule, step by step"), on scripted observations worked out by hand.
 
 use candle_reliance::monitor::{
-    EarlyStopping, EarlyStoppingStrategy, Fallback, Keep, LabelWaveRule, StoppingRule,
+    CheckSignals, EarlyStopping, EarlyStoppingStrategy, Health, LabelWaveRule, Observation,
+    StoppingRule, StoppingState, Warning,
 };
 use candle_reliance::{Decision, StopReason};
 
-struct Case {
-    name: &'static str,
-    rule: StoppingRule,
-    metrics: &'static [f64],
-    /// Epoch (1-based position in `metrics`) of the first stop, if any.
-    stop_at: Option<usize>,
-    kept: Option<usize>,
+/// One epoch of a script: training-set changes, a check (metric, accuracy, probe-data changes,
+/// health) and whether the budget ends.
+#[derive(Clone)]
+struct Epoch {
+    training: Option<f64>,
+    check: Option<CheckSignals>,
+    end: bool,
 }
 
-fn rule(tolerance: f64, patience: usize, smoothing: f64) -> StoppingRule {
+fn train(changes: f64) -> Epoch {
+    Epoch {
+        training: Some(changes),
+        check: None,
+        end: false,
+    }
+}
+
+fn check(metric: f64, accuracy: f64) -> Epoch {
+    Epoch {
+        training: None,
+        check: Some(CheckSignals::new(metric, accuracy)),
+        end: false,
+    }
+}
+
+impl Epoch {
+    /// Adds training-set changes.
+    fn t(mut self, changes: f64) -> Self {
+        self.training = Some(changes);
+        self
+    }
+    /// Adds probe-data changes to the check.
+    fn p(mut self, changes: f64) -> Self {
+        let c = self.check.take().expect("a check");
+        self.check = Some(c.with_prediction_changes(Some(changes)));
+        self
+    }
+    fn health(mut self, h: Health) -> Self {
+        let c = self.check.take().expect("a check");
+        self.check = Some(c.with_health(h));
+        self
+    }
+    fn last(mut self) -> Self {
+        self.end = true;
+        self
+    }
+}
+
+fn rule(tolerance: f64, window: usize, patience: usize) -> StoppingRule {
     StoppingRule {
         tolerance,
-        patience,
-        smoothing,
+        label_wave: LabelWaveRule { window, patience },
         ..Default::default()
     }
 }
 
-#[test]
-fn scripted_sequences() {
-    let peak = |mut r: StoppingRule| {
-        r.keep = Keep::Peak;
-        r
-    };
-    let cases = [
-        Case {
-            name: "rising never stops",
-            rule: rule(0.0, 1, 0.0),
-            metrics: &[0.1, 0.2, 0.3, 0.4],
-            stop_at: None,
-            kept: Some(4),
-        },
-        Case {
-            name: "tolerance 0, patience 1: the first check below the peak stops",
-            rule: rule(0.0, 1, 0.0),
-            metrics: &[0.5, 0.6, 0.59, 0.9],
-            stop_at: Some(3),
-            kept: Some(2),
-        },
-        Case {
-            name: "tolerance 0: a tie with the peak is on the plateau",
-            rule: rule(0.0, 1, 0.0),
-            metrics: &[0.5, 0.6, 0.6, 0.4],
-            stop_at: Some(4),
-            kept: Some(3),
-        },
-        Case {
-            name: "dips within the tolerance are on the plateau; the last of them is kept",
-            // Peak 0.60; the plateau is ≥ 0.57: 0.58, 0.59 on it; 0.55 (1 epoch), 0.54 (2).
-            rule: rule(0.05, 2, 0.0),
-            metrics: &[0.50, 0.60, 0.58, 0.59, 0.55, 0.54],
-            stop_at: Some(6),
-            kept: Some(4),
-        },
-        Case {
-            name: "keep: peak keeps the highest check instead",
-            rule: peak(rule(0.05, 2, 0.0)),
-            metrics: &[0.50, 0.60, 0.58, 0.59, 0.55, 0.54],
-            stop_at: Some(6),
-            kept: Some(2),
-        },
-        Case {
-            name: "a return to the plateau resets the patience",
-            // 0.5 below 0.57 (1 epoch); 0.58 back on it; 0.5, 0.5 below for 1, 2 epochs.
-            rule: rule(0.05, 2, 0.0),
-            metrics: &[0.6, 0.5, 0.58, 0.5, 0.5],
-            stop_at: Some(5),
-            kept: Some(3),
-        },
-        Case {
-            name: "the tolerance is a share of the peak",
-            // Peak 2.0; the plateau is ≥ 1.8: 1.85 on it, 1.79 not.
-            rule: rule(0.1, 1, 0.0),
-            metrics: &[2.0, 1.85, 1.79],
-            stop_at: Some(3),
-            kept: Some(2),
-        },
-        Case {
-            name: "smoothing delays the stop past a one-check dip",
-            // s: 1.0 (peak); 0.5·1.0 + 0.5·0.6 = 0.8 (below, 1 epoch); 0.5·0.8 + 0.5·1.4 = 1.1
-            // (peak); 0.5·1.1 + 0.5·1.0 = 1.05 (below, 1 epoch).
-            rule: rule(0.0, 2, 0.5),
-            metrics: &[1.0, 0.6, 1.4, 1.0],
-            stop_at: None,
-            kept: Some(3),
-        },
-        Case {
-            name: "without smoothing the same dip stops",
-            rule: rule(0.0, 2, 0.0),
-            metrics: &[1.0, 0.6, 0.9, 1.0],
-            stop_at: Some(3),
-            kept: Some(1),
-        },
-        Case {
-            name: "NaN stops at once",
-            rule: rule(0.0, 5, 0.0),
-            metrics: &[0.5, f64::NAN, 0.9],
-            stop_at: Some(2),
-            kept: Some(1),
-        },
-        Case {
-            name: "infinity stops at once",
-            rule: rule(0.0, 5, 0.0),
-            metrics: &[f64::INFINITY],
-            stop_at: Some(1),
-            kept: None,
-        },
-    ];
-    for c in cases {
-        let mut es = EarlyStopping::new(c.rule.clone());
-        let mut first_stop = None;
-        for (i, &m) in c.metrics.iter().enumerate() {
-            let d = es.update(i + 1, m);
-            if d.is_stop() && first_stop.is_none() {
-                first_stop = Some(i + 1);
-            }
-            if let Some(s) = first_stop {
-                assert!(
-                    d.is_stop(),
-                    "{}: a stop is final (epoch {} after stop at {s})",
-                    c.name,
-                    i + 1
-                );
-            }
+/// What one step must give: the decision's kind (`None`: continue) and the kept epoch after it.
+type Want = (Option<&'static str>, Option<usize>);
+
+fn kind(d: &Decision) -> Option<&'static str> {
+    d.reason().map(|r| match r {
+        StopReason::PredictionChangesRose { .. } => "prediction_changes_rose",
+        StopReason::Collapsed { .. } => "collapsed",
+        StopReason::NonFinite { .. } => "non_finite",
+        StopReason::MaxEpochs { .. } => "max_epochs",
+        StopReason::Custom { .. } => "custom",
+    })
+}
+
+/// Steps `epochs` (epoch numbers from `from`) and returns per step the decision and kept epoch,
+/// and the warnings raised.
+fn run(
+    es: &mut EarlyStopping,
+    from: usize,
+    epochs: &[Epoch],
+) -> (Vec<(Decision, Option<usize>)>, Vec<Warning>) {
+    let mut out = vec![];
+    let mut warnings = vec![];
+    for (i, e) in epochs.iter().enumerate() {
+        let mut obs = Observation::new(from + i).with_training_changes(e.training);
+        if let Some(c) = &e.check {
+            obs = obs.with_check(c.clone());
         }
-        assert_eq!(first_stop, c.stop_at, "{}", c.name);
-        assert_eq!(es.kept_epoch(), c.kept, "{}", c.name);
+        if e.end {
+            obs = obs.at_budget_end();
+        }
+        let d = es.step(&obs);
+        warnings.extend(EarlyStoppingStrategy::take_warnings(es));
+        out.push((d, es.kept_epoch()));
+    }
+    (out, warnings)
+}
+
+struct Row {
+    /// The table's row.
+    row: u32,
+    name: &'static str,
+    rule: StoppingRule,
+    /// Epochs 1, 2, …
+    epochs: Vec<Epoch>,
+    want: Vec<Want>,
+}
+
+fn rows() -> Vec<Row> {
+    let nan = || Health::NonFinite("logits".into());
+    let flat = || Health::Degenerate("one class".into());
+    vec![
+        Row {
+            row: 1,
+            name: "a stop is final: later steps repeat it, even healthy ones",
+            rule: rule(0.1, 1, 5),
+            epochs: vec![
+                check(0.5, 0.5),
+                check(f64::NAN, 0.9).health(nan()),
+                check(0.9, 0.9),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (Some("non_finite"), Some(1)),
+                (Some("non_finite"), Some(1)),
+            ],
+        },
+        Row {
+            row: 3,
+            name: "training changes feed Label Wave; probe-data changes are then ignored",
+            // Window 1: lows 100 (1), 50 (2); 60, 70 no lower; patience 2 runs out at 2 + 2 = 4.
+            // The probe data's 3, 2, 1, 0 would be new lows every time.
+            rule: rule(0.1, 1, 2),
+            epochs: vec![
+                check(0.5, 0.5).t(100.0).p(3.0),
+                check(0.5, 0.5).t(50.0).p(2.0),
+                check(0.5, 0.5).t(60.0).p(1.0),
+                check(0.5, 0.5).t(70.0).p(0.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, Some(3)),
+                (Some("prediction_changes_rose"), Some(4)),
+            ],
+        },
+        Row {
+            row: 3,
+            name: "training changes come in epochs without a check too",
+            // Lows 100 (1), 50 (2); no check at 3–4; the stop at 4 keeps the last candidate, 2.
+            rule: rule(0.1, 1, 2),
+            epochs: vec![
+                check(0.5, 0.5).t(100.0),
+                check(0.5, 0.5).t(50.0),
+                train(60.0),
+                train(70.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, Some(2)),
+                (Some("prediction_changes_rose"), Some(2)),
+            ],
+        },
+        Row {
+            row: 4,
+            name: "a non-finite check stops at once and is never kept",
+            rule: rule(0.1, 1, 5),
+            epochs: vec![check(0.5, 0.5), check(0.6, 0.9).health(nan())],
+            want: vec![(None, Some(1)), (Some("non_finite"), Some(1))],
+        },
+        Row {
+            row: 4,
+            name: "a non-finite first check keeps nothing",
+            rule: rule(0.1, 1, 5),
+            epochs: vec![check(f64::INFINITY, 0.5).health(nan())],
+            want: vec![(Some("non_finite"), None)],
+        },
+        Row {
+            row: 5,
+            name: "degenerate checks are never candidates; a run of them as long as the patience \
+                   stops",
+            // Patience 2: degenerate since epoch 2; epoch 4 is 2 epochs later.
+            rule: rule(0.1, 1, 2),
+            epochs: vec![
+                check(0.5, 0.5),
+                check(0.9, 1.0).health(flat()),
+                check(0.9, 1.0).health(flat()),
+                check(0.9, 1.0).health(flat()),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(1)),
+                (None, Some(1)),
+                (Some("collapsed"), Some(1)),
+            ],
+        },
+        Row {
+            row: 5,
+            name: "a healthy check ends a run of degenerate ones",
+            rule: rule(0.1, 1, 2),
+            epochs: vec![
+                check(0.5, 0.5),
+                check(0.9, 1.0).health(flat()),
+                check(0.5, 0.4),
+                check(0.9, 1.0).health(flat()),
+                check(0.9, 1.0).health(flat()),
+                check(0.9, 1.0).health(flat()),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(1)),
+                (None, Some(1)),
+                (None, Some(1)),
+                (None, Some(1)),
+                (Some("collapsed"), Some(1)),
+            ],
+        },
+        Row {
+            row: 6,
+            name: "on the plateau the most accurate check is kept, the later among equals",
+            // Training changes: a low at epoch 1 only. Peak 0.6 at 2, plateau ≥ 0.54: 0.55 (4)
+            // and 0.58 (5) are on it; 0.50 (3) is not, however accurate.
+            rule: rule(0.1, 1, 10),
+            epochs: vec![
+                check(0.50, 0.50).t(10.0),
+                check(0.60, 0.60).t(20.0),
+                check(0.50, 0.95).t(20.0),
+                check(0.55, 0.70).t(20.0),
+                check(0.58, 0.70).t(20.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, Some(2)),
+                (None, Some(4)),
+                (None, Some(5)),
+            ],
+        },
+        Row {
+            row: 6,
+            name: "below the plateau a new Label Wave low makes a candidate",
+            // Falling metric; training lows at 1 (100), 3 (90), 4 (80). Epoch 4 is less
+            // accurate than 3.
+            rule: rule(0.1, 1, 10),
+            epochs: vec![
+                check(0.6, 0.5).t(100.0),
+                check(0.5, 0.6).t(120.0),
+                check(0.4, 0.7).t(90.0),
+                check(0.3, 0.65).t(80.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(1)),
+                (None, Some(3)),
+                (None, Some(3)),
+            ],
+        },
+        Row {
+            row: 6,
+            name: "before Label Wave has a low every check is a candidate",
+            // Window 3: the first low (centre 2) is known at the third count (epoch 3), so
+            // epoch 3 is neither on the plateau nor before a low, however accurate; the low's
+            // centre, epoch 2, is the kept one already.
+            rule: rule(0.1, 3, 10),
+            epochs: vec![
+                check(0.6, 0.5).t(100.0),
+                check(0.3, 0.6).t(100.0),
+                check(0.2, 0.9).t(100.0),
+                check(0.1, 0.95).t(120.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, Some(2)),
+                (None, Some(2)),
+            ],
+        },
+        Row {
+            row: 6,
+            name: "a new peak raises the plateau; the kept check stays until a more accurate \
+                   candidate",
+            rule: rule(0.1, 1, 10),
+            epochs: vec![
+                check(0.50, 0.50).t(10.0),
+                check(0.52, 0.80).t(20.0),
+                check(0.90, 0.70).t(20.0),
+                check(0.85, 0.75).t(20.0),
+                check(0.84, 0.85).t(20.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, Some(2)),
+                (None, Some(2)),
+                (None, Some(5)),
+            ],
+        },
+        Row {
+            row: 6,
+            name: "probe-data changes feed Label Wave when the loop reports none",
+            // Lows 30 (2), 20 (3); 25, 26 no lower: patience 2 runs out at 3 + 2 = 5.
+            rule: rule(0.1, 1, 2),
+            epochs: vec![
+                check(0.5, 0.5),
+                check(0.5, 0.5).p(30.0),
+                check(0.5, 0.6).p(20.0),
+                check(0.3, 0.9).p(25.0),
+                check(0.3, 0.9).p(26.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, Some(3)),
+                (None, Some(3)),
+                (Some("prediction_changes_rose"), Some(3)),
+            ],
+        },
+        Row {
+            row: 7,
+            name: "Label Wave's centred window: a new low makes its centre a candidate, one \
+                   epoch later",
+            // Window 3 over epochs 2…: means 60 (centre 3, at 4), 50 (centre 4, at 5), 60, 90.
+            // Patience 2 runs out at 4 + 1 + 2 = 7. Falling metric: candidates are epoch 1 (no
+            // low yet, on the plateau), 2 and 3 (no low yet), then the lows' centres 3 (at 4)
+            // and 4 (at 5); epochs 4–7 themselves are not, however accurate.
+            rule: rule(0.1, 3, 2),
+            epochs: vec![
+                check(0.9, 0.1),
+                check(0.5, 0.2).t(90.0),
+                check(0.4, 0.3).t(60.0),
+                check(0.3, 0.4).t(30.0),
+                check(0.2, 0.5).t(60.0),
+                check(0.1, 0.9).t(90.0),
+                check(0.0, 0.9).t(120.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, Some(3)),
+                (None, Some(3)),
+                (None, Some(4)),
+                (None, Some(4)),
+                (Some("prediction_changes_rose"), Some(4)),
+            ],
+        },
+        Row {
+            row: 7,
+            name: "the stop epoch itself is kept when it is a candidate",
+            rule: rule(0.1, 1, 2),
+            epochs: vec![
+                check(0.5, 0.5).t(100.0),
+                check(0.5, 0.5).t(50.0),
+                check(0.5, 0.5).t(60.0),
+                check(0.5, 0.9).t(70.0),
+            ],
+            want: vec![
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, Some(3)),
+                (Some("prediction_changes_rose"), Some(4)),
+            ],
+        },
+        Row {
+            row: 8,
+            name: "the budget's last epoch stops",
+            rule: rule(0.1, 1, 5),
+            epochs: vec![check(0.5, 0.5).t(100.0), check(0.5, 0.6).t(90.0).last()],
+            want: vec![(None, Some(1)), (Some("max_epochs"), Some(2))],
+        },
+        Row {
+            row: 7,
+            name: "Label Wave's stop comes before the budget's on the same epoch",
+            rule: rule(0.1, 1, 1),
+            epochs: vec![check(0.5, 0.5).t(100.0), check(0.5, 0.4).t(110.0).last()],
+            want: vec![(None, Some(1)), (Some("prediction_changes_rose"), Some(1))],
+        },
+        Row {
+            row: 9,
+            name: "otherwise training goes on",
+            rule: rule(0.1, 1, 5),
+            epochs: vec![train(100.0), check(0.5, 0.5), train(90.0)],
+            want: vec![(None, None), (None, Some(2)), (None, Some(2))],
+        },
+    ]
+}
+
+#[test]
+fn every_row_of_the_table() {
+    for r in rows() {
+        assert_eq!(r.epochs.len(), r.want.len(), "row {}: {}", r.row, r.name);
+        let mut es = EarlyStopping::new(r.rule.clone());
+        let (got, _) = run(&mut es, 1, &r.epochs);
+        let got: Vec<Want> = got.iter().map(|(d, k)| (kind(d), *k)).collect();
+        assert_eq!(got, r.want, "row {}: {}", r.row, r.name);
     }
 }
 
 #[test]
-fn patience_counts_epochs_between_sparse_checks() {
-    // Checks every other epoch: the peak at epoch 2, then below it at 4 (2 epochs) and 6 (4).
-    let mut es = EarlyStopping::new(rule(0.0, 3, 0.0));
-    assert!(!es.update(2, 0.5).is_stop());
-    assert!(!es.update(4, 0.4).is_stop());
-    assert!(es.update(6, 0.4).is_stop());
+fn row_2_an_epoch_not_after_the_last_is_ignored() {
+    let mut es = EarlyStopping::new(rule(0.1, 1, 2));
+    run(
+        &mut es,
+        1,
+        &[check(0.5, 0.5).t(100.0), check(0.5, 0.9).t(50.0)],
+    );
+    let before = es.state().clone();
+    let obs = Observation::new(2)
+        .with_training_changes(Some(10.0))
+        .with_check(CheckSignals::new(0.9, 1.0));
+    assert_eq!(es.step(&obs), Decision::Continue);
+    assert_eq!(es.state(), &before, "nothing changed");
     assert_eq!(es.kept_epoch(), Some(2));
 }
 
 #[test]
-fn the_update_that_keeps_its_epoch_says_so() {
-    let mut es = EarlyStopping::new(rule(0.05, 3, 0.0));
-    let kept: Vec<bool> = [0.5, 0.6, 0.58, 0.5, 0.59]
-        .iter()
-        .enumerate()
-        .map(|(i, &m)| {
-            es.update(i + 1, m);
-            es.kept_last()
-        })
+fn stop_reasons_carry_what_decided() {
+    // Row 7's centred window: the low 50 at centre 4, known at 5, patience 2.
+    let mut es = EarlyStopping::new(rule(0.1, 3, 2));
+    let changes = [90.0, 60.0, 30.0, 60.0, 90.0, 120.0];
+    let epochs: Vec<Epoch> = std::iter::once(check(0.5, 0.5))
+        .chain(changes.iter().map(|&c| check(0.5, 0.5).t(c)))
         .collect();
-    // 0.5 and 0.6 are peaks, 0.58 on the plateau (≥ 0.57), 0.5 below it, 0.59 on it again.
-    assert_eq!(kept, [true, true, true, false, true]);
-}
-
-#[test]
-fn degenerate_checks_are_never_kept_and_stop_after_the_patience() {
-    let mut es = EarlyStopping::new(rule(0.0, 2, 0.0));
-    es.update(1, 0.5);
-    es.update(2, 0.6);
-    // A degenerate network would have the highest metric of all; it is not even looked at.
-    assert!(!es.degenerate(3, "silent").is_stop());
-    assert!(!es.kept_last());
-    match es.degenerate(4, "silent").reason() {
-        Some(StopReason::Collapsed {
-            epoch: 4,
-            kept_epoch: Some(2),
-            what,
-        }) => assert_eq!(what, "silent"),
-        r => panic!("unexpected {r:?}"),
-    }
-    // Degenerate from the first check: nothing is kept, the patience counts from that check.
-    let mut es = EarlyStopping::new(rule(0.0, 2, 0.0));
-    assert!(!es.degenerate(2, "one class").is_stop());
-    assert!(!es.degenerate(3, "one class").is_stop());
-    assert!(matches!(
-        es.degenerate(4, "one class").reason(),
-        Some(StopReason::Collapsed {
-            kept_epoch: None,
-            ..
-        })
-    ));
-    assert_eq!(es.kept_epoch(), None);
-}
-
-#[test]
-fn smoothed_values_are_exponential_moving_averages() {
-    let mut es = EarlyStopping::new(rule(0.0, 10, 0.75));
-    for (epoch, m) in [(1, 0.4), (2, 0.8), (3, 0.0)] {
-        es.update(epoch, m);
-    }
-    // 0.4; 0.75·0.4 + 0.25·0.8 = 0.5; 0.75·0.5 + 0 = 0.375.
-    assert!((es.state().smoothed.unwrap() - 0.375).abs() < 1e-12);
-    let peak = es.state().peak.clone().unwrap();
-    assert_eq!(peak.epoch, 2);
-    assert!((peak.metric - 0.5).abs() < 1e-12);
-}
-
-#[test]
-fn reasons_say_what_happened() {
-    let mut es = EarlyStopping::new(rule(0.0, 2, 0.0));
-    es.update(3, 0.7);
-    es.update(4, 0.6);
-    let d = es.update(5, 0.65);
-    match d.reason() {
-        Some(StopReason::Declined {
-            peak_epoch: 3,
-            peak,
-            kept_epoch: 3,
-            epochs_below: 2,
-        }) => {
-            assert_eq!(*peak, 0.7)
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-    let text = d.reason().unwrap().to_string();
-    assert!(
-        text.contains("reliance rose") && text.contains("epoch 3") && text.contains("2 epochs"),
-        "{text}"
-    );
-    let mut es = EarlyStopping::new(rule(0.0, 2, 0.0));
-    assert!(matches!(
-        es.update(1, f64::NAN),
+    let (got, _) = run(&mut es, 1, &epochs);
+    assert_eq!(
+        got.last().unwrap().0,
         Decision::Stop {
-            reason: StopReason::NonFinite { epoch: 1, .. }
-        }
-    ));
-}
-
-#[test]
-fn state_round_trips_and_resumes_identically() {
-    let metrics = [0.3, 0.5, 0.45, 0.52, 0.40, 0.38, 0.35, 0.6];
-    let r = rule(0.05, 3, 0.3);
-    let mut full = EarlyStopping::new(r.clone());
-    let all: Vec<Decision> = metrics
-        .iter()
-        .enumerate()
-        .map(|(i, &m)| full.update(i + 1, m))
-        .collect();
-    for cut in 0..metrics.len() {
-        let mut first = EarlyStopping::new(r.clone());
-        let mut got: Vec<Decision> = metrics[..cut]
-            .iter()
-            .enumerate()
-            .map(|(i, &m)| first.update(i + 1, m))
-            .collect();
-        let json = serde_json::to_string(first.state()).unwrap();
-        let mut resumed =
-            EarlyStopping::with_state(r.clone(), serde_json::from_str(&json).unwrap());
-        got.extend(
-            metrics[cut..]
-                .iter()
-                .enumerate()
-                .map(|(i, &m)| resumed.update(cut + i + 1, m)),
-        );
-        assert_eq!(got, all, "interrupted after {cut} checks");
-    }
-    assert!(
-        all.iter().any(|d| d.is_stop()),
-        "the sequence must exercise a stop"
-    );
-}
-
-/// `Keep::MostAccurateNearPeak` fed metrics and unablated accuracies, worked out by hand.
-#[test]
-fn most_accurate_plateau_check_is_kept() {
-    struct AccCase {
-        name: &'static str,
-        checks: &'static [(f64, Option<f64>)],
-        kept: usize,
-        /// Whether each update kept its own epoch (the monitor's moment to snapshot).
-        kept_last: &'static [bool],
-    }
-    let cases = [
-        AccCase {
-            name: "the most accurate of the plateau checks",
-            // Peak 0.60 (epoch 2); plateau ≥ 0.57: epochs 2, 3, 4; epoch 5 below it.
-            checks: &[
-                (0.50, Some(0.70)),
-                (0.60, Some(0.80)),
-                (0.58, Some(0.90)),
-                (0.59, Some(0.85)),
-                (0.55, Some(0.99)),
-            ],
-            kept: 3,
-            kept_last: &[true, true, true, false, false],
-        },
-        AccCase {
-            name: "an equally accurate later check replaces the kept one",
-            checks: &[(0.60, Some(0.80)), (0.59, Some(0.80)), (0.58, Some(0.79))],
-            kept: 2,
-            kept_last: &[true, true, false],
-        },
-        AccCase {
-            name: "a kept check that a new peak leaves below the plateau is replaced",
-            // Epoch 1 (0.58, acc 0.95) is kept; the peak 0.70 at epoch 2 puts the plateau at
-            // ≥ 0.665, so epoch 1 is off it and epoch 2 is kept though less accurate; epoch 3
-            // (0.69, acc 0.90) beats it.
-            checks: &[(0.58, Some(0.95)), (0.70, Some(0.60)), (0.69, Some(0.90))],
-            kept: 3,
-            kept_last: &[true, true, true],
-        },
-        AccCase {
-            name: "a new peak that is less accurate does not replace a kept check still on the plateau",
-            // Peak 0.60 then 0.61: the plateau ≥ 0.5795 keeps epoch 1 (0.60, acc 0.9) on it.
-            checks: &[(0.60, Some(0.90)), (0.61, Some(0.80))],
-            kept: 1,
-            kept_last: &[true, false],
-        },
-        AccCase {
-            name: "without accuracies: the last check on the plateau",
-            checks: &[(0.60, Some(0.90)), (0.59, None), (0.40, Some(1.0))],
-            kept: 2,
-            kept_last: &[true, true, false],
-        },
-        AccCase {
-            name: "a NaN accuracy counts as unknown",
-            checks: &[(0.60, Some(0.90)), (0.59, Some(f64::NAN))],
-            kept: 2,
-            kept_last: &[true, true],
-        },
-    ];
-    for c in cases {
-        // The accuracy guard off: some of these checks lose more than 10% of the accuracy.
-        let mut es = EarlyStopping::new(StoppingRule {
-            accuracy_drop: 1.0,
-            ..rule(0.05, 5, 0.0)
-        });
-        assert_eq!(es.rule().keep, Keep::MostAccurateNearPeak, "the default");
-        let kept_last: Vec<bool> = c
-            .checks
-            .iter()
-            .enumerate()
-            .map(|(i, &(m, a))| {
-                es.update_check(i + 1, m, a);
-                es.kept_last()
-            })
-            .collect();
-        assert_eq!(es.kept_epoch(), Some(c.kept), "{}", c.name);
-        assert_eq!(kept_last, c.kept_last, "{}", c.name);
-    }
-}
-
-#[test]
-fn most_accurate_keep_resumes_identically() {
-    let checks = [
-        (0.50, 0.6),
-        (0.60, 0.7),
-        (0.59, 0.8),
-        (0.61, 0.75),
-        (0.60, 0.78),
-        (0.50, 0.9),
-        (0.49, 0.95),
-        (0.48, 0.97),
-    ];
-    let r = rule(0.03, 2, 0.0);
-    let run = |es: &mut EarlyStopping, from: usize, part: &[(f64, f64)]| -> Vec<Decision> {
-        part.iter()
-            .enumerate()
-            .map(|(i, &(m, a))| es.update_check(from + i + 1, m, Some(a)))
-            .collect()
-    };
-    let mut full = EarlyStopping::new(r.clone());
-    let all = run(&mut full, 0, &checks);
-    // Peak 0.61 at epoch 4: plateau ≥ 0.5917 holds epochs 2, 4, 5 (epoch 3's 0.59 falls off);
-    // epoch 5 (acc 0.78) is the most accurate of them; 6 and 7 below it stop at 7.
-    assert_eq!(full.kept_epoch(), Some(5));
-    assert!(all[6].is_stop() && !all[5].is_stop());
-    for cut in 0..checks.len() {
-        let mut first = EarlyStopping::new(r.clone());
-        let mut got = run(&mut first, 0, &checks[..cut]);
-        let json = serde_json::to_string(first.state()).unwrap();
-        let mut resumed =
-            EarlyStopping::with_state(r.clone(), serde_json::from_str(&json).unwrap());
-        got.extend(run(&mut resumed, cut, &checks[cut..]));
-        assert_eq!(got, all, "interrupted after {cut} checks");
-        assert_eq!(
-            resumed.kept_epoch(),
-            Some(5),
-            "interrupted after {cut} checks"
-        );
-    }
-}
-
-/// One epoch of a scripted run with the Label Wave fallback: prediction changes since the
-/// previous check (none at the first), then the check's metric.
-type Step = (Option<f64>, f64);
-
-/// Feeds `steps` from epoch 2 on as the monitor does (changes, then the check); per epoch the
-/// decision, the kept epoch and whether the update kept its own epoch.
-fn feed(
-    es: &mut EarlyStopping,
-    from: usize,
-    steps: &[Step],
-) -> Vec<(Decision, Option<usize>, bool)> {
-    steps
-        .iter()
-        .enumerate()
-        .map(|(i, &(changes, metric))| {
-            let epoch = from + i;
-            if let Some(n) = changes {
-                es.update_changes(epoch, n);
+            reason: StopReason::PredictionChangesRose {
+                lowest_epoch: 4,
+                lowest: 50.0,
+                epochs_since: 2,
+                kept_epoch: Some(7),
+                plateau_end: Some(7),
             }
-            let d = es.update_check(epoch, metric, None);
-            (d, es.kept_epoch(), es.kept_last())
-        })
-        .collect()
-}
-
-fn fallback_rule() -> StoppingRule {
-    StoppingRule {
-        tolerance: 0.05,
-        patience: 2,
-        label_wave: LabelWaveRule {
-            window: 3,
-            patience: 2,
-        },
-        ..Default::default()
-    }
-}
-
-/// The metric falls from its first check (epoch 2) on; changes fall to a low and rise.
-/// Label Wave (window 3): means 80 (centre 4, known at 5), 60 (centre 5, at 6), 50 (centre 6,
-/// at 7), then 53.3, 70, 90: the low is centre 6, kept as epoch 7 (the window's last epoch);
-/// its patience 2 runs out at epoch 6 + 1 + 2 = 9. The reliance patience ran out at epoch 4.
-const FALLING: &[Step] = &[
-    (None, 0.60),
-    (Some(100.0), 0.55),
-    (Some(80.0), 0.50),
-    (Some(60.0), 0.45),
-    (Some(40.0), 0.40),
-    (Some(50.0), 0.35),
-    (Some(70.0), 0.30),
-    (Some(90.0), 0.25),
-    (Some(110.0), 0.20),
-];
-
-#[test]
-fn label_wave_decides_while_the_metric_never_rose() {
-    let mut es = EarlyStopping::new(fallback_rule());
-    assert_eq!(es.rule().fallback, Fallback::LabelWave, "the default");
-    let got = feed(&mut es, 2, FALLING);
-    let kept: Vec<Option<usize>> = got.iter().map(|g| g.1).collect();
-    // Epochs 2–4: the reliance rule's first check; from 5 on, Label Wave's newest low.
-    assert_eq!(
-        kept,
-        [2, 2, 2, 5, 6, 7, 7, 7, 7].map(Some),
-        "kept epoch after each check"
+        }
     );
-    let kept_last: Vec<bool> = got.iter().map(|g| g.2).collect();
-    assert_eq!(
-        kept_last,
-        [true, false, false, true, true, true, false, false, false]
-    );
-    let stops: Vec<bool> = got.iter().map(|g| g.0.is_stop()).collect();
-    assert_eq!(stops.iter().position(|&s| s), Some(7), "stops at epoch 9");
-    match got[7].0.reason() {
-        Some(StopReason::FellBackToLabelWave {
-            lowest_epoch: 6,
-            lowest,
-            kept_epoch: 7,
-            epochs_below: 7,
-        }) => assert!((lowest - 50.0).abs() < 1e-12),
-        other => panic!("unexpected {other:?}"),
-    }
-    let text = got[7].0.reason().unwrap().to_string();
+    let text = got.last().unwrap().0.reason().unwrap().to_string();
     assert!(
-        text.contains("never rose") && text.contains("keeping epoch 7"),
+        text.contains("no new low for 2 epochs since 50.0 at epoch 4")
+            && text.contains("plateau until epoch 7")
+            && text.contains("keeping epoch 7"),
         "{text}"
     );
 
-    // Without the fallback the same checks stop at epoch 4, keeping the first check.
-    let mut alone = EarlyStopping::new(StoppingRule {
-        fallback: Fallback::None,
-        ..fallback_rule()
-    });
-    let got = feed(&mut alone, 2, FALLING);
-    assert!(got[2].0.is_stop() && !got[1].0.is_stop());
-    assert_eq!(alone.kept_epoch(), Some(2));
-    // Without any changes fed, nothing falls back either.
-    let mut blind = EarlyStopping::new(fallback_rule());
-    let no_changes: Vec<Step> = FALLING.iter().map(|&(_, m)| (None, m)).collect();
-    let got = feed(&mut blind, 2, &no_changes);
-    assert!(got[2].0.is_stop());
-    assert_eq!(blind.kept_epoch(), Some(2));
-}
-
-#[test]
-fn a_rise_above_the_first_check_hands_back_to_the_reliance_rule() {
-    // Label Wave's low: mean 80 centred on 4, kept as epoch 5; (80, 60, 200) at 6 is higher.
-    // At epoch 6 the metric rises above the first check: the reliance rule keeps epoch 6 (a
-    // new peak 0.65; plateau ≥ 0.6175), then 7 (0.64, the end of the plateau, no accuracies);
-    // 8 and 9 below it stop at 9 with the reliance rule's reason.
-    let steps: &[Step] = &[
-        (None, 0.60),
-        (Some(100.0), 0.55),
-        (Some(80.0), 0.50),
-        (Some(60.0), 0.50),
-        (Some(200.0), 0.65),
-        (Some(200.0), 0.64),
-        (Some(200.0), 0.50),
-        (Some(200.0), 0.40),
-    ];
-    let mut es = EarlyStopping::new(fallback_rule());
-    let got = feed(&mut es, 2, steps);
-    let kept: Vec<Option<usize>> = got.iter().map(|g| g.1).collect();
-    assert_eq!(kept, [2, 2, 2, 5, 6, 7, 7, 7].map(Some));
-    assert!(got[..7].iter().all(|g| !g.0.is_stop()));
-    match got[7].0.reason() {
-        Some(StopReason::Declined {
-            peak_epoch: 6,
-            kept_epoch: 7,
-            epochs_below: 2,
-            ..
-        }) => {}
-        other => panic!("unexpected {other:?}"),
-    }
-    assert!(es.state().rose && !es.falling_back());
-}
-
-#[test]
-fn the_fallback_resumes_identically() {
-    let r = fallback_rule();
-    let mut full = EarlyStopping::new(r.clone());
-    let all = feed(&mut full, 2, FALLING);
-    for cut in 0..FALLING.len() {
-        let mut first = EarlyStopping::new(r.clone());
-        let mut got = feed(&mut first, 2, &FALLING[..cut]);
-        let json = serde_json::to_string(first.state()).unwrap();
-        let mut resumed =
-            EarlyStopping::with_state(r.clone(), serde_json::from_str(&json).unwrap());
-        got.extend(feed(&mut resumed, 2 + cut, &FALLING[cut..]));
-        assert_eq!(got, all, "interrupted after {cut} checks");
-    }
-}
-
-#[test]
-fn a_bad_label_wave_section_is_named() {
-    let mut r = fallback_rule();
-    r.label_wave.window = 4;
-    let e = r.validate().unwrap_err().to_string();
-    assert!(e.contains("label_wave") && e.contains("window"), "{e}");
-}
-
-#[test]
-fn an_unstable_check_is_never_kept_nor_a_peak() {
-    // (metric, accuracy). Best accuracy before epoch 3 is 0.70: below 0.9 · 0.70 = 0.63 a check is
-    // unstable. Epoch 3 (0.30) is, and its metric spike 0.90 is ignored: the peak stays 0.55
-    // (plateau ≥ 0.5225), epoch 4 (0.54, acc 0.72) is kept, 5 and 6 below stop at 6.
-    let checks = [
-        (0.50, 0.60),
-        (0.55, 0.70),
-        (0.90, 0.30),
-        (0.54, 0.72),
-        (0.40, 0.75),
-        (0.40, 0.76),
-    ];
-    let run = |accuracy_drop: f64| {
-        let mut es = EarlyStopping::new(StoppingRule {
-            tolerance: 0.05,
-            patience: 2,
-            accuracy_drop,
-            ..Default::default()
-        });
-        let stop = checks
-            .iter()
-            .enumerate()
-            .map(|(i, &(m, a))| es.update_check(i + 1, m, Some(a)))
-            .position(|d| d.is_stop())
-            .map(|i| i + 1);
-        (es, stop)
-    };
-    let (es, stop) = run(0.1);
-    assert_eq!(
-        es.rule().accuracy_drop,
-        StoppingRule::default().accuracy_drop,
-        "the default"
+    let mut es = EarlyStopping::new(rule(0.1, 1, 2));
+    let (got, _) = run(
+        &mut es,
+        1,
+        &[
+            check(0.5, 0.5),
+            check(0.5, 0.5).health(Health::Degenerate("one class".into())),
+            check(0.5, 0.5).health(Health::Degenerate("one class".into())),
+            check(0.5, 0.5).health(Health::Degenerate("every unit silent".into())),
+        ],
     );
-    assert_eq!((stop, es.kept_epoch()), (Some(6), Some(4)));
-    match &es.state().stopped {
-        Some(StopReason::Declined {
-            peak_epoch: 2,
-            kept_epoch: 4,
-            epochs_below: 2,
-            ..
-        }) => {}
-        other => panic!("unexpected {other:?}"),
-    }
-    assert_eq!(es.state().best_accuracy, Some(0.76));
-    // Off (1): the spike is the peak and is kept; 4 and 5 below it stop at 5.
-    let (es, stop) = run(1.0);
-    assert_eq!((stop, es.kept_epoch()), (Some(5), Some(3)));
-    // 0.64 is within 10% of 0.70: not unstable, so the same spike would be the peak.
-    let mut es = EarlyStopping::new(StoppingRule::default());
-    es.update_check(1, 0.55, Some(0.70));
-    es.update_check(2, 0.90, Some(0.64));
-    assert_eq!(es.state().peak.as_ref().map(|p| p.epoch), Some(2));
-    for bad in [0.0, -0.1, 1.5, f64::NAN] {
-        let r = StoppingRule {
-            accuracy_drop: bad,
-            ..Default::default()
-        };
-        let e = r.validate().unwrap_err().to_string();
-        assert!(e.contains("accuracy_drop"), "{e}");
+    assert_eq!(
+        got[3].0.reason(),
+        Some(&StopReason::Collapsed {
+            epoch: 4,
+            what: "every unit silent".into(),
+            kept_epoch: Some(1)
+        })
+    );
+}
+
+#[test]
+fn warnings_are_raised_once_each() {
+    // The metric leaves its plateau after epoch 1 (tolerance 0.1) while the training changes
+    // keep falling: at epoch 3 it has been off for the patience (2) and Label Wave's newest low
+    // (epoch 3) is after the plateau's end.
+    let mut es = EarlyStopping::new(rule(0.1, 1, 2));
+    let (_, warnings) = run(
+        &mut es,
+        1,
+        &[
+            check(0.9, 0.5).t(100.0),
+            check(0.5, 0.6).t(90.0),
+            check(0.4, 0.7).t(80.0),
+            check(0.3, 0.8).t(70.0),
+            check(0.2, 0.9).t(60.0).last(),
+        ],
+    );
+    assert_eq!(
+        warnings,
+        [
+            Warning::RelianceUninformative {
+                epoch: 3,
+                plateau_end: 1,
+                lowest_epoch: 3
+            },
+            Warning::NoRiseWithinBudget { epoch: 5 },
+        ]
+    );
+    // Agreeing signals raise nothing: the metric off its plateau after Label Wave's low.
+    let mut es = EarlyStopping::new(rule(0.1, 1, 2));
+    let (got, warnings) = run(
+        &mut es,
+        1,
+        &[
+            check(0.5, 0.5).t(100.0),
+            check(0.6, 0.6).t(50.0),
+            check(0.4, 0.7).t(60.0),
+            check(0.3, 0.8).t(70.0),
+        ],
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(kind(&got[3].0), Some("prediction_changes_rose"));
+    assert_eq!(got[3].1, Some(2));
+}
+
+#[test]
+fn a_saved_state_resumes_identically_at_every_cut() {
+    let r = rule(0.05, 3, 2);
+    let script: Vec<Epoch> = vec![
+        check(0.50, 0.50),
+        check(0.60, 0.55).t(90.0),
+        check(0.58, 0.60).t(60.0).p(12.0),
+        check(0.55, 0.70).t(30.0),
+        check(0.61, 0.65).t(60.0),
+        check(0.40, 0.90).t(90.0),
+        check(0.39, 0.95).t(120.0),
+        check(0.38, 0.99).t(150.0),
+    ];
+    let mut whole = EarlyStopping::new(r.clone());
+    let (want, want_warnings) = run(&mut whole, 1, &script);
+    assert!(want.iter().any(|(d, _)| d.is_stop()), "the script stops");
+    for cut in 0..script.len() {
+        let mut first = EarlyStopping::new(r.clone());
+        let (mut got, mut warnings) = run(&mut first, 1, &script[..cut]);
+        let json = serde_json::to_string(first.state()).unwrap();
+        let state: StoppingState = serde_json::from_str(&json).unwrap();
+        let mut resumed = EarlyStopping::with_state(r.clone(), state);
+        let (rest, rest_warnings) = run(&mut resumed, cut + 1, &script[cut..]);
+        got.extend(rest);
+        warnings.extend(rest_warnings);
+        assert_eq!(got, want, "cut after epoch {cut}");
+        assert_eq!(warnings, want_warnings, "cut after epoch {cut}");
+        assert_eq!(resumed.state(), whole.state(), "cut after epoch {cut}");
     }
 }
 
 #[test]
-fn label_wave_never_keeps_an_unstable_or_degenerate_check() {
-    // Label Wave without a moving average (window 1): each new low of the changes is kept, unless
-    // that epoch's check is unstable (epoch 4: accuracy 0.50 < 0.9 · 0.81) or degenerate
-    // (epoch 6); the kept epoch then stays where it was.
-    let mut es = EarlyStopping::new(StoppingRule {
-        tolerance: 0.05,
-        patience: 10,
-        label_wave: LabelWaveRule {
-            window: 1,
-            patience: 5,
-        },
-        ..Default::default()
-    });
-    let mut kept = vec![];
-    es.update_check(2, 0.60, Some(0.80));
-    kept.push(es.kept_epoch());
-    for (epoch, changes, metric, acc) in [
-        (3, 100.0, 0.55, 0.81),
-        (4, 50.0, 0.50, 0.50),
-        (5, 40.0, 0.50, 0.82),
+fn bad_rules_are_refused_naming_the_key() {
+    for (rule, key) in [
+        (rule(1.0, 3, 5), "stopping.tolerance"),
+        (rule(-0.1, 3, 5), "stopping.tolerance"),
+        (rule(0.03, 2, 5), "stopping.label_wave.window"),
+        (rule(0.03, 0, 5), "stopping.label_wave.window"),
+        (rule(0.03, 1001, 5), "stopping.label_wave.window"),
+        (rule(0.03, 3, 0), "stopping.label_wave.patience"),
+        (rule(0.03, 3, usize::MAX), "stopping.label_wave.patience"),
     ] {
-        es.update_changes(epoch, changes);
-        es.update_check(epoch, metric, Some(acc));
-        kept.push(es.kept_epoch());
+        let e = rule.validate().unwrap_err().to_string();
+        assert!(e.contains(key), "{key}: {e}");
     }
-    es.update_changes(6, 10.0);
-    es.degenerate(6, "one predicted class");
-    kept.push(es.kept_epoch());
-    assert_eq!(kept, [2, 3, 3, 5, 5].map(Some));
-    assert!(!es.kept_last());
-    // Label Wave's own low moved with the counts all the same.
-    assert_eq!(es.state().wave.lowest, Some((6, 10.0)));
+    assert!(StoppingRule::default().validate().is_ok());
 }

@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use candle_reliance::curves::AblationOrder;
 use candle_reliance::monitor::ScheduleConfig;
 use candle_reliance::monitor::{
-    EarlyStopping, EarlyStoppingStrategy, Fallback, Keep, LabelWave, LabelWaveRule, Metric,
-    StopReason, StoppingRule,
+    CheckSignals, EarlyStopping, EarlyStoppingStrategy, Health, LabelWave, LabelWaveRule, Metric,
+    Observation, Warning,
 };
 use candle_reliance::plot::{Plot, Series};
 use candle_reliance::RelianceConfig;
@@ -104,27 +104,34 @@ fn metric_of(check: &Value, metric: Metric, orders: usize) -> Result<f64> {
     })
 }
 
+/// Where the replayed monitor takes Label Wave's prediction changes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Changes {
+    /// The training loop's predictions (`RelianceMonitor::observe`, the optional fourth line):
+    /// the run's `changes`.
+    Observed,
+    /// The probe data's predictions between checks (the three-line loop): `subset_changes`.
+    ProbeData,
+}
+
+/// The reliance metric of each check as the replay feeds it: the recorded one, or (to measure
+/// what the plateau contributes) one that falls from the first check on, so that no later check
+/// is ever on the plateau.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Plateau {
+    Recorded,
+    Off,
+}
+
 /// The monitor's decisions on a run, replayed epoch by epoch as `RelianceMonitor::on_epoch_end`
-/// makes them, with the configuration's schedule and stopping rule; the kept epoch is what
-/// `finish` restores.
-fn replay_monitor(run: &Run, config: &RelianceConfig) -> Result<Choice> {
-    replay_reliance(run, config, None)
-}
-
-/// The reliance rule and Label Wave combined: training goes on until both would stop (the
-/// reliance metric below its plateau for the rule's patience, and Label Wave's patience run out),
-/// and the reliance rule's kept epoch is restored. A return to the plateau while Label Wave still
-/// runs extends the plateau, as it would for a rule with a longer patience.
-fn replay_combined(run: &Run, config: &RelianceConfig, wave: &LabelWaveRule) -> Result<Choice> {
-    replay_reliance(run, config, Some(wave))
-}
-
-/// The reliance rule over a run's checks; with `wave`, a stop waits for Label Wave's too.
-fn replay_reliance(
+/// makes them (the configuration's schedule and stopping rule, the run's budget as
+/// `max_epochs`); the kept epoch is what `finish` restores. Also returns the warnings raised.
+fn replay_monitor(
     run: &Run,
     config: &RelianceConfig,
-    wave: Option<&LabelWaveRule>,
-) -> Result<Choice> {
+    changes: Changes,
+    plateau: Plateau,
+) -> Result<(Choice, Vec<Warning>)> {
     let orders = match config.ablation.order {
         AblationOrder::Random { orders, .. } => orders,
         _ => bail!("the replay needs random orders"),
@@ -132,52 +139,54 @@ fn replay_reliance(
     if config.schedule.check_every != 1 {
         bail!("the replay needs a check every epoch (the runs count subset changes per epoch)");
     }
-    let patience = config.stopping.patience;
-    let mut rule = EarlyStopping::new(StoppingRule {
-        // Combined, the reliance rule never stops on its own; its patience is judged below.
-        patience: if wave.is_some() { usize::MAX } else { patience },
-        ..config.stopping.clone()
-    });
-    let mut wave = wave.map(|w| LabelWave::new(w.clone()));
-    // Only with `wave`: Label Wave has stopped, the reliance patience is judged here.
-    let mut wave_stopped = false;
+    let mut rule = EarlyStopping::new(config.stopping.clone());
+    let mut warnings = vec![];
     let last = run.epochs().len();
-    let choice = |rule: &EarlyStopping, stop: usize| Choice {
-        stop,
-        kept: rule.kept_epoch().unwrap_or(stop),
-    };
+    let budget = run.v["max_epochs"].as_u64().map_or(last, |m| m as usize);
     for epoch in 1..=last {
-        if let (Some(w), true) = (wave.as_mut(), epoch >= 2) {
-            wave_stopped |= w.update(epoch, run.f(epoch, "changes")).is_stop();
+        let mut obs = Observation::new(epoch);
+        if changes == Changes::Observed && epoch >= 2 {
+            obs.training_changes = Some(run.f(epoch, "changes"));
         }
-        if !config.schedule.is_check_epoch(epoch) {
-            continue;
+        if config.schedule.is_check_epoch(epoch) {
+            let check = &run.epochs()[epoch - 1]["check"];
+            let metric = match plateau {
+                Plateau::Recorded => metric_of(check, config.stopping.metric, orders)?,
+                Plateau::Off => -(epoch as f64),
+            };
+            let accuracy = check["acc0"].as_f64().unwrap_or(f64::NAN);
+            let mut signals = CheckSignals::new(metric, accuracy);
+            if !check["finite"].as_bool().unwrap_or(true) || !metric.is_finite() {
+                signals = signals.with_health(Health::NonFinite("logits".into()));
+            }
+            if changes == Changes::ProbeData {
+                signals =
+                    signals.with_prediction_changes(subset_changes(run, &config.schedule, epoch));
+            }
+            obs = obs.with_check(signals);
         }
-        let check = &run.epochs()[epoch - 1]["check"];
-        if !check["finite"].as_bool().unwrap_or(true) {
-            rule.stop(StopReason::NonFinite {
-                epoch,
-                what: "logits".into(),
-            });
-            return Ok(choice(&rule, epoch));
+        if epoch == budget {
+            obs = obs.at_budget_end();
         }
-        if let Some(n) = subset_changes(run, &config.schedule, epoch) {
-            rule.update_changes(epoch, n);
-        }
-        let metric = metric_of(check, config.stopping.metric, orders)?;
-        let stopped = rule
-            .update_check(epoch, metric, check["acc0"].as_f64())
-            .is_stop();
-        let below = || {
-            rule.state()
-                .last_near_peak
-                .map_or(0, |near| epoch.saturating_sub(near))
-        };
-        if stopped || (wave_stopped && below() >= patience) {
-            return Ok(choice(&rule, epoch));
+        let decision = rule.step(&obs);
+        warnings.extend(EarlyStoppingStrategy::take_warnings(&mut rule));
+        if decision.is_stop() {
+            return Ok((
+                Choice {
+                    stop: epoch,
+                    kept: rule.kept_epoch().unwrap_or(epoch),
+                },
+                warnings,
+            ));
         }
     }
-    Ok(choice(&rule, last))
+    Ok((
+        Choice {
+            stop: last,
+            kept: rule.kept_epoch().unwrap_or(last),
+        },
+        warnings,
+    ))
 }
 
 /// The prediction changes the monitor counts on its subset at `epoch`'s check, against its
@@ -191,8 +200,7 @@ fn subset_changes(run: &Run, schedule: &ScheduleConfig, epoch: usize) -> Option<
 }
 
 /// Label Wave on the prediction changes the run recorded: `changes` from its training batches
-/// (every epoch from the second), or `subset_changes` of the check subset between checks (the
-/// fallback's signal).
+/// (every epoch from the second), or `subset_changes` of the check subset between checks.
 fn replay_label_wave(run: &Run, key: &str, rule: &LabelWaveRule) -> Choice {
     let mut wave = LabelWave::new(rule.clone());
     let last = run.epochs().len();
@@ -217,6 +225,116 @@ fn replay_label_wave(run: &Run, key: &str, rule: &LabelWaveRule) -> Choice {
     }
 }
 
+/// The stopping rule of version 0.1 (the previous default), kept here to compare with: stop
+/// once the agreement AUC has been more than 3% below its peak for 8 epochs; keep the most
+/// accurate check within 3% of the peak; a check more than 10% less accurate than the best so
+/// far is never kept nor a peak; while the metric has not risen above its first check, Label
+/// Wave (window 1, patience 3) on the probe data's changes keeps the epoch and must agree to
+/// stop. Replayed on the recorded checks as that version's monitor made its decisions.
+fn replay_v01(run: &Run) -> Result<Choice> {
+    #[derive(Clone)]
+    struct Check {
+        epoch: usize,
+        metric: f64,
+        acc: f64,
+    }
+    let (tol, patience, drop) = (0.03, 8usize, 0.1);
+    let mut wave = LabelWave::new(LabelWaveRule {
+        window: 1,
+        patience: 3,
+    });
+    let (mut peak, mut kept): (Option<Check>, Option<Check>) = (None, None);
+    let (mut near, mut rose, mut best_acc) = (None::<usize>, false, None::<f64>);
+    let (mut wave_fed, mut wave_kept) = (false, None::<usize>);
+    let last = run.epochs().len();
+    let schedule = RelianceConfig::default().schedule;
+    let kept_epoch = |wave_kept: Option<usize>,
+                      rose: bool,
+                      wave_fed: bool,
+                      kept: &Option<Check>| {
+        match wave_kept {
+            Some(e) if !rose && wave_fed => Some(e),
+            _ => kept.as_ref().map(|k| k.epoch),
+        }
+    };
+    for epoch in 2..=last {
+        let c = &run.epochs()[epoch - 1]["check"];
+        if !c["finite"].as_bool().unwrap_or(true) {
+            return Ok(Choice {
+                stop: epoch,
+                kept: kept_epoch(wave_kept, rose, wave_fed, &kept).unwrap_or(epoch),
+            });
+        }
+        let mut wave_kept_before = None;
+        if let Some(n) = subset_changes(run, &schedule, epoch) {
+            let before = wave.state().lowest;
+            wave.update(epoch, n);
+            wave_fed = true;
+            wave_kept_before = Some(wave_kept);
+            if wave.state().lowest != before {
+                wave_kept = Some(epoch);
+            }
+        }
+        let here = Check {
+            epoch,
+            metric: metric_of(c, Metric::AgreementAuc, 3)?,
+            acc: c["acc0"].as_f64().unwrap_or(f64::NAN),
+        };
+        let unstable = best_acc.is_some_and(|b| here.acc < (1.0 - drop) * b);
+        best_acc = Some(best_acc.map_or(here.acc, |b| b.max(here.acc)));
+        let falling_back = |rose: bool| !rose && wave_fed;
+        let mut below = false;
+        if unstable {
+            if let Some(before) = wave_kept_before {
+                if wave_kept == Some(epoch) {
+                    wave_kept = before;
+                }
+            }
+            below = peak.is_some();
+        } else {
+            let new_peak = peak.as_ref().is_none_or(|p| here.metric > p.metric);
+            let first_rise = new_peak && peak.is_some() && !rose;
+            let was_falling_back = falling_back(rose);
+            if new_peak {
+                rose |= peak.is_some();
+                peak = Some(here.clone());
+            }
+            let floor = peak.as_ref().expect("set").metric * (1.0 - tol);
+            if here.metric >= floor {
+                near = Some(epoch);
+                let replace = (first_rise && was_falling_back)
+                    || kept
+                        .as_ref()
+                        .is_none_or(|k| k.metric < floor || here.acc >= k.acc);
+                if replace {
+                    kept = Some(here);
+                }
+            } else {
+                below = true;
+            }
+        }
+        if below {
+            let p = peak.as_ref().expect("set");
+            let since = epoch - near.unwrap_or(p.epoch);
+            let stop = if since >= patience && falling_back(rose) {
+                wave.state().stopped.is_some() && wave.state().lowest.is_some()
+            } else {
+                since >= patience
+            };
+            if stop {
+                return Ok(Choice {
+                    stop: epoch,
+                    kept: kept_epoch(wave_kept, rose, wave_fed, &kept).unwrap_or(p.epoch),
+                });
+            }
+        }
+    }
+    Ok(Choice {
+        stop: last,
+        kept: kept_epoch(wave_kept, rose, wave_fed, &kept).unwrap_or(last),
+    })
+}
+
 /// Validation-loss stopping with patience 5 on a `val` run: the lowest validation loss so far is
 /// kept; the run itself stopped when 5 epochs passed without a lower one.
 fn replay_validation(run: &Run) -> Choice {
@@ -239,104 +357,76 @@ fn argbest(run: &Run, key: &str, higher: bool) -> Choice {
     Choice { stop: last, kept }
 }
 
-type Criterion = (String, Box<dyn Fn(&Run) -> Result<Choice>>);
+/// What a criterion decides on a run, with the warnings the monitor raised (reliance criteria).
+type Decide = Box<dyn Fn(&Run) -> Result<(Choice, Vec<Warning>)>>;
+type Criterion = (String, Decide);
+
+/// The name of the monitor at its defaults with the fourth line (`observe`): the row the
+/// verdicts and warning counts are about.
+pub const DEFAULT: &str = "reliance monitor (default, observe)";
 
 /// The criteria replayed on `full` runs.
 fn criteria() -> Vec<Criterion> {
     let default = RelianceConfig::default();
-    let with = |stopping: StoppingRule| RelianceConfig {
-        stopping,
-        ..default.clone()
-    };
-    let guard_only = with(StoppingRule {
-        fallback: Fallback::None,
-        ..default.stopping.clone()
-    });
-    // The previous default: neither the fallback nor the accuracy guard.
-    let alone = with(StoppingRule {
-        accuracy_drop: 1.0,
-        ..guard_only.stopping.clone()
-    });
-    let old = with(StoppingRule {
-        metric: Metric::NormalizedAuc,
-        tolerance: 0.0,
-        patience: 3,
-        keep: Keep::Peak,
-        ..alone.stopping.clone()
-    });
-    let last_near_peak = with(StoppingRule {
-        keep: Keep::LastNearPeak,
-        ..alone.stopping.clone()
-    });
     let first_check = default.schedule.warmup_epochs.max(1);
-    let combined = alone.clone();
+    let plain = |f: fn(&Run) -> Choice| -> Decide { Box::new(move |r: &Run| Ok((f(r), vec![]))) };
+    let monitor = |changes, plateau| -> Decide {
+        let config = RelianceConfig::default();
+        Box::new(move |r: &Run| replay_monitor(r, &config, changes, plateau))
+    };
     vec![
         (
-            "reliance monitor (default)".into(),
-            Box::new(move |r: &Run| replay_monitor(r, &default)),
+            DEFAULT.into(),
+            monitor(Changes::Observed, Plateau::Recorded),
         ),
         (
-            "reliance alone, no fallback, no guard (previous default)".into(),
-            Box::new(move |r: &Run| replay_monitor(r, &alone)),
+            "reliance monitor (default, three lines: probe-data changes)".into(),
+            monitor(Changes::ProbeData, Plateau::Recorded),
         ),
         (
-            "reliance with the accuracy guard, no fallback".into(),
-            Box::new(move |r: &Run| replay_monitor(r, &guard_only)),
+            "reliance monitor without the reliance plateau (observe)".into(),
+            monitor(Changes::Observed, Plateau::Off),
         ),
         (
-            "reliance alone, keep the last plateau check".into(),
-            Box::new(move |r: &Run| replay_monitor(r, &last_near_peak)),
-        ),
-        (
-            "reliance + Label Wave (stop when both would)".into(),
-            Box::new(move |r: &Run| replay_combined(r, &combined, &LabelWaveRule::default())),
-        ),
-        (
-            "reliance, earlier default (normalized AUC, patience 3)".into(),
-            Box::new(move |r: &Run| replay_monitor(r, &old)),
+            "reliance monitor 0.1 (previous default)".into(),
+            Box::new(|r: &Run| Ok((replay_v01(r)?, vec![]))),
         ),
         (
             "Label Wave".into(),
-            Box::new(|r: &Run| Ok(replay_label_wave(r, "changes", &LabelWaveRule::default()))),
+            plain(|r| replay_label_wave(r, "changes", &LabelWaveRule::default())),
         ),
         (
-            "Label Wave on the probe subset (the fallback's signal alone)".into(),
-            Box::new(|r: &Run| {
-                Ok(replay_label_wave(
-                    r,
-                    "subset_changes",
-                    &LabelWaveRule::default(),
-                ))
-            }),
+            "Label Wave on the probe subset".into(),
+            plain(|r| replay_label_wave(r, "subset_changes", &LabelWaveRule::default())),
         ),
         (
             format!("first check (epoch {first_check})"),
             Box::new(move |r: &Run| {
                 let e = first_check.min(r.epochs().len());
-                Ok(Choice { stop: e, kept: e })
+                Ok((Choice { stop: e, kept: e }, vec![]))
             }),
         ),
         (
             "epoch 10".into(),
-            Box::new(|r: &Run| {
+            plain(|r| {
                 let e = 10.min(r.epochs().len());
-                Ok(Choice { stop: e, kept: e })
+                Choice { stop: e, kept: e }
             }),
         ),
         (
             "all epochs".into(),
-            Box::new(|r: &Run| {
+            plain(|r| {
                 let e = r.epochs().len();
-                Ok(Choice { stop: e, kept: e })
+                Choice { stop: e, kept: e }
             }),
         ),
         (
             "oracle: best test accuracy".into(),
-            Box::new(|r: &Run| Ok(argbest(r, "test_acc", true))),
+            plain(|r| argbest(r, "test_acc", true)),
         ),
         (
             "oracle: best test loss".into(),
-            Box::new(|r: &Run| Ok(argbest(r, "test_loss", false))),
+            plain(|r| argbest(r, "test_loss", false)),
         ),
     ]
 }
@@ -350,6 +440,8 @@ struct Outcome {
     test_loss: f64,
     /// Share of the wall time up to the stop spent in checks (reliance criteria only).
     check_share: Option<f64>,
+    /// What the monitor warned about (reliance criteria).
+    warnings: Vec<Warning>,
 }
 
 fn outcome(run: &Run, criterion: &str, choice: Choice, checks: bool) -> Outcome {
@@ -370,6 +462,7 @@ fn outcome(run: &Run, criterion: &str, choice: Choice, checks: bool) -> Outcome 
         test_acc: run.f(choice.kept, "test_acc"),
         test_loss: run.f(choice.kept, "test_loss"),
         check_share,
+        warnings: vec![],
     }
 }
 
@@ -406,10 +499,11 @@ fn outcomes(runs: &[Run]) -> Result<BTreeMap<String, (usize, Vec<Outcome>)>> {
                 let entry = out.entry(key(r)).or_insert((i, vec![]));
                 entry.0 = i;
                 for (name, f) in &crits {
-                    let c = f(r).with_context(|| format!("{} on {}", name, r.str("id")))?;
-                    entry
-                        .1
-                        .push(outcome(r, name, c, name.starts_with("reliance")));
+                    let (c, warnings) =
+                        f(r).with_context(|| format!("{} on {}", name, r.str("id")))?;
+                    let mut o = outcome(r, name, c, name.starts_with("reliance"));
+                    o.warnings = warnings;
+                    entry.1.push(o);
                 }
             }
             kind @ ("val10" | "val20") => {
@@ -439,6 +533,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
                 "run": id, "seed": seed, "criterion": o.criterion,
                 "stop_epoch": o.choice.stop, "kept_epoch": o.choice.kept,
                 "test_acc": o.test_acc, "test_loss": o.test_loss, "check_share": o.check_share,
+                "warnings": o.warnings,
             }))?);
             lines.push('\n');
         }
@@ -596,7 +691,7 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
                 continue;
             }
             let cell = &cells[*k];
-            let ours = mean_acc(cell, "reliance monitor (default)");
+            let ours = mean_acc(cell, DEFAULT);
             let val = mean_acc(cell, "validation loss, 20% held out");
             let lw = mean_acc(cell, "Label Wave");
             if let (Some(a), Some(b), Some(c)) = (ours, val, lw) {
@@ -612,12 +707,75 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
             }
         }
         if !verdicts.is_empty() {
-            println!("Reliance monitor (default) against the baselines, per cell (points):\n");
+            println!("{DEFAULT} against the baselines, per cell (points):\n");
             for v in &verdicts {
                 println!("- {v}");
             }
             println!();
         }
+        // The run-time warnings: in how many runs each was raised, and how far from the
+        // oracle the runs with and without it kept their epoch.
+        let mut warn_rows = vec![];
+        let mut json_warn = serde_json::Map::new();
+        for k in &keys {
+            let cell = &cells[*k];
+            let (Some(ours), Some(oracle)) =
+                (cell.get(DEFAULT), cell.get("oracle: best test accuracy"))
+            else {
+                continue;
+            };
+            let mut row = format!("| {}, noise {} |", k.0, k.1);
+            let mut cell_json = serde_json::Map::new();
+            for kind in ["reliance_uninformative", "no_rise_within_budget"] {
+                let (mut with, mut without) = (vec![], vec![]);
+                for (o, best) in ours.iter().zip(oracle) {
+                    let gap = (best.test_acc - o.test_acc) * 100.0;
+                    let warned = o.warnings.iter().any(|w| {
+                        serde_json::to_value(w)
+                            .ok()
+                            .and_then(|v| v["kind"].as_str().map(String::from))
+                            == Some(kind.to_string())
+                    });
+                    if warned {
+                        with.push(gap)
+                    } else {
+                        without.push(gap)
+                    }
+                }
+                let fmt = |v: &[f64]| {
+                    if v.is_empty() {
+                        "–".to_string()
+                    } else {
+                        format!("{:.2}", mean_sd(v).0)
+                    }
+                };
+                row.push_str(&format!(
+                    " {}/{} ({} vs {}) |",
+                    with.len(),
+                    ours.len(),
+                    fmt(&with),
+                    fmt(&without)
+                ));
+                cell_json.insert(
+                    kind.into(),
+                    json!({"warned": with.len(), "runs": ours.len(),
+                    "gap_warned": (!with.is_empty()).then(|| mean_sd(&with).0),
+                    "gap_not_warned": (!without.is_empty()).then(|| mean_sd(&without).0)}),
+                );
+            }
+            warn_rows.push(row);
+            json_warn.insert(format!("{}/noise{}", k.0, k.1), Value::Object(cell_json));
+        }
+        if !warn_rows.is_empty() {
+            println!("Warnings of the {DEFAULT}: runs warned / runs (mean gap to the accuracy oracle of the warned vs the other runs, points):\n");
+            println!("| cell | reliance uninformative | no rise within the budget |");
+            println!("|---|---|---|");
+            for r in &warn_rows {
+                println!("{r}");
+            }
+            println!();
+        }
+        json_rows.insert("warnings".into(), Value::Object(json_warn));
         json_sets.insert(set.clone(), Value::Object(json_rows));
     }
     Ok(json!({"held_out": held_out, "sets": json_sets}))
@@ -678,7 +836,7 @@ fn plots(
                 .on_right_axis(),
             );
         for (name, color) in [
-            ("reliance monitor (default)", "#2ca02c"),
+            (DEFAULT, "#2ca02c"),
             ("Label Wave", "#9467bd"),
             ("validation loss, 20% held out", "#ff7f0e"),
             ("oracle: best test accuracy", "#7f7f7f"),

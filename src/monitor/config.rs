@@ -8,12 +8,13 @@
 //! ```
 //! use candle_reliance::RelianceConfig;
 //!
-//! let cfg = RelianceConfig::from_yaml_str("stopping:\n  patience: 5\n")?;
-//! assert_eq!(cfg.stopping.patience, 5);
+//! let cfg = RelianceConfig::from_yaml_str("stopping:\n  label_wave:\n    patience: 8\n")?;
+//! assert_eq!(cfg.stopping.label_wave.patience, 8);
+//! assert_eq!(cfg.stopping.label_wave.window, 3); // default
 //! assert_eq!(cfg.schedule.check_every, 1); // default
 //!
-//! let err = RelianceConfig::from_yaml_str("stopping:\n  patience: 0\n").unwrap_err();
-//! assert!(err.to_string().contains("stopping.patience"), "{err}");
+//! let err = RelianceConfig::from_yaml_str("stopping:\n  label_wave: {patience: 0}\n").unwrap_err();
+//! assert!(err.to_string().contains("stopping.label_wave.patience"), "{err}");
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
@@ -297,34 +298,46 @@ fn section<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-/// 1-based line of a `section.key` (or top-level `key`) in the YAML text, block or flow style.
+/// 1-based line of a `section.key`, `section.sub.key` (or top-level `key`) in the YAML text,
+/// block or flow style: each part of the path is looked for from the line of the one before,
+/// within the top-level section.
 fn key_line(text: &str, path: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
-    let (start, key) = match path.split_once('.') {
-        Some((section, key)) => (
+    let parts: Vec<&str> = path.split('.').collect();
+    let (mut at, keys) = match parts.split_first() {
+        Some((section, keys)) if !keys.is_empty() => (
             lines
                 .iter()
                 .position(|l| l.starts_with(&format!("{section}:")))?,
-            key,
+            keys,
         ),
-        None => (0, path),
+        _ => (0, &parts[..]),
     };
-    let pattern = format!("{key}:");
-    for (i, line) in lines.iter().enumerate().skip(start) {
-        if path.contains('.')
-            && i > start
-            && !line.is_empty()
-            && !line.starts_with([' ', '\t', '#'])
-        {
-            break; // the next top-level section
-        }
+    let start = at;
+    let nested = parts.len() > 1;
+    let found_on = |line: &str, key: &str| {
+        let pattern = format!("{key}:");
         let code = line.split(" #").next().unwrap_or(line);
-        let found = code.match_indices(&pattern).any(|(at, _)| {
-            at == 0 || matches!(code.as_bytes()[at - 1], b' ' | b'\t' | b'{' | b',')
-        });
-        if found {
-            return Some(i + 1);
+        code.match_indices(&pattern)
+            .any(|(i, _)| i == 0 || matches!(code.as_bytes()[i - 1], b' ' | b'\t' | b'{' | b','))
+    };
+    for key in keys {
+        let mut hit = None;
+        for (i, line) in lines.iter().enumerate().skip(at) {
+            if nested && i > start && !line.is_empty() && !line.starts_with([' ', '\t', '#']) {
+                break; // the next top-level section
+            }
+            if found_on(line, key) && (i > start || !nested) {
+                hit = Some(i);
+                break;
+            }
+            // A flow-style section on the header's own line.
+            if i == start && nested && found_on(line.split_once(':').map_or("", |p| p.1), key) {
+                hit = Some(i);
+                break;
+            }
         }
+        at = hit?;
     }
-    None
+    Some(at + 1)
 }

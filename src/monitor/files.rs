@@ -170,13 +170,23 @@ pub(crate) fn save_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Resul
         .data()
         .lock()
         .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
-    let mut tensors: HashMap<String, Tensor> = vars
+    let tensors: Vec<(String, Tensor)> = vars
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
+    drop(vars);
+    save_snapshot_tensors(&tensors, path, epoch)
+}
+
+/// [`save_snapshot`] of weights already copied out of a `VarMap`.
+pub(crate) fn save_snapshot_tensors(
+    weights: &[(String, Tensor)],
+    path: &Path,
+    epoch: usize,
+) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = weights.iter().cloned().collect();
     let device = candle_core::Device::Cpu;
     tensors.insert(EPOCH_TAG.into(), Tensor::new(&[epoch as u32], &device)?);
-    drop(vars);
     let file = snapshot_path(path, epoch);
     write_atomic(&file, |tmp| candle_core::safetensors::save(&tensors, tmp))
 }
@@ -244,12 +254,8 @@ pub(crate) fn load_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Resul
 }
 
 /// Removes temporary files left by a crash (`PATH.epochE.tmp`) and, unless `tmp_only`, the
-/// snapshot files `PATH.epochE` other than `keep`.
-pub(crate) fn remove_stale_snapshots(
-    path: &Path,
-    keep: Option<usize>,
-    tmp_only: bool,
-) -> Result<()> {
+/// snapshot files `PATH.epochE` of the epochs not in `keep`.
+pub(crate) fn remove_stale_snapshots(path: &Path, keep: &[usize], tmp_only: bool) -> Result<()> {
     // A folder that cannot be read holds nothing this run could have left.
     let Ok(found) = snapshot_files(path) else {
         return Ok(());
@@ -257,7 +263,13 @@ pub(crate) fn remove_stale_snapshots(
     for (file, rest) in found {
         let stale = match rest.strip_suffix(".tmp") {
             Some(_) => true,
-            None => !tmp_only && rest.parse::<usize>().ok().is_some_and(|e| Some(e) != keep),
+            None => {
+                !tmp_only
+                    && rest
+                        .parse::<usize>()
+                        .ok()
+                        .is_some_and(|e| !keep.contains(&e))
+            }
         };
         if stale {
             fault_point();

@@ -9,7 +9,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use candle_reliance::monitor::{EarlyStoppingStrategy, LabelWave, LabelWaveRule, PredictionChanges};
+//! use candle_reliance::monitor::{LabelWave, LabelWaveRule, PredictionChanges};
 //!
 //! let mut changes = PredictionChanges::new(4);
 //! let mut wave = LabelWave::new(LabelWaveRule::default());
@@ -26,7 +26,7 @@
 //! ```
 
 use crate::invalid::{Checked, Invalid};
-use crate::monitor::{Decision, EarlyStoppingStrategy, StopReason};
+use crate::monitor::{Decision, StopReason};
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,7 @@ pub struct PredictionChanges {
 }
 
 /// Marks an example not yet seen in an epoch.
-const UNSEEN: u32 = u32::MAX;
+pub(crate) const UNSEEN: u32 = u32::MAX;
 
 impl PredictionChanges {
     /// A counter for a training set of `samples` examples.
@@ -81,6 +81,16 @@ impl PredictionChanges {
     /// Ends the epoch: the number of examples, seen in both this epoch and the one before, whose
     /// prediction changed; `None` after the first epoch (nothing to compare with).
     pub fn end_epoch(&mut self) -> Result<Option<usize>> {
+        self.end_epoch_with(|_| Ok(()))
+    }
+
+    /// [`PredictionChanges::end_epoch`], with `merge` applied to this epoch's predictions after
+    /// they are counted and before they become the next epoch's reference (a data-parallel run
+    /// merges every rank's share there).
+    pub(crate) fn end_epoch_with(
+        &mut self,
+        merge: impl FnOnce(&mut [u32]) -> Result<()>,
+    ) -> Result<Option<usize>> {
         let seen_before = self.previous.iter().any(|&p| p != UNSEEN);
         if self.current.iter().all(|&p| p == UNSEEN) {
             candle_core::bail!("prediction changes: no predictions were recorded this epoch");
@@ -91,6 +101,7 @@ impl PredictionChanges {
             .zip(&self.current)
             .filter(|(&a, &b)| a != UNSEEN && b != UNSEEN && a != b)
             .count();
+        merge(&mut self.current)?;
         std::mem::swap(&mut self.previous, &mut self.current);
         self.current.iter_mut().for_each(|p| *p = UNSEEN);
         Ok(seen_before.then_some(changed))
@@ -99,6 +110,26 @@ impl PredictionChanges {
     /// Training examples counted.
     pub fn len(&self) -> usize {
         self.current.len()
+    }
+
+    /// The predictions of the last ended epoch, per example (`u32::MAX`: not seen): what the
+    /// next epoch is compared with, and what to save for resuming.
+    pub fn previous(&self) -> &[u32] {
+        &self.previous
+    }
+
+    /// A counter that continues after an epoch whose predictions were `previous` (from
+    /// [`PredictionChanges::previous`]).
+    pub fn with_previous(previous: Vec<u32>) -> Self {
+        Self {
+            current: vec![UNSEEN; previous.len()],
+            previous,
+        }
+    }
+
+    /// Whether any prediction was recorded since the last ended epoch.
+    pub fn recorded(&self) -> bool {
+        self.current.iter().any(|&p| p != UNSEEN)
     }
 
     /// Whether the training set is empty.
@@ -135,15 +166,29 @@ impl LabelWaveRule {
 
     pub(crate) fn check(&self) -> Checked {
         Invalid::at_least("window", self.window, 1)?;
+        Invalid::at_most(
+            "window",
+            self.window,
+            MAX_WINDOW,
+            "epochs in the moving average",
+        )?;
         if self.window.is_multiple_of(2) {
             return Err(Invalid::new(
                 "window",
                 format!("must be odd (a centred average), got {}", self.window),
             ));
         }
-        Invalid::at_least("patience", self.patience, 1)
+        Invalid::at_least("patience", self.patience, 1)?;
+        Invalid::at_most("patience", self.patience, MAX_PATIENCE, "epochs")
     }
 }
+
+/// The largest `window` accepted: a moving average over more epochs than any training run has
+/// would never produce a value.
+pub const MAX_WINDOW: usize = 999;
+
+/// The largest `patience` accepted (epochs).
+pub const MAX_PATIENCE: usize = 1_000_000;
 
 /// Everything [`LabelWave`] remembers.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -190,9 +235,9 @@ impl LabelWave {
     }
 }
 
-impl EarlyStoppingStrategy for LabelWave {
+impl LabelWave {
     /// Feeds the number of changed predictions between epoch `epoch − 1` and `epoch`.
-    fn update(&mut self, epoch: usize, changes: f64) -> Decision {
+    pub fn update(&mut self, epoch: usize, changes: f64) -> Decision {
         if let Some(reason) = &self.state.stopped {
             return Decision::Stop {
                 reason: reason.clone(),
@@ -216,6 +261,8 @@ impl EarlyStoppingStrategy for LabelWave {
                     lowest_epoch: low_epoch,
                     lowest: low,
                     epochs_since: epoch - low_epoch - h,
+                    kept_epoch: Some(low_epoch),
+                    plateau_end: None,
                 };
                 self.state.stopped = Some(reason.clone());
                 Decision::Stop { reason }

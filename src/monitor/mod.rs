@@ -3,13 +3,17 @@
 //!
 //! ```no_run
 //! # use candle_core::{Module, Tensor};
-//! # fn train_one_epoch() {}
+//! # fn batches() -> Vec<(Vec<u32>, Tensor)> { vec![] }
 //! # fn demo(model: &impl Module, varmap: &candle_nn::VarMap, xs: Tensor, ys: Tensor) -> candle_core::Result<()> {
 //! use candle_reliance::{ProbeData, ProbeSet, RelianceMonitor};
 //! let probes = ProbeSet::new(); // the model holds probes.add("fc1")?, ... after its activations
 //! let mut monitor = RelianceMonitor::from_yaml_file("reliance.yaml", probes, ProbeData::new(xs, ys)?)?;
 //! for epoch in 1..=100 {
-//!     train_one_epoch();
+//!     for (indices, inputs) in batches() {
+//!         let logits = model.forward(&inputs)?;
+//!         monitor.observe(&indices, &logits)?; // optional: Label Wave on every training example
+//!         // ... loss, backward step
+//!     }
 //!     if monitor.on_epoch_end(epoch, model, varmap)?.is_stop() { break; }
 //! }
 //! monitor.finish(varmap)?; // restores the best epoch's weights
@@ -25,11 +29,13 @@ mod stopping;
 pub use config::{
     DataConfig, OutputConfig, RelianceConfig, RestoreBestConfig, ScheduleConfig, SnapshotMode,
 };
-pub use label_wave::{LabelWave, LabelWaveRule, LabelWaveState, PredictionChanges};
+pub use label_wave::{
+    LabelWave, LabelWaveRule, LabelWaveState, PredictionChanges, MAX_PATIENCE, MAX_WINDOW,
+};
 pub use record::{read_history, CheckRecord};
 pub use stopping::{
-    Best, Decision, EarlyStopping, EarlyStoppingStrategy, Fallback, Keep, Metric, StopReason,
-    StoppingRule, StoppingState,
+    Best, ChangeSource, CheckSignals, Decision, EarlyStopping, EarlyStoppingStrategy, Health,
+    Metric, Observation, StopReason, StoppingRule, StoppingState, Warning,
 };
 
 use crate::collective::Collective;
@@ -44,30 +50,38 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// The format of [`MonitorState`] this version writes and reads.
+pub const STATE_FORMAT: u32 = 2;
+
 /// Everything the monitor needs to continue a run with the identical decision sequence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MonitorState {
-    /// The stopping rule's state.
-    pub stopping: StoppingState,
+    /// The state file's format ([`STATE_FORMAT`]).
+    pub format: u32,
+    /// The stopping strategy's state ([`EarlyStoppingStrategy::save_state`]).
+    pub stopping: serde_json::Value,
+    /// The epoch the strategy keeps (the snapshot the monitor holds).
+    pub kept_epoch: Option<usize>,
+    /// Recent check epochs whose weights are held in case the strategy moves its kept epoch
+    /// back to one of them ([`EarlyStoppingStrategy::lookback`]); with `restore_best.mode:
+    /// disk`, as snapshot files.
+    pub held_epochs: Vec<usize>,
+    /// Set once the monitor said stop.
+    pub stopped: Option<StopReason>,
     /// All checks so far.
     pub history: Vec<CheckRecord>,
     /// The last epoch reported.
     pub last_epoch: Option<usize>,
     /// The settings that decide (schedule, data, ablation, stopping) as they were when the state
     /// was written: a resume with other settings is refused, naming the keys that differ.
-    #[serde(default)]
-    pub decides: Option<serde_json::Value>,
+    pub decides: serde_json::Value,
     /// The unablated predictions on the probe data at the last check: the next check counts its
-    /// prediction changes against them ([`Fallback::LabelWave`]).
-    #[serde(default)]
+    /// prediction changes against them.
     pub predictions: Option<Vec<u32>>,
-}
-
-impl MonitorState {
-    /// The epoch whose weights the state says are kept (see [`EarlyStopping::kept_epoch`]).
-    fn kept_epoch(&self, config: &RelianceConfig) -> Option<usize> {
-        EarlyStopping::with_state(config.stopping.clone(), self.stopping.clone()).kept_epoch()
-    }
+    /// The training loop's predictions in the last epoch it reported them
+    /// ([`RelianceMonitor::observe`]; `u32::MAX` for an example not seen).
+    pub training_predictions: Option<Vec<u32>>,
 }
 
 /// The sections of `config` whose values change the decisions.
@@ -92,9 +106,14 @@ fn without_files(mut config: RelianceConfig) -> RelianceConfig {
 fn state_fingerprint(state: &MonitorState) -> Result<u64> {
     let text = serde_json::to_string(&(
         &state.stopping,
+        state.kept_epoch,
+        &state.held_epochs,
+        &state.stopped,
         state.history.len(),
         state.last_epoch,
         &state.decides,
+        &state.predictions,
+        &state.training_predictions,
     ))
     .map_err(candle_core::Error::msg)?;
     // FNV-1a, folded.
@@ -124,21 +143,38 @@ fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     out
 }
 
-/// Measures the ablation AUC on a fixed training subset every `check_every` epochs and signals
-/// a stop when reliance on single directions rises. See the [crate docs](crate) for the loop.
+/// Measures the ablation AUC on a fixed training subset every `check_every` epochs and decides
+/// when to stop and which epoch to restore. See the [crate docs](crate) for the loop.
 pub struct RelianceMonitor {
     config: RelianceConfig,
     probes: ProbeSet,
     data: ProbeData,
-    stopping: EarlyStopping,
+    /// Training examples in the data given (before the subset was drawn): the index range
+    /// [`RelianceMonitor::observe`] accepts.
+    training_samples: usize,
+    strategy: Box<dyn EarlyStoppingStrategy>,
+    /// A resumed monitor's saved stopping state, until its first epoch: a strategy given with
+    /// [`RelianceMonitor::with_strategy`] in the meantime loads it.
+    resumed: Option<Resumed>,
+    /// Set once the monitor said stop: later epochs repeat it without a check.
+    stopped: Option<StopReason>,
     history: Vec<CheckRecord>,
     last_epoch: Option<usize>,
     /// The unablated predictions of the last check.
     predictions: Option<Vec<u32>>,
+    /// The training loop's predictions ([`RelianceMonitor::observe`]).
+    observed: Option<label_wave::PredictionChanges>,
+    /// The epoch whose weights are held (in memory or on disk).
+    kept: Option<usize>,
     snapshot: Option<Vec<(String, Tensor)>>,
-    /// The epoch of the snapshot file the last committed state names (disk mode).
-    committed_snapshot: Option<usize>,
+    /// Recent check epochs whose weights are held for a strategy that may move its kept epoch
+    /// back ([`EarlyStoppingStrategy::lookback`]).
+    held: Vec<Held>,
+    /// The epochs of the snapshot files the last committed state names (disk mode).
+    committed_snapshots: Vec<usize>,
     warned_no_weights: bool,
+    /// The history file missed a line (a failed write): the next epoch rewrites it whole.
+    history_behind: bool,
     /// The rank's group in a data-parallel run.
     collective: Option<Arc<dyn Collective>>,
     _locks: Vec<DirLock>,
@@ -159,17 +195,10 @@ impl RelianceMonitor {
             }
         }
         if let Some(path) = disk_snapshot(&config) {
-            files::remove_stale_snapshots(path, None, true)?;
+            files::remove_stale_snapshots(path, &[], true)?;
             move_aside_snapshots(path)?;
         }
-        let state = MonitorState {
-            stopping: Default::default(),
-            history: vec![],
-            last_epoch: None,
-            decides: Some(decides(&config)?),
-            predictions: None,
-        };
-        Self::build(config, probes, data, state, locks)
+        Self::build(config, probes, data, None, locks)
     }
 
     /// Checks the output paths (distinct, writable, not folders) and locks their folders.
@@ -200,6 +229,40 @@ impl RelianceMonitor {
         Self::new(RelianceConfig::from_yaml_file(path)?, probes, data)
     }
 
+    /// Decides with `strategy` instead of the built-in rule ([`EarlyStopping`] with the
+    /// configuration's `stopping:` section). Give it before the first epoch; a resumed monitor
+    /// loads the saved state into it.
+    ///
+    /// ```no_run
+    /// # use candle_reliance::monitor::*;
+    /// # struct MyRule;
+    /// # impl EarlyStoppingStrategy for MyRule {
+    /// #     fn step(&mut self, _: &Observation) -> Decision { Decision::Continue }
+    /// #     fn kept_epoch(&self) -> Option<usize> { None }
+    /// # }
+    /// # fn demo(monitor: candle_reliance::RelianceMonitor) -> candle_core::Result<()> {
+    /// let monitor = monitor.with_strategy(Box::new(MyRule))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_strategy(mut self, mut strategy: Box<dyn EarlyStoppingStrategy>) -> Result<Self> {
+        if self.last_epoch.is_some() && self.resumed.is_none() {
+            candle_core::bail!("with_strategy: give the strategy before the first epoch");
+        }
+        if self.config.output.state_file.is_some() && strategy.save_state().is_none() {
+            candle_core::bail!(
+                "with_strategy: output.state_file is set, but this strategy cannot save its state \
+                 (implement save_state and load_state, or set output.state_file: null)"
+            );
+        }
+        if let Some(r) = &mut self.resumed {
+            strategy.load_state(r.stopping.clone())?;
+            r.check_kept(strategy.as_ref())?;
+            r.load_error = None;
+        }
+        self.strategy = strategy;
+        Ok(self)
+    }
+
     /// Continues an interrupted run from its saved state; the history file is appended to. Pass
     /// the same configuration and data: the subset and the ablation orders are drawn from their
     /// seeds, so the continued run makes the same decisions. With `restore_best.mode: memory`
@@ -211,18 +274,7 @@ impl RelianceMonitor {
         state: MonitorState,
     ) -> Result<Self> {
         config.validate()?;
-        let now = decides(&config)?;
-        match &state.decides {
-            Some(then) if *then != now => candle_core::bail!(
-                "cannot resume with other settings than the interrupted run's: {} differ",
-                differing_keys(then, &now).join(", ")
-            ),
-            Some(_) => {}
-            None => tracing::warn!(
-                "the state holds no settings to compare with (written by an earlier version); \
-                 resuming with the given ones"
-            ),
-        }
+        Self::check_resumable(&config, &state)?;
         let locks = Self::prepare_files(&config)?;
         // The state is authoritative: the history is what it holds (lines of checks it never
         // committed are dropped), snapshot files it does not name and temporary files go.
@@ -233,55 +285,170 @@ impl RelianceMonitor {
             files::remove_tmp(path)?;
         }
         if let Some(path) = disk_snapshot(&config) {
+            for &epoch in state.kept_epoch.iter().chain(&state.held_epochs) {
+                let file = files::snapshot_path(path, epoch);
+                let renamed = Some(epoch) == state.kept_epoch && path.exists();
+                if !(file.exists() || renamed) {
+                    candle_core::bail!(
+                        "cannot resume: the state names the weights of epoch {epoch}, but {} is \
+                         missing",
+                        file.display()
+                    );
+                }
+            }
             files::remove_tmp(path)?;
-            files::remove_stale_snapshots(path, state.kept_epoch(&config), false)?;
+            let keep: Vec<usize> = state
+                .kept_epoch
+                .into_iter()
+                .chain(state.held_epochs.iter().copied())
+                .collect();
+            files::remove_stale_snapshots(path, &keep, false)?;
         }
         if config.restore_best.enabled
             && config.restore_best.mode == SnapshotMode::Memory
-            && state.kept_epoch(&config).is_some()
+            && state.kept_epoch.is_some()
         {
             tracing::warn!(
                 "resuming with restore_best.mode: memory; the best weights so far were held by the \
                  interrupted process and can only be restored if a later epoch becomes the best"
             );
         }
-        let mut monitor = Self::build(config, probes, data, state, locks)?;
-        monitor.committed_snapshot = monitor.stopping.kept_epoch();
+        let mut monitor = Self::build(config, probes, data, Some(state), locks)?;
+        monitor.committed_snapshots = monitor.snapshot_epochs();
         Ok(monitor)
     }
 
+    /// Refuses a state this version or these settings cannot continue, naming why.
+    fn check_resumable(config: &RelianceConfig, state: &MonitorState) -> Result<()> {
+        if state.format != STATE_FORMAT {
+            candle_core::bail!(
+                "cannot resume: the state has format {}, this version reads format {STATE_FORMAT}",
+                state.format
+            );
+        }
+        let now = decides(config)?;
+        if state.decides != now {
+            candle_core::bail!(
+                "cannot resume with other settings than the interrupted run's: {} differ",
+                differing_keys(&state.decides, &now).join(", ")
+            );
+        }
+        Ok(())
+    }
+
     /// Reads a state file written through `output.state_file` or [`RelianceMonitor::save_state`].
+    /// A file of an earlier version (without the format number this version writes) is an error
+    /// that says so.
     pub fn load_state(path: impl AsRef<Path>) -> Result<MonitorState> {
         let path = path.as_ref();
         let text =
             std::fs::read_to_string(path).map_err(|e| io_err("read monitor state", path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| candle_core::Error::Msg(format!("monitor state {}: {e}", path.display())))
+        let err =
+            |e: String| candle_core::Error::Msg(format!("monitor state {}: {e}", path.display()));
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        match value.get("format").and_then(|f| f.as_u64()) {
+            Some(f) if f == u64::from(STATE_FORMAT) => {}
+            Some(f) => {
+                return Err(err(format!(
+                    "format {f}; this version reads format {STATE_FORMAT}"
+                )))
+            }
+            None => {
+                return Err(err(format!(
+                    "written by an earlier version (no format number); this version reads format \
+                     {STATE_FORMAT} and cannot resume it: start the run afresh"
+                )))
+            }
+        }
+        serde_json::from_value(value).map_err(|e| err(e.to_string()))
     }
 
     fn build(
         config: RelianceConfig,
         probes: ProbeSet,
         data: ProbeData,
-        state: MonitorState,
+        state: Option<MonitorState>,
         locks: Vec<DirLock>,
     ) -> Result<Self> {
+        let training_samples = data.len();
         let data = data.subset(config.data.subset_size, config.data.seed)?;
-        let stopping = EarlyStopping::with_state(config.stopping.clone(), state.stopping);
-        Ok(Self {
+        let mut strategy: Box<dyn EarlyStoppingStrategy> =
+            Box::new(EarlyStopping::new(config.stopping.clone()));
+        let mut monitor = Self {
             config,
             probes,
             data,
-            stopping,
-            history: state.history,
-            last_epoch: state.last_epoch,
-            predictions: state.predictions,
+            training_samples,
+            strategy: Box::new(EarlyStopping::new(Default::default())),
+            resumed: None,
+            stopped: None,
+            history: vec![],
+            last_epoch: None,
+            predictions: None,
+            observed: None,
+            kept: None,
             snapshot: None,
-            committed_snapshot: None,
+            held: vec![],
+            committed_snapshots: vec![],
             warned_no_weights: false,
+            history_behind: false,
             collective: None,
             _locks: locks,
-        })
+        };
+        if let Some(state) = state {
+            let mut resumed = Resumed {
+                stopping: state.stopping.clone(),
+                kept_epoch: state.kept_epoch,
+                load_error: None,
+            };
+            // A run decided by a strategy of the user's loads its state with `with_strategy`.
+            match strategy.load_state(state.stopping.clone()) {
+                Ok(()) => resumed.check_kept(strategy.as_ref())?,
+                Err(e) => resumed.load_error = Some(e.to_string()),
+            }
+            if let Some(p) = &state.predictions {
+                if p.len() != monitor.data.len() {
+                    candle_core::bail!(
+                        "cannot resume: the state holds predictions for {} probe samples, the \
+                         probe data has {}",
+                        p.len(),
+                        monitor.data.len()
+                    );
+                }
+            }
+            if let Some(p) = &state.training_predictions {
+                if p.len() != training_samples {
+                    candle_core::bail!(
+                        "cannot resume: the state holds training predictions for {} examples, the \
+                         data given has {}",
+                        p.len(),
+                        training_samples
+                    );
+                }
+            }
+            monitor.resumed = Some(resumed);
+            monitor.kept = state.kept_epoch;
+            // Held weights survive only as files (disk mode); in memory they died with the
+            // interrupted process.
+            monitor.held = state
+                .held_epochs
+                .iter()
+                .map(|&epoch| Held {
+                    epoch,
+                    weights: None,
+                })
+                .collect();
+            monitor.stopped = state.stopped;
+            monitor.history = state.history;
+            monitor.last_epoch = state.last_epoch;
+            monitor.predictions = state.predictions;
+            monitor.observed = state
+                .training_predictions
+                .map(label_wave::PredictionChanges::with_previous);
+        }
+        monitor.strategy = strategy;
+        Ok(monitor)
     }
 
     /// A monitor for one rank of a data-parallel run: every rank passes the same configuration
@@ -292,7 +459,8 @@ impl RelianceMonitor {
     /// weights in memory and restore them in [`RelianceMonitor::finish`] as rank 0 does.
     ///
     /// Every rank must call [`RelianceMonitor::on_epoch_end`] for the same epochs: a check is a
-    /// fixed sequence of all-reduces.
+    /// fixed sequence of all-reduces. Prediction changes from [`RelianceMonitor::observe`] are
+    /// summed over the ranks, so each rank reports the batches it trained on.
     pub fn new_ranked(
         mut config: RelianceConfig,
         probes: ProbeSet,
@@ -330,15 +498,34 @@ impl RelianceMonitor {
             Self::resume(config, probes, data, state)?
         } else {
             config.validate()?;
-            let snapshot = match (state.kept_epoch(&config), disk_snapshot(&config)) {
+            Self::check_resumable(&config, &state)?;
+            let snapshot = match (state.kept_epoch, disk_snapshot(&config)) {
                 (Some(kept), Some(path)) => {
                     let (_, saved) = files::read_snapshot(path, kept, data.xs().device())?;
                     Some(saved.into_iter().collect())
                 }
                 _ => None,
             };
-            let mut monitor = Self::build(without_files(config), probes, data, state, vec![])?;
+            let held = match disk_snapshot(&config) {
+                Some(path) => state
+                    .held_epochs
+                    .iter()
+                    .map(|&epoch| {
+                        let (_, saved) = files::read_snapshot(path, epoch, data.xs().device())?;
+                        Ok(Held {
+                            epoch,
+                            weights: Some(saved.into_iter().collect()),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                None => vec![],
+            };
+            let mut monitor =
+                Self::build(without_files(config), probes, data, Some(state), vec![])?;
             monitor.snapshot = snapshot;
+            if !held.is_empty() {
+                monitor.held = held;
+            }
             monitor
         };
         // Equal fingerprints on every rank iff the variance of the ranks' fingerprints is 0: the
@@ -356,9 +543,30 @@ impl RelianceMonitor {
         Ok(monitor)
     }
 
+    /// Reports the training loop's predictions for one batch: `indices[i]` is the index, in the
+    /// training data given to the monitor, of the sample in row `i` of `logits`
+    /// `(batch, classes)`. Optional: with it, Label Wave counts prediction changes over every
+    /// training example from one epoch to the next (the forward passes the loop makes anyway),
+    /// which decides the stop far more steadily than the probe data's changes between checks.
+    /// Call it in every epoch once you start.
+    pub fn observe(&mut self, indices: &[u32], logits: &Tensor) -> Result<()> {
+        let err = |e: candle_core::Error| candle_core::Error::Msg(format!("observe: {e}"));
+        match &mut self.observed {
+            Some(counter) => counter.record(indices, logits).map_err(err),
+            // The counter exists from the first batch recorded: a refused first call leaves the
+            // monitor as if it had not been made.
+            None => {
+                let mut counter = label_wave::PredictionChanges::new(self.training_samples);
+                counter.record(indices, logits).map_err(err)?;
+                self.observed = Some(counter);
+                Ok(())
+            }
+        }
+    }
+
     /// Call after each training epoch (`epoch` counts from 1). Runs a check when the schedule
-    /// says so, snapshots the weights in `varmap` at a new peak (when `restore_best` is on) and
-    /// returns whether to stop.
+    /// says so, snapshots the weights in `varmap` when the rule keeps this epoch (when
+    /// `restore_best` is on) and returns whether to stop.
     pub fn on_epoch_end(
         &mut self,
         epoch: usize,
@@ -387,40 +595,239 @@ impl RelianceMonitor {
                 );
             }
         }
-        self.last_epoch = Some(epoch);
-        if let Some(reason) = &self.stopping.state().stopped {
+        if let Some(Resumed {
+            load_error: Some(e),
+            ..
+        }) = &self.resumed
+        {
+            candle_core::bail!(
+                "cannot continue the resumed run: its saved stopping state is not the built-in \
+                 rule's ({e}); give the strategy the run was made with to with_strategy"
+            );
+        }
+        if let Some(reason) = &self.stopped {
+            self.last_epoch = Some(epoch);
             return Ok(Decision::Stop {
                 reason: reason.clone(),
             });
         }
-        let mut decision = Decision::Continue;
-        if self.config.schedule.is_check_epoch(epoch) {
-            decision = self.run_check(epoch, model, varmap)?;
+        // A check's events (the check, the rule's warnings, a stop) go in its span.
+        let span = self
+            .config
+            .schedule
+            .is_check_epoch(epoch)
+            .then(|| tracing::info_span!("reliance_check", epoch));
+        let _enter = span.as_ref().map(|s| s.enter());
+        // Until the state file names this epoch, a failure (a snapshot or state that cannot be
+        // written, a full disk) puts everything back: the same epoch can be reported again and
+        // decides the same.
+        let before = Rollback::of(self);
+        let (decision, record) = match self.prepare(epoch, model, varmap) {
+            Ok(prepared) => prepared,
+            Err(e) => return Err(before.restore(self, epoch, e)),
+        };
+        if let Some((record, predictions)) = &record {
+            self.history.push(record.clone());
+            self.predictions = Some(predictions.clone());
         }
-        if !decision.is_stop() && self.config.schedule.max_epochs.is_some_and(|m| epoch >= m) {
-            decision = self.stopping.stop(StopReason::MaxEpochs { epoch });
-            tracing::info!(epoch, decision = "stop", reason = %decision.reason().unwrap(), "reliance monitor");
+        if let Decision::Stop { reason } = &decision {
+            self.stopped = Some(reason.clone());
         }
-        self.save_state_if_configured()?;
+        self.last_epoch = Some(epoch);
+        if let Err(e) = self.save_state_if_configured() {
+            return Err(before.restore(self, epoch, e));
+        }
+        self.resumed = None;
+        // The epoch is committed. The history file follows the state (a resume rewrites it
+        // from the state in any case).
+        if let Some((record, _)) = &record {
+            log_check(record);
+            if let Some(path) = &self.config.output.history_file {
+                let written = if self.history_behind {
+                    files::rewrite_json_lines(path, &self.history)
+                } else {
+                    append_json_line(path, record)
+                };
+                self.history_behind = written.is_err();
+                written.map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "{e} (output.history_file; epoch {epoch} is recorded in the state, and \
+                         the history file is rewritten from it at the next epoch)"
+                    ))
+                })?;
+            }
+        } else if let Decision::Stop { reason } = &decision {
+            tracing::info!(epoch, decision = "stop", reason = %reason, "reliance monitor");
+        }
         // Only now, with the state naming the new snapshot committed, may the old one go.
         if let Some(path) = disk_snapshot(&self.config) {
-            let kept = self.stopping.kept_epoch();
-            if kept != self.committed_snapshot {
-                files::remove_stale_snapshots(path, kept, false)?;
-                self.committed_snapshot = kept;
+            let keep = self.snapshot_epochs();
+            if keep != self.committed_snapshots {
+                files::remove_stale_snapshots(path, &keep, false)?;
+                self.committed_snapshots = keep;
             }
         }
         Ok(decision)
     }
 
-    fn run_check(
+    /// The epoch up to what the state file is written from: the training set's prediction
+    /// changes, the check when scheduled, the rule's step and warnings, the snapshot. Returns the
+    /// decision and, for a check, its history record and the probe data's predictions.
+    fn prepare(
         &mut self,
         epoch: usize,
         model: &impl Module,
         varmap: Option<&VarMap>,
-    ) -> Result<Decision> {
-        let span = tracing::info_span!("reliance_check", epoch);
-        let _enter = span.enter();
+    ) -> Result<(Decision, Option<CheckOutcome>)> {
+        let training_changes = self.training_changes(epoch)?;
+        let measured = if self.config.schedule.is_check_epoch(epoch) {
+            Some(self.measure(epoch, model, varmap)?)
+        } else {
+            None
+        };
+        let observation = Observation {
+            epoch,
+            training_changes: training_changes.map(|n| n as f64),
+            check: measured.as_ref().map(|m| m.signals.clone()),
+            budget_end: self.config.schedule.max_epochs.is_some_and(|m| epoch >= m),
+        };
+        let decision = self.strategy.step(&observation);
+        let warnings = self.strategy.take_warnings();
+        let kept = self.strategy.kept_epoch();
+        let lookback = self.strategy.lookback();
+        let held = |k: usize| self.held.iter().any(|h| h.epoch == k);
+        // Only where weights are snapshotted does the monitor need to hold the kept epoch's.
+        let snapshots = self.config.restore_best.enabled && varmap.is_some();
+        if snapshots && kept != self.kept && kept != Some(epoch) && !kept.is_some_and(held) {
+            candle_core::bail!(
+                "the stopping strategy moved its kept epoch from {:?} to {kept:?} at epoch {epoch}; \
+                 only the epoch just stepped or one of the last {lookback} check epochs \
+                 (`lookback`) can become the kept one: the monitor holds no other weights",
+                self.kept
+            );
+        }
+        let kept_now = kept == Some(epoch) && self.kept != kept;
+        if kept != self.kept && self.config.restore_best.enabled {
+            match (varmap, kept) {
+                (Some(vm), Some(k)) if k == epoch => self.snapshot(vm, epoch)?,
+                (Some(_), Some(k)) => self.restore_held(k),
+                (Some(_), None) => {}
+                (None, _) if !self.warned_no_weights => {
+                    self.warned_no_weights = true;
+                    tracing::warn!("restore_best is on but no VarMap was given (use on_epoch_end); weights are not snapshotted");
+                }
+                (None, _) => {}
+            }
+        }
+        self.kept = kept;
+        // Hold this check's weights while the strategy may still move back to it.
+        self.held.retain(|h| h.epoch + lookback > epoch);
+        if let (true, true, Some(vm)) = (
+            lookback > 0 && self.config.restore_best.enabled,
+            measured.is_some(),
+            varmap,
+        ) {
+            self.hold(vm, epoch, kept_now)?;
+        }
+        for w in &warnings {
+            tracing::warn!(epoch, warning = %w, "reliance monitor");
+        }
+        let record = measured.map(|m| {
+            let mut record = m.record;
+            record.training_changes = training_changes;
+            record.kept = kept_now;
+            record.kept_epoch = kept;
+            record.decision = decision.clone();
+            record.warnings = warnings;
+            (record, m.predictions)
+        });
+        Ok((decision, record))
+    }
+
+    /// Prediction changes over the training set since the previous epoch, from
+    /// [`RelianceMonitor::observe`]. In a data-parallel run each rank counts the samples it
+    /// reported and the counts are summed; the ranks' predictions are merged, so that every rank
+    /// (and rank 0's state file) holds all of them for the next epoch.
+    fn training_changes(&mut self, epoch: usize) -> Result<Option<usize>> {
+        let collective = self.collective.clone();
+        let merge = |preds: &mut [u32]| -> Result<()> {
+            let Some(c) = &collective else {
+                return Ok(());
+            };
+            // Per sample: the prediction + 1 in the low half, one in the high half per rank that
+            // saw it; summed, the high half counts the ranks and the low half is the prediction.
+            let mut buf: Vec<u64> = preds
+                .iter()
+                .map(|&p| match p {
+                    label_wave::UNSEEN => 0,
+                    p => (1u64 << 32) | (u64::from(p) + 1),
+                })
+                .collect();
+            c.all_reduce_sum_u64(&mut buf)?;
+            for (i, (p, v)) in preds.iter_mut().zip(buf).enumerate() {
+                *p = match (v >> 32, v & 0xffff_ffff) {
+                    (0, _) => label_wave::UNSEEN,
+                    (1, q) => (q - 1) as u32,
+                    (n, _) => candle_core::bail!(
+                        "observe(): training sample {i} was reported by {n} ranks in epoch {epoch}; \
+                         each rank reports the batches it trains on"
+                    ),
+                };
+            }
+            Ok(())
+        };
+        let now = self.observed.as_ref().is_some_and(|c| c.recorded());
+        let ever = self.observed.is_some();
+        if let Some(c) = &collective {
+            // Every rank takes the same path: the merge below is a collective call.
+            let world = c.world_size() as u64;
+            let mut flags = [u64::from(now), u64::from(ever)];
+            c.all_reduce_sum_u64(&mut flags)?;
+            match flags {
+                [0, 0] => return Ok(None),
+                [n, _] if n == world => {}
+                [0, _] => candle_core::bail!(
+                    "observe() reported predictions in an earlier epoch but none in epoch {epoch}; \
+                     report them in every epoch"
+                ),
+                [n, _] => candle_core::bail!(
+                    "observe(): {n} of {world} ranks reported predictions in epoch {epoch}; every \
+                     rank must report its batches in every epoch, or none"
+                ),
+            }
+        }
+        let local = match &mut self.observed {
+            Some(counter) if now => counter.end_epoch_with(merge)?,
+            Some(_) => candle_core::bail!(
+                "observe() reported predictions in an earlier epoch but none in epoch {epoch}; \
+                 report them in every epoch"
+            ),
+            None => return Ok(None),
+        };
+        let Some(c) = &collective else {
+            return Ok(local);
+        };
+        // [changes, ranks with a count]: a rank that started reporting later has none yet.
+        let mut sums = [local.unwrap_or(0) as u64, u64::from(local.is_some())];
+        c.all_reduce_sum_u64(&mut sums)?;
+        let world = c.world_size() as u64;
+        match sums[1] {
+            0 => Ok(None),
+            n if n == world => Ok(Some(sums[0] as usize)),
+            n => candle_core::bail!(
+                "observe(): {n} of {world} ranks compared epoch {epoch} with an epoch before; \
+                 every rank must start reporting its batches in the same epoch"
+            ),
+        }
+    }
+
+    /// The check: the curves, the network's health and the probe data's prediction changes.
+    fn measure(
+        &mut self,
+        epoch: usize,
+        model: &impl Module,
+        varmap: Option<&VarMap>,
+    ) -> Result<Measured> {
         let t0 = Instant::now();
         let mut m = Measurement::new(model, &self.probes, &self.data)
             .with_batching(self.config.batching.clone());
@@ -446,110 +853,53 @@ impl RelianceMonitor {
             None => non_finite_activations(stats),
         };
         let degenerate = degenerate(stats, metric_kind);
-        // Undone if the kept weights cannot be written: a kept epoch always has its snapshot.
-        let before = (self.stopping.clone(), self.predictions.clone());
         let changes = self.predictions.as_ref().map(|prev| {
             prev.iter()
                 .zip(&stats.predictions)
                 .filter(|(a, b)| a != b)
                 .count()
         });
-        if let Some(n) = changes {
-            self.stopping.update_changes(epoch, n as f64);
-        }
-        self.predictions = Some(stats.predictions.clone());
-        // As the rule judges it: only a finite, non-degenerate check can be unstable.
-        let unstable = non_finite.is_none()
-            && degenerate.is_none()
-            && self.stopping.is_unstable(curve.unablated_accuracy)
-            && self.stopping.state().stopped.is_none();
-        let decision = match (&non_finite, &degenerate) {
-            (Some(what), _) => self.stopping.stop(StopReason::NonFinite {
-                epoch,
-                what: what.clone(),
-            }),
-            (None, Some(what)) => self.stopping.degenerate(epoch, what),
-            (None, None) => {
-                self.stopping
-                    .update_check(epoch, metric, Some(curve.unablated_accuracy))
+        // A degenerate network's metric may be undefined (the normalized AUC of a network with
+        // no right answer); any other non-finite metric is divergence.
+        let health = match (&non_finite, &degenerate) {
+            (Some(what), _) => Health::NonFinite(what.clone()),
+            (None, Some(what)) => Health::Degenerate(what.clone()),
+            (None, None) if !metric.is_finite() => {
+                Health::NonFinite(format!("reliance metric ({metric})"))
             }
+            (None, None) => Health::Healthy,
         };
-        let kept = self.stopping.kept_last();
-        if kept && self.config.restore_best.enabled {
-            match varmap {
-                Some(vm) => {
-                    if let Err(e) = self.snapshot(vm, epoch) {
-                        (self.stopping, self.predictions) = before;
-                        return Err(e);
-                    }
-                }
-                None if !self.warned_no_weights => {
-                    self.warned_no_weights = true;
-                    tracing::warn!("restore_best is on but no VarMap was given (use on_epoch_end); weights are not snapshotted");
-                }
-                None => {}
-            }
-        }
-        let seconds = t0.elapsed().as_secs_f64();
-        let smoothed = self.stopping.state().smoothed.unwrap_or(metric);
+        let signals = CheckSignals::new(metric, curve.unablated_accuracy)
+            .with_areas(curve.auc, curve.normalized_auc, curve.agreement_auc)
+            .with_prediction_changes(changes.map(|n| n as f64))
+            .with_health(health);
+        let predictions = stats.predictions.clone();
         let record = CheckRecord {
             epoch,
             metric: metric_kind,
             value: metric,
-            smoothed,
             auc: curve.auc,
             auc_ci: curve.auc_ci,
             normalized_auc: curve.normalized_auc,
             unablated_accuracy: curve.unablated_accuracy,
             noise_auc: noise.as_ref().map(|n| n.auc),
             prediction_changes: changes,
-            unstable,
-            kept,
-            decision: decision.clone(),
-            seconds,
+            training_changes: None,
+            kept: false,
+            kept_epoch: None,
+            warnings: vec![],
+            decision: Decision::Continue,
+            seconds: t0.elapsed().as_secs_f64(),
             curve,
             noise,
             selectivity,
-            degenerate: degenerate.clone(),
+            degenerate,
         };
-        let selectivity_log = record
-            .selectivity
-            .as_ref()
-            .map(|s| serde_json::to_string(s).unwrap_or_default());
-        let [ci_lo, ci_hi] = record.auc_ci.unwrap_or([f64::NAN; 2]);
-        // Optional fields (noise, selectivity, reason) are left out of the event when absent.
-        tracing::info!(
-            epoch,
-            metric = metric_kind.name(),
-            value = metric,
-            smoothed,
-            auc = record.auc,
-            auc_ci_low = ci_lo,
-            auc_ci_high = ci_hi,
-            normalized_auc = record.normalized_auc,
-            accuracy_0 = record.unablated_accuracy,
-            noise_auc = record.noise_auc,
-            prediction_changes = changes,
-            unstable,
-            selectivity = selectivity_log.as_deref(),
-            kept,
-            seconds,
-            decision = if decision.is_stop() {
-                "stop"
-            } else {
-                "continue"
-            },
-            reason = decision.reason().map(tracing::field::display),
-            degenerate = degenerate.as_deref(),
-            batched = record.curve.batched,
-            incremental = record.curve.incremental,
-            "reliance check"
-        );
-        if let Some(path) = &self.config.output.history_file {
-            append_json_line(path, &record)?;
-        }
-        self.history.push(record);
-        Ok(decision)
+        Ok(Measured {
+            signals,
+            record,
+            predictions,
+        })
     }
 
     /// The weights that are NaN or infinite, named; in a data-parallel run, the ranks that
@@ -570,20 +920,55 @@ impl RelianceMonitor {
         Ok((!bad.is_empty()).then(|| format!("weights on rank(s) {bad:?}")))
     }
 
+    /// The epochs whose snapshot files the state names: the kept one and the held ones.
+    fn snapshot_epochs(&self) -> Vec<usize> {
+        self.kept
+            .into_iter()
+            .chain(self.held.iter().map(|h| h.epoch))
+            .collect()
+    }
+
+    /// Keeps this check's weights for `lookback` epochs: in memory, or written as its snapshot
+    /// file (disk mode); `snapshotted`: they were just snapshotted as the kept ones.
+    fn hold(&mut self, varmap: &VarMap, epoch: usize, snapshotted: bool) -> Result<()> {
+        let weights = match self.config.restore_best.mode {
+            SnapshotMode::Memory if snapshotted => self.snapshot.clone(),
+            SnapshotMode::Memory => Some(copy_weights(varmap)?),
+            SnapshotMode::Disk => {
+                if !snapshotted {
+                    files::save_snapshot(varmap, &self.config.restore_best.path, epoch)?;
+                }
+                None
+            }
+        };
+        self.held.push(Held { epoch, weights });
+        Ok(())
+    }
+
+    /// The kept epoch moved back to a held epoch: its weights become the snapshot (disk mode:
+    /// its file is there already).
+    fn restore_held(&mut self, epoch: usize) {
+        if self.config.restore_best.mode == SnapshotMode::Disk {
+            return;
+        }
+        let weights = self
+            .held
+            .iter()
+            .find(|h| h.epoch == epoch)
+            .and_then(|h| h.weights.clone());
+        if weights.is_none() {
+            tracing::warn!(
+                epoch,
+                "the kept epoch's weights were held in memory by the interrupted process; they \
+                 cannot be restored (use restore_best.mode: disk for resumable runs)"
+            );
+        }
+        self.snapshot = weights;
+    }
+
     fn snapshot(&mut self, varmap: &VarMap, epoch: usize) -> Result<()> {
         match self.config.restore_best.mode {
-            SnapshotMode::Memory => {
-                let vars = varmap
-                    .data()
-                    .lock()
-                    .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
-                // `copy` detaches the values from the variables the optimizer keeps updating.
-                let snap = vars
-                    .iter()
-                    .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
-                    .collect::<Result<Vec<_>>>()?;
-                self.snapshot = Some(snap);
-            }
+            SnapshotMode::Memory => self.snapshot = Some(copy_weights(varmap)?),
             SnapshotMode::Disk => {
                 files::save_snapshot(varmap, &self.config.restore_best.path, epoch)?
             }
@@ -591,10 +976,10 @@ impl RelianceMonitor {
         Ok(())
     }
 
-    /// Ends the run: when `restore_best` is on, puts the weights of the best epoch back into
+    /// Ends the run: when `restore_best` is on, puts the weights of the kept epoch back into
     /// `varmap` (whether or not training stopped early) and returns that epoch.
     pub fn finish(&mut self, varmap: &VarMap) -> Result<Option<usize>> {
-        let Some(best) = self.stopping.kept_epoch() else {
+        let Some(best) = self.kept else {
             return Ok(None);
         };
         if !self.config.restore_best.enabled {
@@ -614,31 +999,43 @@ impl RelianceMonitor {
             SnapshotMode::Disk => {
                 let path = &self.config.restore_best.path;
                 let file = files::load_snapshot(varmap, path, best)?;
-                // The kept weights end where the configuration says, under their own name.
+                // The kept weights end where the configuration says, under their own name; the
+                // weights held for a later choice are no longer needed.
                 if file != *path {
                     files::fault_point();
                     std::fs::rename(&file, path).map_err(|e| io_err("rename", &file, e))?;
                 }
+                files::remove_stale_snapshots(path, &[], false)?;
             }
         }
         tracing::info!(best_epoch = best, "restored the weights of the best epoch");
         Ok(Some(best))
     }
 
-    /// The state to save for resuming.
-    pub fn state(&self) -> MonitorState {
-        MonitorState {
-            stopping: self.stopping.state().clone(),
+    /// The state to save for resuming. Fails for a strategy that cannot save its state.
+    pub fn state(&self) -> Result<MonitorState> {
+        let Some(stopping) = self.strategy.save_state() else {
+            candle_core::bail!(
+                "the stopping strategy cannot save its state; this run cannot resume"
+            );
+        };
+        Ok(MonitorState {
+            format: STATE_FORMAT,
+            stopping,
+            kept_epoch: self.kept,
+            held_epochs: self.held.iter().map(|h| h.epoch).collect(),
+            stopped: self.stopped.clone(),
             history: self.history.clone(),
             last_epoch: self.last_epoch,
-            decides: decides(&self.config).ok(),
+            decides: decides(&self.config)?,
             predictions: self.predictions.clone(),
-        }
+            training_predictions: self.observed.as_ref().map(|c| c.previous().to_vec()),
+        })
     }
 
     /// Writes the state as JSON, atomically.
     pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        let json = serde_json::to_string(&self.state()).map_err(candle_core::Error::msg)?;
+        let json = serde_json::to_string(&self.state()?).map_err(candle_core::Error::msg)?;
         write_atomic(path.as_ref(), |tmp| {
             std::fs::write(tmp, &json).map_err(|e| io_err("write", tmp, e))
         })
@@ -658,7 +1055,7 @@ impl RelianceMonitor {
 
     /// The epoch the stopping rule keeps so far: the one `finish` restores.
     pub fn best_epoch(&self) -> Option<usize> {
-        self.stopping.kept_epoch()
+        self.kept
     }
 
     /// The configuration.
@@ -670,6 +1067,155 @@ impl RelianceMonitor {
     pub fn data(&self) -> &ProbeData {
         &self.data
     }
+}
+
+/// Every variable of `varmap`, copied: `copy` detaches the values from the variables the
+/// optimizer keeps updating.
+fn copy_weights(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+    vars.iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
+        .collect()
+}
+
+/// A resumed monitor's saved stopping state, and why the built-in rule could not load it (a run
+/// of a strategy of the user's, which loads it when given).
+struct Resumed {
+    stopping: serde_json::Value,
+    kept_epoch: Option<usize>,
+    load_error: Option<String>,
+}
+
+impl Resumed {
+    /// The strategy that loaded the state must keep the epoch the monitor's state names.
+    fn check_kept(&self, strategy: &dyn EarlyStoppingStrategy) -> Result<()> {
+        if strategy.kept_epoch() != self.kept_epoch {
+            candle_core::bail!(
+                "cannot resume: the state's stopping rule keeps epoch {:?}, its monitor {:?}",
+                strategy.kept_epoch(),
+                self.kept_epoch
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A recent check epoch's weights, held in case the strategy moves its kept epoch back to it:
+/// in memory, or `None` when they are in its snapshot file (or died with an interrupted
+/// process).
+#[derive(Clone)]
+struct Held {
+    epoch: usize,
+    weights: Option<Vec<(String, Tensor)>>,
+}
+
+/// What [`RelianceMonitor::epoch_end`] puts back when an epoch fails before it is committed.
+struct Rollback {
+    stopping: Option<serde_json::Value>,
+    observed: Option<label_wave::PredictionChanges>,
+    snapshot: Option<Vec<(String, Tensor)>>,
+    held: Vec<Held>,
+    kept: Option<usize>,
+    stopped: Option<StopReason>,
+    history: usize,
+    last_epoch: Option<usize>,
+    predictions: Option<Vec<u32>>,
+}
+
+impl Rollback {
+    fn of(m: &RelianceMonitor) -> Self {
+        Self {
+            stopping: m.strategy.save_state(),
+            observed: m.observed.clone(),
+            snapshot: m.snapshot.clone(),
+            held: m.held.clone(),
+            kept: m.kept,
+            stopped: m.stopped.clone(),
+            history: m.history.len(),
+            last_epoch: m.last_epoch,
+            predictions: m.predictions.clone(),
+        }
+    }
+
+    /// Puts `m` back and returns `e`; a strategy that cannot save its state cannot be put back,
+    /// so the epoch then counts as reported.
+    fn restore(
+        self,
+        m: &mut RelianceMonitor,
+        epoch: usize,
+        e: candle_core::Error,
+    ) -> candle_core::Error {
+        match self.stopping {
+            Some(state) => {
+                if let Err(e2) = m.strategy.load_state(state) {
+                    return candle_core::Error::Msg(format!(
+                        "{e}; putting the rule back failed: {e2}"
+                    ));
+                }
+                m.last_epoch = self.last_epoch;
+            }
+            None => m.last_epoch = Some(epoch),
+        }
+        m.observed = self.observed;
+        m.snapshot = self.snapshot;
+        m.held = self.held;
+        m.kept = self.kept;
+        m.stopped = self.stopped;
+        m.history.truncate(self.history);
+        m.predictions = self.predictions;
+        e
+    }
+}
+
+/// A check's history record and the probe data's predictions (the next check's reference).
+type CheckOutcome = (CheckRecord, Vec<u32>);
+
+/// Everything a check measured: for the rule, the history, and the next check's changes.
+struct Measured {
+    signals: CheckSignals,
+    record: CheckRecord,
+    predictions: Vec<u32>,
+}
+
+/// The structured event of a check.
+fn log_check(record: &CheckRecord) {
+    let selectivity_log = record
+        .selectivity
+        .as_ref()
+        .map(|s| serde_json::to_string(s).unwrap_or_default());
+    let [ci_lo, ci_hi] = record.auc_ci.unwrap_or([f64::NAN; 2]);
+    let decision = &record.decision;
+    // Optional fields (noise, selectivity, reason) are left out of the event when absent.
+    tracing::info!(
+        epoch = record.epoch,
+        metric = record.metric.name(),
+        value = record.value,
+        auc = record.auc,
+        auc_ci_low = ci_lo,
+        auc_ci_high = ci_hi,
+        normalized_auc = record.normalized_auc,
+        accuracy_0 = record.unablated_accuracy,
+        noise_auc = record.noise_auc,
+        prediction_changes = record.prediction_changes,
+        training_changes = record.training_changes,
+        selectivity = selectivity_log.as_deref(),
+        kept = record.kept,
+        kept_epoch = record.kept_epoch,
+        seconds = record.seconds,
+        decision = if decision.is_stop() {
+            "stop"
+        } else {
+            "continue"
+        },
+        reason = decision.reason().map(tracing::field::display),
+        degenerate = record.degenerate.as_deref(),
+        batched = record.curve.batched,
+        incremental = record.curve.incremental,
+        "reliance check"
+    );
 }
 
 /// The first weight of `varmap` holding a NaN or an infinity, named.

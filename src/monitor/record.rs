@@ -2,7 +2,7 @@
 //! file.
 
 use crate::curves::{AblationCurve, NoiseCurve};
-use crate::monitor::{Decision, Metric};
+use crate::monitor::{Decision, Metric, Warning};
 use candle_core::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -17,9 +17,6 @@ pub struct CheckRecord {
     /// Its value at this check.
     #[serde(with = "crate::json::float")]
     pub value: f64,
-    /// The value after smoothing (equal to `value` without smoothing).
-    #[serde(with = "crate::json::float")]
-    pub smoothed: f64,
     /// Ablation AUC (mean over orders).
     #[serde(with = "crate::json::float")]
     pub auc: f64,
@@ -35,16 +32,23 @@ pub struct CheckRecord {
     #[serde(with = "crate::json::option")]
     pub noise_auc: Option<f64>,
     /// Probe-data samples whose unablated prediction changed since the previous check (what
-    /// the [Label Wave fallback](crate::monitor::Fallback) follows); `None` at the first check.
+    /// Label Wave follows when the training loop reports no predictions); `None` at the first
+    /// check.
     #[serde(default)]
     pub prediction_changes: Option<usize>,
-    /// Whether the check was unstable: its network much less accurate on the probe data than the
-    /// best check's ([`StoppingRule::accuracy_drop`](crate::monitor::StoppingRule::accuracy_drop)),
-    /// so it was neither kept nor a peak.
+    /// Training examples whose predicted class changed since the previous epoch, from
+    /// [`RelianceMonitor::observe`](crate::RelianceMonitor::observe) (what Label Wave follows
+    /// when given); `None` without it.
     #[serde(default)]
-    pub unstable: bool,
+    pub training_changes: Option<usize>,
     /// Whether this check's epoch is the one the rule keeps now (its weights were snapshotted).
     pub kept: bool,
+    /// The epoch the rule keeps after this check.
+    #[serde(default)]
+    pub kept_epoch: Option<usize>,
+    /// Warnings the rule raised at this check (each is also logged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
     /// What the monitor decided: `"decision": "continue"`, or `"stop"` with its `reason`.
     #[serde(flatten)]
     pub decision: Decision,

@@ -1,47 +1,61 @@
-//! The stopping rule: stop once a reliance metric has fallen clearly below its peak, and keep an
-//! epoch from before that fall.
+//! The stopping rule, as one state machine: [`EarlyStopping::step`] takes what an epoch produced
+//! (an [`Observation`]) and returns a [`Decision`].
 //!
-//! While a network learns, the ablation metrics rise and then wander on a plateau; once it
-//! starts to memorize (wrong labels, single examples), reliance on single directions rises and
-//! the metric falls. Checks are noisy, so a check that merely fails to beat the peak says
-//! little: the rule waits for the (optionally smoothed) metric to stay more than `tolerance`
-//! below its peak for `patience` epochs. It keeps an epoch **on the plateau** (a check within
-//! `tolerance` of the peak), where the network had learned without yet memorizing: by default
-//! the plateau check whose network was most accurate on the probe data ([`Keep`]).
+//! Two signals, measured on training data only, each answering its own question:
+//!
+//! - **When to stop: [Label Wave](crate::monitor::LabelWave)** over prediction changes. The
+//!   number of training examples whose predicted class changes from one epoch to the next falls
+//!   while a network learns and rises once it starts fitting wrong labels; the rule stops when
+//!   its moving average has found no new low for `label_wave.patience` epochs. The changes come
+//!   from the training loop's own predictions when the loop reports them
+//!   ([`RelianceMonitor::observe`](crate::RelianceMonitor::observe)), otherwise from the probe
+//!   data's predictions at each check.
+//! - **Which epoch to keep: the reliance plateau and the probe data's accuracy.** A check is a
+//!   *candidate* while the reliance metric is on its plateau (within `tolerance` of its peak: the
+//!   network does not yet rely more on single directions than it did at its best), when it ends
+//!   the lowest Label Wave window so far, or while Label Wave has no low yet. The candidate whose
+//!   network is most accurate on the probe data (unablated) is kept and restored.
+//!
+//! The precedence of every case is the table in `docs/configuration.md` ("The stopping rule,
+//! step by step"); `tests/stopping.rs` checks it row by row.
 //!
 //! ```
-//! use candle_reliance::monitor::{EarlyStopping, EarlyStoppingStrategy, StoppingRule};
+//! use candle_reliance::monitor::{
+//!     CheckSignals, EarlyStopping, LabelWaveRule, Observation, StoppingRule,
+//! };
 //!
 //! let mut rule = EarlyStopping::new(StoppingRule {
 //!     tolerance: 0.05,
-//!     patience: 2,
+//!     label_wave: LabelWaveRule { window: 1, patience: 2 },
 //!     ..Default::default()
 //! });
-//! let metrics = [0.50, 0.60, 0.58, 0.59, 0.55, 0.54];
-//! let stops: Vec<bool> = metrics
-//!     .iter()
-//!     .enumerate()
-//!     .map(|(i, m)| rule.update(i + 1, *m).is_stop())
-//!     .collect();
-//! // Peak 0.60 at epoch 2; 0.58 and 0.59 are within 5% of it (≥ 0.57); 0.55 and 0.54 are not,
-//! // and two epochs below it exhaust the patience at epoch 6.
-//! assert_eq!(stops, [false, false, false, false, false, true]);
-//! assert_eq!(rule.kept_epoch(), Some(4)); // no accuracies given: the last epoch on the plateau
-//!
-//! // With the unablated accuracy of each check, the most accurate plateau check is kept.
-//! let mut rule = EarlyStopping::new(StoppingRule { tolerance: 0.05, patience: 2, ..Default::default() });
-//! let accuracy = [0.70, 0.80, 0.90, 0.85, 0.95, 0.97];
-//! for (i, (m, a)) in metrics.iter().zip(accuracy).enumerate() {
-//!     rule.update_check(i + 1, *m, Some(a));
+//! // Epoch, reliance metric, accuracy on the probe data, training-set prediction changes.
+//! let epochs = [
+//!     (1, 0.50, 0.60, None),
+//!     (2, 0.60, 0.70, Some(300.0)),
+//!     (3, 0.59, 0.75, Some(200.0)),  // on the plateau (≥ 0.57), the most accurate so far
+//!     (4, 0.50, 0.80, Some(250.0)),  // below the plateau, no new low: not a candidate
+//!     (5, 0.45, 0.85, Some(260.0)),  // two epochs without a new low: stop
+//! ];
+//! let mut stopped_at = None;
+//! for (epoch, metric, accuracy, changes) in epochs {
+//!     let obs = Observation::new(epoch)
+//!         .with_training_changes(changes)
+//!         .with_check(CheckSignals::new(metric, accuracy));
+//!     if rule.step(&obs).is_stop() {
+//!         stopped_at = Some(epoch);
+//!         break;
+//!     }
 //! }
-//! assert_eq!(rule.kept_epoch(), Some(3)); // epochs 2–4 are on the plateau; 3 is the most accurate
+//! assert_eq!(stopped_at, Some(5));
+//! assert_eq!(rule.kept_epoch(), Some(3));
 //! ```
 
 use crate::invalid::{Checked, Invalid};
 use crate::monitor::{LabelWave, LabelWaveRule, LabelWaveState};
 use serde::{Deserialize, Serialize};
 
-/// Which number of a check the stopping rule follows.
+/// Which number of a check the reliance plateau follows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
@@ -77,77 +91,18 @@ impl Metric {
     }
 }
 
-/// Which epoch the rule keeps (and the monitor restores).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Keep {
-    /// The check on the plateau (within `tolerance` of the peak) whose network was most accurate
-    /// on the probe data, unablated; the later one among equals. The default.
-    ///
-    /// The plateau says *when* the network learned without yet relying on single directions; the
-    /// accuracy picks *which* of those epochs. Where the weights jump between checks (plain SGD
-    /// with batch norm: test accuracy swings by 20 points from one epoch to the next) the probe
-    /// data's accuracy swings with it and steers the choice away from a bad epoch.
-    ///
-    /// Judged as checks arrive, so that the monitor only ever snapshots the current epoch: a
-    /// check replaces the kept one if it is at least as accurate, or if the kept one has fallen
-    /// off the plateau (a new peak raised it). Fed through [`EarlyStoppingStrategy::update`],
-    /// which knows no accuracy, it keeps the last check on the plateau.
-    #[default]
-    MostAccurateNearPeak,
-    /// The last check within `tolerance` of the peak: the end of the plateau.
-    LastNearPeak,
-    /// The check with the highest (smoothed) metric.
-    Peak,
-}
-
-/// What the rule does while the metric has not risen above its first check.
-///
-/// The reliance signal needs the metric to rise, or at least hold, while the network learns.
-/// Where it falls from the first check on (a small batch-norm CNN on Fashion-MNIST: the
-/// agreement AUC falls for 40 epochs while test accuracy rises), its plateau is the first check
-/// and the rule alone would stop after `patience` epochs and keep one of the first epochs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fallback {
-    /// While the metric's peak is its first check, [Label Wave](crate::monitor::LabelWave)
-    /// over the prediction changes fed with [`EarlyStopping::update_changes`] (the monitor feeds
-    /// those of its probe data from one check to the next) keeps the epoch, and a stop waits
-    /// for Label Wave's patience as well as the rule's. Once the metric rises above its first
-    /// check, the reliance rule alone decides, from that check on. Without any changes fed,
-    /// nothing falls back. The default.
-    #[default]
-    LabelWave,
-    /// No fallback: the reliance rule decides alone.
-    None,
-}
-
 /// Parameters of [`EarlyStopping`]: the `stopping:` section of the monitor's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, from = "StoppingSection")]
 pub struct StoppingRule {
-    /// Which number of a check the rule follows. Default [`Metric::AgreementAuc`].
+    /// Which number of a check the reliance plateau follows. Default [`Metric::AgreementAuc`].
     pub metric: Metric,
-    /// How far below its peak the (smoothed) metric must fall for a check to count as below the
-    /// plateau, as a share of the peak, in `[0, 1)`. Default 0.03.
+    /// How far below its peak the metric may be for a check to count as on the plateau, as a
+    /// share of the peak, in `[0, 1)`. Default 0.03.
     pub tolerance: f64,
-    /// Epochs since the last check on the plateau before stopping (≥ 1). Default 8.
-    pub patience: usize,
-    /// Exponential smoothing of the metric: `s = smoothing · s_prev + (1 − smoothing) · m`,
-    /// in `[0, 1)`; 0 (default) is off.
-    pub smoothing: f64,
-    /// Which epoch to keep. Default [`Keep::MostAccurateNearPeak`].
-    pub keep: Keep,
-    /// A check whose network is less accurate on the probe data (unablated) than the most
-    /// accurate check so far by more than this share of it is *unstable* — a spike of the
-    /// optimizer, not memorization: it is never kept and never a peak, and counts as below the
-    /// plateau. In (0, 1]; 1 turns the guard off. Default 0.1.
-    pub accuracy_drop: f64,
-    /// What decides while the metric has not risen above its first check. Default
-    /// [`Fallback::LabelWave`].
-    pub fallback: Fallback,
-    /// The Label Wave rule of the fallback (window and patience counted in epochs). Default
-    /// window 1 (no moving average), patience 3.
+    /// Label Wave over prediction changes: `window` epochs in the moving average and `patience`
+    /// epochs without a new low before stopping. Default window 3, patience 5 (the criterion's
+    /// own defaults).
     pub label_wave: LabelWaveRule,
 }
 
@@ -156,18 +111,85 @@ impl Default for StoppingRule {
         Self {
             metric: Metric::default(),
             tolerance: 0.03,
-            patience: 8,
-            smoothing: 0.0,
-            keep: Keep::default(),
-            accuracy_drop: 0.1,
-            fallback: Fallback::default(),
-            // Chosen on the tuning seeds: no moving average (the kept epoch is then the one
-            // with the fewest changes, not the end of a window after it) and patience 3 kept
-            // epochs closer to the best than the standalone criterion's window 3, patience 5.
-            label_wave: LabelWaveRule {
-                window: 1,
-                patience: 3,
-            },
+            label_wave: LabelWaveRule::default(),
+        }
+    }
+}
+
+/// The `stopping:` section as written: the rule's keys and the keys of earlier versions, which
+/// are refused with a message saying what replaced them.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct StoppingSection {
+    metric: Metric,
+    tolerance: f64,
+    label_wave: LabelWaveRule,
+    #[serde(deserialize_with = "removed::patience")]
+    patience: (),
+    #[serde(deserialize_with = "removed::smoothing")]
+    smoothing: (),
+    #[serde(deserialize_with = "removed::keep")]
+    keep: (),
+    #[serde(deserialize_with = "removed::accuracy_drop")]
+    accuracy_drop: (),
+    #[serde(deserialize_with = "removed::fallback")]
+    fallback: (),
+}
+
+/// Keys of the `stopping:` section of 0.1: present, each is an error (raised while its value is
+/// read, so the parser adds its line) saying what replaced it.
+mod removed {
+    use serde::Deserializer;
+
+    fn refuse<'de, D: Deserializer<'de>>(key: &str, why: &str) -> Result<(), D::Error> {
+        Err(serde::de::Error::custom(format!(
+            "`{key}` was removed in 0.2.0: {why} (see docs/configuration.md, \"The stopping \
+             rule, step by step\")"
+        )))
+    }
+
+    pub fn patience<'de, D: Deserializer<'de>>(_: D) -> Result<(), D::Error> {
+        refuse::<D>("patience", "the stop now waits for `label_wave.patience`")
+    }
+    pub fn smoothing<'de, D: Deserializer<'de>>(_: D) -> Result<(), D::Error> {
+        refuse::<D>("smoothing", "the metric is no longer smoothed")
+    }
+    pub fn keep<'de, D: Deserializer<'de>>(_: D) -> Result<(), D::Error> {
+        refuse::<D>("keep", "the most accurate candidate check is kept")
+    }
+    pub fn accuracy_drop<'de, D: Deserializer<'de>>(_: D) -> Result<(), D::Error> {
+        refuse::<D>(
+            "accuracy_drop",
+            "keeping the most accurate check leaves out a collapsed epoch by itself",
+        )
+    }
+    pub fn fallback<'de, D: Deserializer<'de>>(_: D) -> Result<(), D::Error> {
+        refuse::<D>("fallback", "Label Wave always decides when to stop")
+    }
+}
+
+impl Default for StoppingSection {
+    fn default() -> Self {
+        let r = StoppingRule::default();
+        Self {
+            metric: r.metric,
+            tolerance: r.tolerance,
+            label_wave: r.label_wave,
+            patience: (),
+            smoothing: (),
+            keep: (),
+            accuracy_drop: (),
+            fallback: (),
+        }
+    }
+}
+
+impl From<StoppingSection> for StoppingRule {
+    fn from(s: StoppingSection) -> Self {
+        Self {
+            metric: s.metric,
+            tolerance: s.tolerance,
+            label_wave: s.label_wave,
         }
     }
 }
@@ -180,15 +202,153 @@ impl StoppingRule {
 
     pub(crate) fn check(&self) -> Checked {
         Invalid::unit_interval_open("tolerance", self.tolerance)?;
-        Invalid::at_least("patience", self.patience, 1)?;
-        Invalid::unit_interval_open("smoothing", self.smoothing)?;
-        if !(self.accuracy_drop > 0.0 && self.accuracy_drop <= 1.0) {
-            return Err(Invalid::new(
-                "accuracy_drop",
-                format!("must be in (0, 1], got {}", self.accuracy_drop),
-            ));
-        }
         self.label_wave.check().map_err(|e| e.within("label_wave"))
+    }
+}
+
+/// Where the prediction changes Label Wave follows come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeSource {
+    /// The training loop's own predictions, reported with
+    /// [`RelianceMonitor::observe`](crate::RelianceMonitor::observe): every training example,
+    /// from one epoch to the next.
+    Training,
+    /// The probe data's unablated predictions, from one check to the next.
+    ProbeData,
+}
+
+impl ChangeSource {
+    /// The name used in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeSource::Training => "training",
+            ChangeSource::ProbeData => "probe_data",
+        }
+    }
+}
+
+/// Whether a check's network can be judged at all.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "what", rename_all = "snake_case")]
+pub enum Health {
+    /// Finite and not degenerate.
+    #[default]
+    Healthy,
+    /// One predicted class for every sample, or every probed unit silent: a constant network
+    /// keeps all of its "decisions" under any ablation, so its metric says nothing. The text
+    /// says how.
+    Degenerate(String),
+    /// A metric, the logits, the activations at a probe or the weights were NaN or infinite.
+    /// The text says what.
+    NonFinite(String),
+}
+
+/// What a check measured, as a stopping strategy sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckSignals {
+    /// The configured metric ([`StoppingRule::metric`]): one of the three areas below.
+    #[serde(with = "crate::json::float")]
+    pub metric: f64,
+    /// Area under the ablation curve (accuracy against the labels); NaN where not given.
+    #[serde(with = "crate::json::float")]
+    pub auc: f64,
+    /// That area divided by the unablated accuracy; NaN where not given.
+    #[serde(with = "crate::json::float")]
+    pub normalized_auc: f64,
+    /// Area under the agreement curve; NaN where not given.
+    #[serde(with = "crate::json::float")]
+    pub agreement_auc: f64,
+    /// The network's accuracy on the probe data, nothing ablated.
+    #[serde(with = "crate::json::float")]
+    pub accuracy: f64,
+    /// Probe-data samples whose unablated prediction changed since the previous check; `None`
+    /// at the first check.
+    #[serde(default, with = "crate::json::option")]
+    pub prediction_changes: Option<f64>,
+    /// Whether the network is healthy.
+    #[serde(default)]
+    pub health: Health,
+}
+
+impl CheckSignals {
+    /// A healthy check with this metric and accuracy, no prediction changes, and the three
+    /// areas not given (NaN; see [`CheckSignals::with_areas`]).
+    pub fn new(metric: f64, accuracy: f64) -> Self {
+        Self {
+            metric,
+            auc: f64::NAN,
+            normalized_auc: f64::NAN,
+            agreement_auc: f64::NAN,
+            accuracy,
+            prediction_changes: None,
+            health: Health::Healthy,
+        }
+    }
+
+    /// Sets the three areas: under the ablation curve, normalized, and under the agreement
+    /// curve.
+    pub fn with_areas(mut self, auc: f64, normalized_auc: f64, agreement_auc: f64) -> Self {
+        (self.auc, self.normalized_auc, self.agreement_auc) = (auc, normalized_auc, agreement_auc);
+        self
+    }
+
+    /// Sets the probe data's prediction changes since the previous check.
+    pub fn with_prediction_changes(mut self, changes: Option<f64>) -> Self {
+        self.prediction_changes = changes;
+        self
+    }
+
+    /// Sets the network's health.
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
+    }
+}
+
+/// Everything an epoch produced for a stopping strategy: the argument of
+/// [`EarlyStoppingStrategy::step`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// The epoch (from 1, increasing).
+    pub epoch: usize,
+    /// Training examples whose predicted class changed since the previous epoch, counted by
+    /// [`RelianceMonitor::observe`](crate::RelianceMonitor::observe); `None` when the loop
+    /// reports no predictions, and at the first epoch it does.
+    pub training_changes: Option<f64>,
+    /// The check made after this epoch, when the schedule ran one.
+    pub check: Option<CheckSignals>,
+    /// Whether this is the last epoch of the budget (`schedule.max_epochs`).
+    pub budget_end: bool,
+}
+
+impl Observation {
+    /// An epoch without a check, training changes or budget end.
+    pub fn new(epoch: usize) -> Self {
+        Self {
+            epoch,
+            training_changes: None,
+            check: None,
+            budget_end: false,
+        }
+    }
+
+    /// Sets the training set's prediction changes.
+    pub fn with_training_changes(mut self, changes: Option<f64>) -> Self {
+        self.training_changes = changes;
+        self
+    }
+
+    /// Sets the check.
+    pub fn with_check(mut self, check: CheckSignals) -> Self {
+        self.check = Some(check);
+        self
+    }
+
+    /// Marks the last epoch of the budget.
+    pub fn at_budget_end(mut self) -> Self {
+        self.budget_end = true;
+        self
     }
 }
 
@@ -196,48 +356,27 @@ impl StoppingRule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StopReason {
-    /// The reliance metric has stayed more than `tolerance` below its peak for `patience`
-    /// epochs: reliance on single directions is rising.
-    Declined {
-        /// Epoch of the peak.
-        peak_epoch: usize,
-        /// The (smoothed) metric at the peak.
-        #[serde(with = "crate::json::float")]
-        peak: f64,
-        /// The epoch kept (restored).
-        kept_epoch: usize,
-        /// Epochs since the last check on the plateau.
-        epochs_below: usize,
-    },
     /// The moving average of prediction changes has not gone below its lowest point for the
-    /// Label Wave patience (see [`LabelWave`](crate::monitor::LabelWave)).
+    /// Label Wave patience: the network has started fitting what it could not learn.
     PredictionChangesRose {
-        /// Epoch of the lowest moving average.
-        lowest_epoch: usize,
-        /// The lowest moving average of changed predictions.
-        lowest: f64,
-        /// Epochs since that low was known.
-        epochs_since: usize,
-    },
-    /// The reliance metric never rose above its first check, so the
-    /// [fallback](Fallback::LabelWave) decided: the moving average of prediction changes has not
-    /// gone below its lowest point for Label Wave's patience, and the metric has been below its
-    /// plateau for the rule's.
-    FellBackToLabelWave {
-        /// Epoch of the lowest moving average of changed predictions (the window's centre).
+        /// Epoch of the lowest moving average (the window's centre).
         lowest_epoch: usize,
         /// That average.
         #[serde(with = "crate::json::float")]
         lowest: f64,
-        /// The epoch kept (restored): the last of the lowest window.
-        kept_epoch: usize,
-        /// Epochs since the last check on the reliance plateau.
-        epochs_below: usize,
+        /// Epochs since that low was known.
+        epochs_since: usize,
+        /// The epoch kept (restored), when a rule keeps one.
+        #[serde(default)]
+        kept_epoch: Option<usize>,
+        /// The last check on the reliance plateau, when a rule follows one: before the stop
+        /// epoch, reliance on single directions had risen too; at it, it had not.
+        #[serde(default)]
+        plateau_end: Option<usize>,
     },
-    /// The network has been degenerate — one predicted class for every sample, or every probed
-    /// unit silent — at every check for `patience` epochs since the last check on the plateau
-    /// (or since the first check). A degenerate check is never kept: its reliance metric says
-    /// nothing (a constant network keeps all of its "decisions" under any ablation).
+    /// Every check has been degenerate for `label_wave.patience` epochs: the network predicts
+    /// one class for every sample, or every probed unit is silent. A degenerate check is never
+    /// kept.
     Collapsed {
         /// Epoch of the check.
         epoch: usize,
@@ -259,41 +398,39 @@ pub enum StopReason {
         /// The epoch.
         epoch: usize,
     },
+    /// A stop decided by a strategy of the user's ([`EarlyStoppingStrategy`]).
+    Custom {
+        /// What the strategy says.
+        message: String,
+    },
 }
 
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StopReason::Declined {
-                peak_epoch,
-                peak,
-                kept_epoch,
-                epochs_below,
-            } => write!(
-                f,
-                "reliance rose: the metric has been below its plateau for {epochs_below} epochs \
-                 (peak {peak:.4} at epoch {peak_epoch}); keeping epoch {kept_epoch}"
-            ),
             StopReason::PredictionChangesRose {
                 lowest_epoch,
                 lowest,
                 epochs_since,
-            } => write!(
-                f,
-                "prediction changes rose: no new low for {epochs_since} epochs since \
-                 {lowest:.1} at epoch {lowest_epoch}"
-            ),
-            StopReason::FellBackToLabelWave {
-                lowest_epoch,
-                lowest,
                 kept_epoch,
-                epochs_below,
-            } => write!(
-                f,
-                "the reliance metric never rose above its first check and has been below it for \
-                 {epochs_below} epochs; Label Wave: no new low of prediction changes since \
-                 {lowest:.1} at epoch {lowest_epoch}; keeping epoch {kept_epoch}"
-            ),
+                plateau_end,
+            } => {
+                write!(
+                    f,
+                    "prediction changes rose: no new low for {epochs_since} epochs since \
+                     {lowest:.1} at epoch {lowest_epoch}"
+                )?;
+                if let Some(p) = plateau_end {
+                    write!(
+                        f,
+                        "; the reliance metric was on its plateau until epoch {p}"
+                    )?;
+                }
+                match kept_epoch {
+                    Some(k) => write!(f, "; keeping epoch {k}"),
+                    None => Ok(()),
+                }
+            }
             StopReason::Collapsed {
                 epoch,
                 what,
@@ -309,6 +446,7 @@ impl std::fmt::Display for StopReason {
                 write!(f, "non-finite {what} at epoch {epoch}")
             }
             StopReason::MaxEpochs { epoch } => write!(f, "reached max_epochs at epoch {epoch}"),
+            StopReason::Custom { message } => f.write_str(message),
         }
     }
 }
@@ -341,73 +479,200 @@ impl Decision {
     }
 }
 
-/// A check's epoch, its (smoothed) metric and its unablated accuracy.
+/// Something a user should know about the signals, raised once per run: logged as a `tracing`
+/// warning and recorded in the history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Warning {
+    /// The reliance metric left its plateau while prediction changes kept falling: on this
+    /// network the metric does not follow memorization (it falls while the network still
+    /// learns), so it stops marking candidates; the epoch is kept by Label Wave's lows and the
+    /// probe data's accuracy.
+    RelianceUninformative {
+        /// The epoch of the check.
+        epoch: usize,
+        /// The last check on the reliance plateau.
+        plateau_end: usize,
+        /// The epoch of Label Wave's newest low, after the plateau.
+        lowest_epoch: usize,
+    },
+    /// The epoch budget ended before prediction changes rose: the network may still have been
+    /// learning. The most accurate candidate is kept; a larger budget may find a better epoch.
+    NoRiseWithinBudget {
+        /// The last epoch of the budget.
+        epoch: usize,
+    },
+    /// A warning of a strategy of the user's.
+    Custom {
+        /// What the strategy says.
+        message: String,
+    },
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Warning::RelianceUninformative {
+                epoch,
+                plateau_end,
+                lowest_epoch,
+            } => write!(
+                f,
+                "at epoch {epoch}: the reliance metric has been below its plateau since epoch \
+                 {plateau_end} while prediction changes kept falling (a new low at epoch \
+                 {lowest_epoch}); on this network it does not follow memorization, so the epoch \
+                 is kept by Label Wave and the probe data's accuracy"
+            ),
+            Warning::NoRiseWithinBudget { epoch } => write!(
+                f,
+                "the budget ended at epoch {epoch} before prediction changes rose: the network \
+                 may still have been learning; keeping the most accurate candidate, a larger \
+                 budget may find a better epoch"
+            ),
+            Warning::Custom { message } => f.write_str(message),
+        }
+    }
+}
+
+/// A rule that decides, epoch by epoch, when to stop and which epoch to keep. The monitor runs
+/// the built-in [`EarlyStopping`] unless given another with
+/// [`RelianceMonitor::with_strategy`](crate::RelianceMonitor::with_strategy).
+///
+/// The monitor calls [`step`](Self::step) once per epoch reported to it, then snapshots the
+/// weights when [`kept_epoch`](Self::kept_epoch) names that epoch. The kept epoch may only change
+/// to the epoch just stepped, or to one of the last [`lookback`](Self::lookback) check epochs
+/// (whose weights the monitor holds); another change is an error.
+///
+/// A rule in the manner of Lightning's `EarlyStopping`, on the raw ablation AUC: stop once it has
+/// not improved by `min_delta` for `patience` checks, keep the best check.
+///
+/// ```
+/// use candle_reliance::monitor::{
+///     CheckSignals, Decision, EarlyStoppingStrategy, Health, Observation, StopReason,
+/// };
+///
+/// struct AucPatience {
+///     min_delta: f64,
+///     patience: usize,
+///     best: Option<(usize, f64)>,
+///     waited: usize,
+/// }
+///
+/// impl EarlyStoppingStrategy for AucPatience {
+///     fn step(&mut self, obs: &Observation) -> Decision {
+///         let Some(check) = &obs.check else { return Decision::Continue };
+///         if let Health::NonFinite(what) = &check.health {
+///             let reason = StopReason::NonFinite { epoch: obs.epoch, what: what.clone() };
+///             return Decision::Stop { reason };
+///         }
+///         match self.best {
+///             Some((_, best)) if check.auc < best + self.min_delta => self.waited += 1,
+///             _ => (self.best, self.waited) = (Some((obs.epoch, check.auc)), 0),
+///         }
+///         if self.waited >= self.patience {
+///             let message = format!("the AUC has not improved for {} checks", self.waited);
+///             return Decision::Stop { reason: StopReason::Custom { message } };
+///         }
+///         Decision::Continue
+///     }
+///
+///     fn kept_epoch(&self) -> Option<usize> {
+///         self.best.map(|(epoch, _)| epoch)
+///     }
+/// }
+///
+/// let mut rule = AucPatience { min_delta: 0.01, patience: 2, best: None, waited: 0 };
+/// let aucs = [0.50, 0.60, 0.605, 0.55];
+/// let mut decisions = vec![];
+/// for (i, auc) in aucs.iter().enumerate() {
+///     let check = CheckSignals::new(*auc, 0.9).with_areas(*auc, f64::NAN, f64::NAN);
+///     decisions.push(rule.step(&Observation::new(i + 1).with_check(check)).is_stop());
+/// }
+/// // 0.605 does not beat 0.60 by 0.01, nor does 0.55: two checks without improvement.
+/// assert_eq!(decisions, [false, false, false, true]);
+/// assert_eq!(rule.kept_epoch(), Some(2));
+/// // In a training loop: `monitor.with_strategy(Box::new(rule))?`.
+/// ```
+pub trait EarlyStoppingStrategy: Send {
+    /// Decides after one epoch. After a stop, every later step repeats it.
+    fn step(&mut self, observation: &Observation) -> Decision;
+
+    /// The epoch whose weights should be restored, if any.
+    fn kept_epoch(&self) -> Option<usize>;
+
+    /// How many epochs before the one just stepped the kept epoch may move back to (0 by
+    /// default): the monitor holds the weights of that many recent check epochs.
+    fn lookback(&self) -> usize {
+        0
+    }
+
+    /// Warnings raised since the last call (the monitor logs them and records them in the
+    /// history). None by default.
+    fn take_warnings(&mut self) -> Vec<Warning> {
+        Vec::new()
+    }
+
+    /// The state to save for resuming, or `None` if the strategy cannot resume (the default).
+    fn save_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Continues from a state written by [`save_state`](Self::save_state).
+    fn load_state(&mut self, state: serde_json::Value) -> candle_core::Result<()> {
+        let _ = state;
+        candle_core::bail!("this stopping strategy cannot resume from a saved state")
+    }
+}
+
+/// A check's epoch, its metric and its unablated accuracy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Best {
     /// The epoch.
     pub epoch: usize,
-    /// The smoothed metric there (equal to the raw metric without smoothing).
+    /// The metric there.
     #[serde(with = "crate::json::float")]
     pub metric: f64,
-    /// The network's accuracy on the probe data, unablated; `None` where the check was fed
-    /// without it.
-    #[serde(default, with = "crate::json::option")]
-    pub accuracy: Option<f64>,
+    /// The network's accuracy on the probe data, unablated.
+    #[serde(with = "crate::json::float")]
+    pub accuracy: f64,
 }
 
 /// Everything [`EarlyStopping`] remembers; serialize it to resume with identical decisions.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StoppingState {
-    /// Smoothed metric after the last update.
-    #[serde(with = "crate::json::option")]
-    pub smoothed: Option<f64>,
-    /// The highest smoothed metric so far.
-    pub peak: Option<Best>,
-    /// The epoch to keep so far (see [`Keep`]).
-    pub kept: Option<Best>,
-    /// The last check within `tolerance` of the peak.
-    pub last_near_peak: Option<usize>,
-    /// The epoch of the last update.
+    /// The epoch of the last step.
     pub last_epoch: Option<usize>,
-    /// The epoch of the first update.
-    #[serde(default)]
-    pub first_epoch: Option<usize>,
-    /// Updates so far.
-    pub checks: usize,
-    /// Set once a stop was decided; later updates repeat it.
+    /// Set once a stop was decided; later steps repeat it.
     pub stopped: Option<StopReason>,
-    /// Whether the metric has risen above its first check (a new peak after the first).
-    #[serde(default)]
-    pub rose: bool,
-    /// Label Wave over the prediction changes fed so far ([`Fallback::LabelWave`]).
-    #[serde(default)]
+    /// The check with the highest metric so far.
+    pub peak: Option<Best>,
+    /// The last check on the plateau.
+    pub plateau_end: Option<usize>,
+    /// The candidate kept so far: the most accurate one.
+    pub kept: Option<Best>,
+    /// Where Label Wave's prediction changes come from, fixed by the first count fed.
+    pub source: Option<ChangeSource>,
+    /// Label Wave over those changes.
     pub wave: LabelWaveState,
-    /// The epoch Label Wave keeps: the last epoch of the window with the fewest changes, so that
-    /// it is the current epoch when found (the one whose weights can be snapshotted).
-    #[serde(default)]
-    pub wave_kept: Option<usize>,
-    /// The highest unablated accuracy of a check so far (see [`StoppingRule::accuracy_drop`]).
-    #[serde(default, with = "crate::json::option")]
-    pub best_accuracy: Option<f64>,
+    /// The healthy checks of the last `label_wave.window / 2` epochs: a new lowest window makes
+    /// its centre, found that many epochs later, a candidate.
+    pub recent: Vec<Best>,
+    /// The first epoch of the current run of degenerate checks.
+    pub degenerate_since: Option<usize>,
+    /// Warnings raised so far (each kind once per run).
+    pub warned: Vec<Warning>,
+    /// Warnings raised since [`EarlyStoppingStrategy::take_warnings`] was last called.
+    #[serde(skip)]
+    pub pending_warnings: Vec<Warning>,
 }
 
-/// A strategy deciding from a stream of per-epoch values whether to stop.
-pub trait EarlyStoppingStrategy {
-    /// Feeds the value measured after `epoch`, returns the decision.
-    fn update(&mut self, epoch: usize, value: f64) -> Decision;
-}
-
-/// The reliance stopping rule: the metric's plateau (within [`StoppingRule::tolerance`] of its
-/// peak), a stop after [`StoppingRule::patience`] epochs below it, and the epoch to keep
-/// ([`Keep`]).
+/// The built-in stopping rule (see the [module docs](self)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EarlyStopping {
     rule: StoppingRule,
     state: StoppingState,
-    /// Label Wave's kept epoch before this epoch's changes were fed: restored if this epoch's
-    /// check turns out degenerate or unstable (never kept). Only between the two calls of one
-    /// epoch, so not part of the saved state.
-    wave_kept_before: Option<Option<usize>>,
 }
 
 impl EarlyStopping {
@@ -416,27 +681,12 @@ impl EarlyStopping {
         Self {
             rule,
             state: StoppingState::default(),
-            wave_kept_before: None,
         }
     }
 
     /// Continues from a saved state.
     pub fn with_state(rule: StoppingRule, state: StoppingState) -> Self {
-        Self {
-            rule,
-            state,
-            wave_kept_before: None,
-        }
-    }
-
-    /// A check of `epoch` that is never kept: Label Wave's kept epoch falls back to the one
-    /// before this epoch's changes.
-    fn not_kept(&mut self, epoch: usize) {
-        if let Some(before) = self.wave_kept_before.take() {
-            if self.state.wave_kept == Some(epoch) {
-                self.state.wave_kept = before;
-            }
-        }
+        Self { rule, state }
     }
 
     /// The state, for saving.
@@ -449,40 +699,16 @@ impl EarlyStopping {
         &self.rule
     }
 
-    /// The epoch kept so far: Label Wave's while [falling back](Fallback::LabelWave), the
-    /// reliance rule's otherwise.
+    /// The epoch kept so far: the most accurate candidate check.
     pub fn kept_epoch(&self) -> Option<usize> {
-        match self.state.wave_kept {
-            Some(e) if self.falling_back() => Some(e),
-            _ => self.state.kept.as_ref().map(|b| b.epoch),
-        }
+        self.state.kept.as_ref().map(|b| b.epoch)
     }
 
-    /// Whether Label Wave decides: the fallback is on, prediction changes were fed and the
-    /// metric has not risen above its first check.
-    pub fn falling_back(&self) -> bool {
-        self.rule.fallback == Fallback::LabelWave
-            && !self.state.rose
-            && !self.state.wave.changes.is_empty()
-    }
-
-    /// Whether a check of this unablated accuracy would be unstable: more than
-    /// [`StoppingRule::accuracy_drop`] below the most accurate check so far.
-    pub fn is_unstable(&self, accuracy: f64) -> bool {
-        self.state
-            .best_accuracy
-            .is_some_and(|best| accuracy < (1.0 - self.rule.accuracy_drop) * best)
-    }
-
-    /// Feeds the number of prediction changes since the previous epoch (or check) for
-    /// [`Fallback::LabelWave`]; call it before [`EarlyStopping::update_check`] of the same
-    /// epoch. Ignored without the fallback. A stop is only ever decided at a check.
-    pub fn update_changes(&mut self, epoch: usize, changes: f64) {
-        if self.state.stopped.is_some()
-            || self.rule.fallback != Fallback::LabelWave
-            || !changes.is_finite()
-        {
-            return;
+    /// Feeds prediction changes to Label Wave if they come from the source it follows (the
+    /// first source fed); returns whether the epoch ends a new lowest window.
+    fn feed(&mut self, epoch: usize, changes: f64, source: ChangeSource) -> bool {
+        if !changes.is_finite() || *self.state.source.get_or_insert(source) != source {
+            return false;
         }
         let mut wave = LabelWave::with_state(
             self.rule.label_wave.clone(),
@@ -490,172 +716,181 @@ impl EarlyStopping {
         );
         let before = wave.state().lowest;
         wave.update(epoch, changes);
-        self.wave_kept_before = Some(self.state.wave_kept);
-        if wave.state().lowest != before {
-            self.state.wave_kept = Some(epoch);
-        }
         self.state.wave = wave.state().clone();
-        self.state.last_epoch = Some(epoch);
+        self.state.wave.lowest != before
     }
 
-    /// Whether the last update chose its own epoch as the one to keep (the moment to snapshot
-    /// the weights).
-    pub fn kept_last(&self) -> bool {
-        self.state.stopped.is_none()
-            && self.state.last_epoch.is_some()
-            && self.kept_epoch() == self.state.last_epoch
-    }
-
-    /// Records a stop decided elsewhere (e.g. max epochs); later updates repeat it.
-    pub fn stop(&mut self, reason: StopReason) -> Decision {
-        // A check that stops at once (non-finite) is never kept.
-        if let Some(epoch) = self.state.last_epoch {
-            self.not_kept(epoch);
-        }
-        let reason = self.state.stopped.get_or_insert(reason).clone();
+    fn stop(&mut self, reason: StopReason) -> Decision {
+        self.state.stopped = Some(reason.clone());
         Decision::Stop { reason }
     }
 
-    /// Feeds a check whose network is degenerate (`what` says how): it is off the plateau and
-    /// never kept, whatever its metric; after `patience` epochs without a check on the plateau
-    /// the rule stops with [`StopReason::Collapsed`].
-    pub fn degenerate(&mut self, epoch: usize, what: &str) -> Decision {
+    fn warn(&mut self, w: Warning) {
+        let same = |a: &Warning| std::mem::discriminant(a) == std::mem::discriminant(&w);
+        if !self.state.warned.iter().any(same) {
+            self.state.warned.push(w.clone());
+            self.state.pending_warnings.push(w);
+        }
+    }
+
+    /// A healthy check: the plateau and the candidate (rows 5–6 of the table).
+    fn judge(&mut self, epoch: usize, check: &CheckSignals) {
+        let here = Best {
+            epoch,
+            metric: check.metric,
+            accuracy: check.accuracy,
+        };
+        if self
+            .state
+            .peak
+            .as_ref()
+            .is_none_or(|p| here.metric > p.metric)
+        {
+            self.state.peak = Some(here.clone());
+        }
+        let peak = self.state.peak.as_ref().expect("set above").metric;
+        let on_plateau = here.metric >= peak - self.rule.tolerance * peak.abs();
+        if on_plateau {
+            self.state.plateau_end = Some(epoch);
+        }
+        if on_plateau || self.state.wave.lowest.is_none() {
+            self.consider(here.clone());
+        }
+        // Kept for the window's centre: Label Wave finds a low `window / 2` epochs after it.
+        let h = self.rule.label_wave.window / 2;
+        self.state.recent.retain(|b| b.epoch + h >= epoch);
+        self.state.recent.push(here);
+        // The metric left its plateau `patience` epochs before Label Wave's newest low: the two
+        // disagree about when memorization starts.
+        if let (Some(end), Some((low, _))) = (self.state.plateau_end, self.state.wave.lowest) {
+            if low >= end + self.rule.label_wave.patience {
+                self.warn(Warning::RelianceUninformative {
+                    epoch,
+                    plateau_end: end,
+                    lowest_epoch: low,
+                });
+            }
+        }
+    }
+
+    /// A candidate: kept if at least as accurate as the kept one, the later among equals.
+    fn consider(&mut self, c: Best) {
+        let better = self.state.kept.as_ref().is_none_or(|k| {
+            c.accuracy > k.accuracy || (c.accuracy == k.accuracy && c.epoch >= k.epoch)
+        });
+        if better {
+            self.state.kept = Some(c);
+        }
+    }
+
+    /// Decides after one epoch; see the [module docs](self) and the table in
+    /// `docs/configuration.md`. An epoch not after the last one stepped is ignored (the last
+    /// decision is returned).
+    pub fn step(&mut self, obs: &Observation) -> Decision {
+        // Row 1: a stop is final.
         if let Some(reason) = &self.state.stopped {
             return Decision::Stop {
                 reason: reason.clone(),
             };
         }
-        self.not_kept(epoch);
-        self.state.checks += 1;
+        // Row 2: an epoch not after the last one is ignored.
+        let epoch = obs.epoch;
+        if self.state.last_epoch.is_some_and(|last| epoch <= last) {
+            return Decision::Continue;
+        }
         self.state.last_epoch = Some(epoch);
-        let since = *self.state.first_epoch.get_or_insert(epoch);
-        let since = self.state.last_near_peak.unwrap_or(since);
-        if epoch.saturating_sub(since) >= self.rule.patience {
-            return self.stop(StopReason::Collapsed {
-                epoch,
-                what: what.to_string(),
+        // Row 3: the training set's changes feed Label Wave.
+        let mut new_low = obs
+            .training_changes
+            .is_some_and(|n| self.feed(epoch, n, ChangeSource::Training));
+        if let Some(check) = &obs.check {
+            match &check.health {
+                // Row 4: a non-finite network stops at once; its epoch is never kept.
+                Health::NonFinite(what) => {
+                    return self.stop(StopReason::NonFinite {
+                        epoch,
+                        what: what.clone(),
+                    })
+                }
+                // Row 5: a degenerate check is never a candidate; a run of them as long as the
+                // patience stops.
+                Health::Degenerate(what) => {
+                    let since = *self.state.degenerate_since.get_or_insert(epoch);
+                    if epoch - since >= self.rule.label_wave.patience {
+                        return self.stop(StopReason::Collapsed {
+                            epoch,
+                            what: what.clone(),
+                            kept_epoch: self.kept_epoch(),
+                        });
+                    }
+                }
+                // Row 6: the probe data's changes feed Label Wave (when it follows them); the
+                // plateau and the candidates.
+                Health::Healthy => {
+                    self.state.degenerate_since = None;
+                    if let Some(n) = check.prediction_changes {
+                        new_low |= self.feed(epoch, n, ChangeSource::ProbeData);
+                    }
+                    self.judge(epoch, check);
+                }
+            }
+        }
+        // Row 6: a new lowest Label Wave window makes its centre a candidate, if that epoch
+        // had a healthy check.
+        if new_low {
+            let centre = self.state.wave.lowest.map(|(e, _)| e);
+            if let Some(c) = self.state.recent.iter().find(|b| Some(b.epoch) == centre) {
+                self.consider(c.clone());
+            }
+        }
+        // Row 7: Label Wave found no new low for its patience.
+        if let (Some(_), Some((lowest_epoch, lowest))) =
+            (&self.state.wave.stopped, self.state.wave.lowest)
+        {
+            let h = self.rule.label_wave.window / 2;
+            return self.stop(StopReason::PredictionChangesRose {
+                lowest_epoch,
+                lowest,
+                epochs_since: epoch.saturating_sub(lowest_epoch + h),
                 kept_epoch: self.kept_epoch(),
+                plateau_end: self.state.plateau_end,
             });
+        }
+        // Row 8: the budget is spent.
+        if obs.budget_end {
+            self.warn(Warning::NoRiseWithinBudget { epoch });
+            return self.stop(StopReason::MaxEpochs { epoch });
         }
         Decision::Continue
     }
 }
 
 impl EarlyStoppingStrategy for EarlyStopping {
-    fn update(&mut self, epoch: usize, metric: f64) -> Decision {
-        self.update_check(epoch, metric, None)
-    }
-}
-
-impl EarlyStopping {
-    /// Feeds a check's metric and the network's unablated accuracy on the probe data (what
-    /// [`Keep::MostAccurateNearPeak`] chooses by; a non-finite accuracy counts as unknown).
-    /// [`EarlyStoppingStrategy::update`] is this without the accuracy.
-    pub fn update_check(&mut self, epoch: usize, metric: f64, accuracy: Option<f64>) -> Decision {
-        let accuracy = accuracy.filter(|a| a.is_finite());
-        if let Some(reason) = &self.state.stopped {
-            return Decision::Stop {
-                reason: reason.clone(),
-            };
-        }
-        if !metric.is_finite() {
-            return self.stop(StopReason::NonFinite {
-                epoch,
-                what: format!("reliance metric ({metric})"),
-            });
-        }
-        let unstable = accuracy.is_some_and(|a| self.is_unstable(a));
-        if let Some(a) = accuracy {
-            self.state.best_accuracy = Some(self.state.best_accuracy.map_or(a, |b| b.max(a)));
-        }
-        if unstable {
-            // Off the plateau whatever its metric, which does not enter the smoothing either.
-            self.not_kept(epoch);
-            self.state.checks += 1;
-            self.state.last_epoch = Some(epoch);
-            return match self.state.peak.clone() {
-                Some(peak) => self.below_plateau(epoch, &peak),
-                None => Decision::Continue,
-            };
-        }
-        self.wave_kept_before = None;
-        let a = self.rule.smoothing;
-        let s = match self.state.smoothed {
-            Some(prev) => a * prev + (1.0 - a) * metric,
-            None => metric,
-        };
-        self.state.smoothed = Some(s);
-        self.state.checks += 1;
-        self.state.last_epoch = Some(epoch);
-        self.state.first_epoch.get_or_insert(epoch);
-        let here = Best {
-            epoch,
-            metric: s,
-            accuracy,
-        };
-        let new_peak = self.state.peak.as_ref().is_none_or(|b| s > b.metric);
-        // The first rise ends a fallback: from here the reliance rule keeps this check.
-        let first_rise = new_peak && self.state.peak.is_some() && !self.state.rose;
-        let was_falling_back = self.falling_back();
-        if new_peak {
-            self.state.rose |= self.state.peak.is_some();
-            self.state.peak = Some(here.clone());
-        }
-        let peak = self.state.peak.clone().expect("set above");
-        let floor = peak.metric - self.rule.tolerance * peak.metric.abs();
-        if s >= floor {
-            self.state.last_near_peak = Some(epoch);
-            let replace = match (self.rule.keep, &self.state.kept) {
-                _ if first_rise && was_falling_back => true,
-                (_, None) | (Keep::LastNearPeak, _) => true,
-                (Keep::Peak, _) => new_peak,
-                (Keep::MostAccurateNearPeak, Some(kept)) => {
-                    kept.metric < floor
-                        || match (accuracy, kept.accuracy) {
-                            (Some(a), Some(k)) => a >= k,
-                            // Without accuracies: the end of the plateau.
-                            _ => true,
-                        }
-                }
-            };
-            if replace {
-                self.state.kept = Some(here);
-            }
-            return Decision::Continue;
-        }
-        self.below_plateau(epoch, &peak)
+    fn step(&mut self, observation: &Observation) -> Decision {
+        EarlyStopping::step(self, observation)
     }
 
-    /// The decision at a check below the plateau (or unstable): stop once `patience` epochs
-    /// have passed since the last check on it — while falling back, only once Label Wave would
-    /// stop too.
-    fn below_plateau(&mut self, epoch: usize, peak: &Best) -> Decision {
-        let last_near = self.state.last_near_peak.unwrap_or(peak.epoch);
-        let below = epoch.saturating_sub(last_near);
-        if below >= self.rule.patience && self.falling_back() {
-            // Label Wave decides: stop once it would, keeping its epoch.
-            return match (&self.state.wave.stopped, self.state.wave.lowest) {
-                (Some(_), Some((lowest_epoch, lowest))) => {
-                    let kept_epoch = self.kept_epoch().unwrap_or(lowest_epoch);
-                    self.stop(StopReason::FellBackToLabelWave {
-                        lowest_epoch,
-                        lowest,
-                        kept_epoch,
-                        epochs_below: below,
-                    })
-                }
-                _ => Decision::Continue,
-            };
-        }
-        if below >= self.rule.patience {
-            let kept_epoch = self.kept_epoch().unwrap_or(peak.epoch);
-            return self.stop(StopReason::Declined {
-                peak_epoch: peak.epoch,
-                peak: peak.metric,
-                kept_epoch,
-                epochs_below: below,
-            });
-        }
-        Decision::Continue
+    fn kept_epoch(&self) -> Option<usize> {
+        EarlyStopping::kept_epoch(self)
+    }
+
+    fn take_warnings(&mut self) -> Vec<Warning> {
+        std::mem::take(&mut self.state.pending_warnings)
+    }
+
+    /// The window's centre: `label_wave.window / 2` epochs back.
+    fn lookback(&self) -> usize {
+        self.rule.label_wave.window / 2
+    }
+
+    fn save_state(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(&self.state).ok()
+    }
+
+    fn load_state(&mut self, state: serde_json::Value) -> candle_core::Result<()> {
+        self.state = serde_json::from_value(state).map_err(|e| {
+            candle_core::Error::Msg(format!("the stopping rule's saved state: {e}"))
+        })?;
+        Ok(())
     }
 }

@@ -12,6 +12,40 @@ pub const HIDDEN: usize = 16; // 8 units per class
 /// Active units per class at each epoch (index 0 = epoch 1): rises to 8 at epoch 4, holds, falls.
 pub const SCRIPT: [usize; 10] = [1, 2, 4, 8, 8, 4, 2, 1, 1, 1];
 
+/// The training loop's predictions per epoch (index 0 = epoch 1): the first `TRAINING[e − 1]`
+/// of the 64 samples are predicted class 1, the rest class 0. Changes from epoch 2 on: 32, 20,
+/// 12 (the lowest, epoch 4), 15, 18, 24, 27, 30, 31.
+pub const TRAINING: [usize; 10] = [0, 32, 12, 24, 9, 27, 3, 30, 0, 31];
+
+/// Reports epoch `epoch`'s training predictions to the monitor (`observe`) in batches of 20,
+/// only the samples of `rank` in a group of `world` (sample `i` belongs to rank `i % world`).
+pub fn observe(
+    monitor: &mut RelianceMonitor,
+    epoch: usize,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    let c = TRAINING[(epoch - 1).min(TRAINING.len() - 1)];
+    let idx: Vec<u32> = (0..64u32).filter(|&i| i as usize % world == rank).collect();
+    for batch in idx.chunks(20) {
+        let logits: Vec<f32> = batch
+            .iter()
+            .flat_map(|&i| {
+                if (i as usize) < c {
+                    [0.0, 1.0]
+                } else {
+                    [1.0, 0.0]
+                }
+            })
+            .collect();
+        monitor.observe(
+            batch,
+            &Tensor::from_vec(logits, (batch.len(), 2), &Device::Cpu)?,
+        )?;
+    }
+    Ok(())
+}
+
 pub struct Net {
     pub w1: Tensor,
     pub w2: Tensor,
@@ -91,7 +125,7 @@ pub fn config(dir: &Path, extra: &str) -> Result<RelianceConfig> {
     RelianceConfig::from_yaml_str(&format!(
         "schedule: {{check_every: 1, warmup_epochs: 1}}\n\
          ablation: {{fractions: 9, orders: 4, seed: 5}}\n\
-         stopping: {{metric: auc, tolerance: 0.0, patience: 2}}\n\
+         stopping: {{metric: auc, tolerance: 0.0, label_wave: {{window: 1, patience: 2}}}}\n\
          output: {{history_file: {h}, state_file: {s}}}\n{extra}",
         h = dir.join("hist.jsonl").display(),
         s = dir.join("state.json").display(),
@@ -117,7 +151,7 @@ pub fn values(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
     v
 }
 
-/// Runs epochs `from..=to` and returns the decisions.
+/// Runs epochs `from..=to`, reporting the training predictions, and returns the decisions.
 pub fn run(
     monitor: &mut RelianceMonitor,
     varmap: &VarMap,
@@ -125,9 +159,24 @@ pub fn run(
     from: usize,
     to: usize,
 ) -> Result<Vec<Decision>> {
+    run_rank(monitor, varmap, net, from, to, 0, 1)
+}
+
+/// [`run`] on rank `rank` of a `world`-rank group: the rank reports its share of the training
+/// predictions.
+pub fn run_rank(
+    monitor: &mut RelianceMonitor,
+    varmap: &VarMap,
+    net: &Net,
+    from: usize,
+    to: usize,
+    rank: usize,
+    world: usize,
+) -> Result<Vec<Decision>> {
     let mut out = vec![];
     for epoch in from..=to {
         train_epoch(varmap, epoch)?;
+        observe(monitor, epoch, rank, world)?;
         let d = monitor.on_epoch_end(epoch, net, varmap)?;
         let stop = d.is_stop();
         out.push(d);
