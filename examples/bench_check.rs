@@ -1,7 +1,8 @@
 //! Cost of one reliance check: incremental (probes fused with the layer they feed), batched
 //! (clamp, then every layer on the expanded batch) and one forward per level, against the matrix
 //! products the batched path runs; then a check of the monitor's default size against a training
-//! epoch, for the MNIST example's MLP and a small CNN. Prints one JSON line.
+//! epoch, for the MNIST example's MLP and a small CNN, and what reporting the training loop's
+//! predictions (`observe`) adds to the MLP's epoch. Prints one JSON line.
 //!
 //! MLP 784-256-256-10, 2000 samples, 17 fractions (i/16), 5 random orders, zero clamp.
 //! ```text
@@ -17,6 +18,7 @@ use candle_nn::Optimizer;
 use candle_nn::VarMap;
 use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp};
 use candle_reliance::measurement::auto_batch_rows;
+use candle_reliance::monitor::PredictionChanges;
 use candle_reliance::ops::level_clamp_for_tests;
 use candle_reliance::{Measurement, ProbeData, ProbeSet, ProbedLayer};
 use std::time::Instant;
@@ -238,11 +240,32 @@ fn check_per_epoch(reps: usize) -> Result<String> {
         };
         let mut rng = common::Rng::new(0);
         let reps = reps.clamp(1, 3);
+        // The MNIST MLP's epoch also with the training loop's predictions reported to the monitor
+        // (`RelianceMonitor::observe`: a `PredictionChanges` record per batch), alternating.
+        let mut observe_json = String::new();
         let epoch = if kind.starts_with("mlp") {
             let mut opt = common::adamw(varmap.all_vars(), 1e-3)?;
-            time(reps, || {
+            let plain = time(reps, || {
                 common::train_epoch(|x| model.forward(x), &mut opt, xs, ys, 64, &mut rng)
-            })?
+            })?;
+            if kind == "mlp" {
+                let mut changes = PredictionChanges::new(xs.dim(0)?);
+                let (mut with, mut without) = (vec![], vec![]);
+                for _ in 0..reps.max(3) {
+                    with.push(once(|| {
+                        train_epoch_observed(&*model, &mut opt, xs, ys, &mut rng, &mut changes)
+                    })?);
+                    without.push(once(|| {
+                        common::train_epoch(|x| model.forward(x), &mut opt, xs, ys, 64, &mut rng)
+                    })?);
+                }
+                let (with, without) = (median(with), median(without));
+                observe_json = format!(
+                    ",\"epoch_observed_s\":{with:.3},\"epoch_not_observed_s\":{without:.3},\"observe_over_epoch\":{:.4}",
+                    with / without - 1.0
+                );
+            }
+            plain
         } else {
             let mut opt = candle_nn::SGD::new(varmap.all_vars(), 0.05)?;
             time(reps, || {
@@ -273,7 +296,7 @@ fn check_per_epoch(reps: usize) -> Result<String> {
             "\"{kind}\":{{\"epoch_s\":{epoch:.3},\"check_incremental_s\":{inc:.4},\"check_batched_s\":{bat:.4},\
              \"check_rows_per_variant_s\":{own:.4},\"incremental_over_epoch\":{:.4},\"batched_over_epoch\":{:.4},\
              \"rows_per_variant_over_shared\":{:.3},\"importance_s\":{imp:.4},\
-             \"importance_rows_per_variant_s\":{imp_own:.4},\"importance_rows_per_variant_over_shared\":{:.3}}}",
+             \"importance_rows_per_variant_s\":{imp_own:.4},\"importance_rows_per_variant_over_shared\":{:.3}{observe_json}}}",
             inc / epoch,
             bat / epoch,
             own / inc,
@@ -328,6 +351,29 @@ impl Module for SmallCnn {
         }
         self.fc.forward(&h)
     }
+}
+
+/// `common::train_epoch` for the MNIST MLP with each batch's predictions recorded, as
+/// `RelianceMonitor::observe` records them; the epoch's changes are counted at its end.
+fn train_epoch_observed(
+    model: &dyn Module,
+    opt: &mut impl Optimizer,
+    xs: &Tensor,
+    ys: &Tensor,
+    rng: &mut common::Rng,
+    changes: &mut PredictionChanges,
+) -> Result<Option<usize>> {
+    let n = xs.dim(0)?;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    rng.shuffle(&mut order);
+    for b in order.chunks(64) {
+        let idx = Tensor::new(b, xs.device())?;
+        let logits = model.forward(&xs.index_select(&idx, 0)?)?;
+        changes.record(b, &logits)?;
+        let l = candle_nn::loss::cross_entropy(&logits, &ys.index_select(&idx, 0)?)?;
+        opt.backward_step(&l)?;
+    }
+    changes.end_epoch()
 }
 
 /// One default-size check of the MNIST MLP on `n` shipped digits (repeated from the training

@@ -10,7 +10,7 @@ use candle_reliance::{
         read_history, Decision, EarlyStoppingStrategy, LabelWaveRule, Metric, Observation,
         StoppingRule, Warning,
     },
-    MonitorState, ProbeSet, RelianceMonitor, StopReason,
+    MonitorState, RelianceMonitor, StopReason,
 };
 use common::scripted::*;
 use std::path::Path;
@@ -170,12 +170,7 @@ fn interrupted_and_resumed_runs_decide_identically() -> Result<()> {
         let mut got = run(&mut first, &varmap, &net, 1, cut)?;
         drop(first); // the process dies; only the files remain
 
-        let probes = ProbeSet::new();
-        let net = Net {
-            w1: net.w1.clone(),
-            w2: net.w2.clone(),
-            probe: probes.add("hidden")?,
-        };
+        let (net, probes) = rebuilt(&net)?;
         let state = RelianceMonitor::load_state(dir.path().join("state.json"))?;
         let mut resumed = RelianceMonitor::resume(cfg, probes, data, state)?;
         got.extend(run(&mut resumed, &varmap, &net, cut + 1, 10)?);
@@ -785,12 +780,7 @@ fn a_kept_epoch_moved_back_to_a_held_one_is_restored_bit_exact() -> Result<()> {
             );
             // Interrupted here and resumed: epoch 4's weights come from its held file.
             drop(monitor);
-            let probes = ProbeSet::new();
-            let net = Net {
-                w1: net.w1.clone(),
-                w2: net.w2.clone(),
-                probe: probes.add("hidden")?,
-            };
+            let (net, probes) = rebuilt(&net)?;
             let mut resumed =
                 RelianceMonitor::resume(cfg, probes, data, state)?.with_strategy(strategy())?;
             run(&mut resumed, &varmap, &net, 5, 5)?;

@@ -8,7 +8,8 @@
 //! explain, never by a stopping criterion.
 
 use crate::common::mean_sd;
-use anyhow::{bail, Context, Result};
+use crate::report::Run;
+use anyhow::{bail, Result};
 use candle_reliance::plot::{Plot, Series};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -27,27 +28,13 @@ pub struct DiagnoseArgs {
     quick: bool,
 }
 
-/// A full run's checks: per check epoch, every series the tables need.
-struct Run {
-    v: Value,
-}
-
+/// What the tables read of a run beyond the report's accessors.
 impl Run {
-    fn epochs(&self) -> &[Value] {
-        self.v["epochs"].as_array().map_or(&[], |a| a.as_slice())
-    }
-    fn set(&self) -> String {
-        format!(
-            "{}-{}",
-            self.v["data"].as_str().unwrap_or(""),
-            self.v["model"].as_str().unwrap_or("")
-        )
-    }
     fn label(&self) -> String {
         format!(
             "{}, {}, noise {}, seed {}",
             self.set(),
-            self.v["optim"].as_str().unwrap_or(""),
+            self.str("optim"),
             self.v["noise"],
             self.v["seed"]
         )
@@ -57,9 +44,6 @@ impl Run {
         (2..=self.epochs().len())
             .filter(|&e| self.epochs()[e - 1].get("check").is_some())
             .collect()
-    }
-    fn f(&self, epoch: usize, key: &str) -> f64 {
-        self.epochs()[epoch - 1][key].as_f64().unwrap_or(f64::NAN)
     }
     fn check(&self, epoch: usize) -> &Value {
         &self.epochs()[epoch - 1]["check"]
@@ -163,23 +147,12 @@ fn spearman(x: &[f64], y: &[f64]) -> f64 {
     num / den
 }
 
+/// The full runs with noise ≥ 0.2.
 fn load(paths: &[PathBuf], quick: bool) -> Result<Vec<Run>> {
-    let mut runs = vec![];
-    for p in paths {
-        let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("{} line {}", p.display(), i + 1))?;
-            let noisy = v["noise"].as_f64().unwrap_or(0.0) >= 0.2;
-            if v["kind"] == "full" && noisy && v["quick"].as_bool().unwrap_or(false) == quick {
-                runs.push(Run { v });
-            }
-        }
-    }
-    Ok(runs)
+    Ok(crate::report::load(paths, quick)?
+        .into_iter()
+        .filter(|r| r.str("kind") == "full" && r.v["noise"].as_f64().unwrap_or(0.0) >= 0.2)
+        .collect())
 }
 
 fn fmt(x: f64) -> String {

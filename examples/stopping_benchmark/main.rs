@@ -298,13 +298,18 @@ struct Cnn {
     probes: Vec<Probe>,
 }
 
+/// A 3×3 convolution's configuration that keeps the map's size.
+fn same_size() -> Conv2dConfig {
+    Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    }
+}
+
 impl Cnn {
     fn new(varmap: &VarMap, probes: &ProbeSet, seed: u64) -> Result<Self> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let cfg = same_size();
         let net = Self {
             c1: conv2d_no_bias(1, 8, 3, cfg, vb.pp("conv1"))?,
             bn1: batch_norm(8, BatchNormConfig::default(), vb.pp("bn1"))?,
@@ -347,10 +352,7 @@ struct PlainCnn {
 impl PlainCnn {
     fn new(varmap: &VarMap, probes: &ProbeSet, seed: u64) -> Result<Self> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let cfg = same_size();
         let net = Self {
             c1: conv2d(1, 16, 3, cfg, vb.pp("conv1"))?,
             c2: probes

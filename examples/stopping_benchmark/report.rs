@@ -46,24 +46,29 @@ struct Choice {
 }
 
 /// A recorded run.
-struct Run {
-    v: Value,
+pub struct Run {
+    pub v: Value,
 }
 
 impl Run {
-    fn epochs(&self) -> &[Value] {
+    pub fn epochs(&self) -> &[Value] {
         self.v["epochs"].as_array().map_or(&[], |a| a.as_slice())
     }
-    fn str(&self, k: &str) -> &str {
+    pub fn str(&self, k: &str) -> &str {
         self.v[k].as_str().unwrap_or("")
     }
-    fn f(&self, epoch: usize, k: &str) -> f64 {
+    /// Field `k` of epoch `epoch` (from 1).
+    pub fn f(&self, epoch: usize, k: &str) -> f64 {
         self.epochs()[epoch - 1][k].as_f64().unwrap_or(f64::NAN)
+    }
+    /// Data set and model: `mnist-mlp`.
+    pub fn set(&self) -> String {
+        format!("{}-{}", self.str("data"), self.str("model"))
     }
     /// Data set, model, optimizer and noise: the cell of the matrix.
     fn cell(&self) -> (String, String, String, String) {
         (
-            format!("{}-{}", self.str("data"), self.str("model")),
+            self.set(),
             self.str("optim").to_string(),
             format!("{}", self.v["noise"].as_f64().unwrap_or(f64::NAN)),
             self.str("kind").to_string(),
@@ -466,7 +471,8 @@ fn outcome(run: &Run, criterion: &str, choice: Choice, checks: bool) -> Outcome 
     }
 }
 
-fn load(paths: &[PathBuf], quick: bool) -> Result<Vec<Run>> {
+/// The runs of the results files, those of `run --quick` or the others.
+pub fn load(paths: &[PathBuf], quick: bool) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
     for p in paths {
         let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;

@@ -12,9 +12,11 @@
 //!   data's predictions at each check.
 //! - **Which epoch to keep: the reliance plateau and the probe data's accuracy.** A check is a
 //!   *candidate* while the reliance metric is on its plateau (within `tolerance` of its peak: the
-//!   network does not yet rely more on single directions than it did at its best), when it ends
-//!   the lowest Label Wave window so far, or while Label Wave has no low yet. The candidate whose
-//!   network is most accurate on the probe data (unablated) is kept and restored.
+//!   network does not yet rely more on single directions than it did at its best), when it is
+//!   the centre of a new lowest Label Wave window (found `window / 2` epochs later: the monitor
+//!   holds those epochs' weights), or while Label Wave has no low yet. The candidate whose
+//!   network is most accurate on the probe data (unablated) is kept and restored, the later
+//!   among equals.
 //!
 //! The precedence of every case is the table in `docs/configuration.md` ("The stopping rule,
 //! step by step"); `tests/stopping.rs` checks it row by row.
@@ -485,9 +487,10 @@ impl Decision {
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Warning {
-    /// The reliance metric left its plateau while prediction changes kept falling: on this
-    /// network the metric does not follow memorization (it falls while the network still
-    /// learns), so it stops marking candidates; the epoch is kept by Label Wave's lows and the
+    /// Label Wave's newest low lies at least `label_wave.patience` epochs after the reliance
+    /// plateau's last check: the metric left its plateau while prediction changes kept falling,
+    /// so on this network it does not follow memorization (it falls while the network still
+    /// learns) and no longer marks candidates; the epoch is kept by Label Wave's lows and the
     /// probe data's accuracy.
     RelianceUninformative {
         /// The epoch of the check.

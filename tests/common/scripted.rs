@@ -151,6 +151,17 @@ pub fn values(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// The same network (sharing its weights) with a fresh probe set, as a resumed process builds it.
+pub fn rebuilt(net: &Net) -> Result<(Net, ProbeSet)> {
+    let probes = ProbeSet::new();
+    let net = Net {
+        w1: net.w1.clone(),
+        w2: net.w2.clone(),
+        probe: probes.add("hidden")?,
+    };
+    Ok((net, probes))
+}
+
 /// Runs epochs `from..=to`, reporting the training predictions, and returns the decisions.
 pub fn run(
     monitor: &mut RelianceMonitor,
