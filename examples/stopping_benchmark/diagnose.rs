@@ -313,11 +313,64 @@ pub fn diagnose(args: DiagnoseArgs) -> Result<()> {
     println!();
     summary.insert("groups".into(), Value::Object(groups_json));
 
+    // 2b. The shape of the agreement curve: where along the fractions it moves.
+    println!("## Where along the curve the agreement moves\n");
+    println!(
+        "The default check's agreement curve (mean over its orders) with an eighth, a quarter, \
+         half and three quarters of the units ablated, at the first check, the epoch of best test accuracy and \
+         the last epoch. Mean over runs.\n"
+    );
+    println!("| set | optimizer | epoch | 1/8 | 1/4 | 1/2 | 3/4 |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut shape_json = serde_json::Map::new();
+    for (set, rs) in &by_set {
+        let mut optims: Vec<String> = rs.iter().map(|r| r.str("optim").to_string()).collect();
+        optims.sort();
+        optims.dedup();
+        for optim in &optims {
+            let sel: Vec<&&Run> = rs.iter().filter(|r| r.str("optim") == optim).collect();
+            for which in ["first check", "best", "last"] {
+                let mut at: [Vec<f64>; 4] = Default::default();
+                for r in &sel {
+                    let e = match which {
+                        "first check" => r.check_epochs()[0],
+                        "best" => r.best_epoch().max(2),
+                        _ => r.epochs().len(),
+                    };
+                    let curve: Vec<f64> = r.check(e)["agreement"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                        .unwrap_or_default();
+                    // The default fractions are i/16.
+                    if curve.len() == 17 {
+                        for (k, i) in [2, 4, 8, 12].into_iter().enumerate() {
+                            at[k].push(curve[i]);
+                        }
+                    }
+                }
+                if at[0].is_empty() {
+                    continue;
+                }
+                let m: Vec<f64> = at.iter().map(|v| mean_sd(v).0).collect();
+                println!(
+                    "| {set} | {optim} | {which} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    m[0], m[1], m[2], m[3]
+                );
+                shape_json.insert(
+                    format!("{set}/{optim}/{which}"),
+                    json!({"1/8": m[0], "1/4": m[1], "1/2": m[2], "3/4": m[3], "runs": at[0].len()}),
+                );
+            }
+        }
+    }
+    println!();
+    summary.insert("curve_shape".into(), Value::Object(shape_json));
+
     // 3. Where the metric peaks, where memorization starts, where the test accuracy is best.
     println!("## Where the metric peaks\n");
     println!(
         "Per run: the epoch of the agreement AUC's highest check, the first epoch whose \
-         `fit_corrupted` exceeds twice its lowest value so far and 0.05 (memorization under way, \
+         `fit_corrupted` exceeds its lowest value so far by 0.02 (memorization under way, \
          oracle), and the epoch of best test accuracy. Mean over runs; in parentheses, the runs \
          whose highest check is their first.\n"
     );
@@ -339,16 +392,7 @@ pub fn diagnose(args: DiagnoseArgs) -> Result<()> {
                         .then(b.cmp(&a))
                 })
                 .unwrap_or(2);
-            let mut low = f64::INFINITY;
-            let mut onset = f64::NAN;
-            for e in 1..=r.epochs().len() {
-                let f = r.f(e, "fit_corrupted");
-                low = low.min(f);
-                if f > 0.05 && f > 2.0 * low {
-                    onset = e as f64;
-                    break;
-                }
-            }
+            let onset = crate::report::memorization_onset(r).map_or(f64::NAN, |e| e as f64);
             per_optim
                 .entry(r.v["optim"].as_str().unwrap_or("").to_string())
                 .or_default()

@@ -128,15 +128,33 @@ enum Plateau {
     Off,
 }
 
+/// What a criterion decided on a run; for the monitor, also its warnings and the last check on
+/// its reliance plateau.
+struct Decided {
+    choice: Choice,
+    warnings: Vec<Warning>,
+    plateau_end: Option<usize>,
+}
+
+impl From<Choice> for Decided {
+    fn from(choice: Choice) -> Self {
+        Self {
+            choice,
+            warnings: vec![],
+            plateau_end: None,
+        }
+    }
+}
+
 /// The monitor's decisions on a run, replayed epoch by epoch as `RelianceMonitor::on_epoch_end`
 /// makes them (the configuration's schedule and stopping rule, the run's budget as
-/// `max_epochs`); the kept epoch is what `finish` restores. Also returns the warnings raised.
+/// `max_epochs`); the kept epoch is what `finish` restores.
 fn replay_monitor(
     run: &Run,
     config: &RelianceConfig,
     changes: Changes,
     plateau: Plateau,
-) -> Result<(Choice, Vec<Warning>)> {
+) -> Result<Decided> {
     let orders = match config.ablation.order {
         AblationOrder::Random { orders, .. } => orders,
         _ => bail!("the replay needs random orders"),
@@ -176,22 +194,55 @@ fn replay_monitor(
         let decision = rule.step(&obs);
         warnings.extend(EarlyStoppingStrategy::take_warnings(&mut rule));
         if decision.is_stop() {
-            return Ok((
-                Choice {
+            return Ok(Decided {
+                choice: Choice {
                     stop: epoch,
                     kept: rule.kept_epoch().unwrap_or(epoch),
                 },
                 warnings,
-            ));
+                plateau_end: rule.state().plateau_end,
+            });
         }
     }
-    Ok((
-        Choice {
+    Ok(Decided {
+        choice: Choice {
             stop: last,
             kept: rule.kept_epoch().unwrap_or(last),
         },
         warnings,
-    ))
+        plateau_end: rule.state().plateau_end,
+    })
+}
+
+/// The first epoch whose share of fitted corrupted labels (an oracle: it needs to know which
+/// labels were corrupted) exceeds its lowest value so far by 0.02: memorization under way.
+/// `None` when that never happens within the run.
+pub fn memorization_onset(run: &Run) -> Option<usize> {
+    let mut low = f64::INFINITY;
+    (1..=run.epochs().len()).find(|&e| {
+        let f = run.f(e, "fit_corrupted");
+        low = low.min(f);
+        f > low + 0.02
+    })
+}
+
+/// Whether the reliance plateau misled on a run, by the oracle: the metric had left its plateau
+/// by the stop, at least `patience` epochs before memorization began (or before the stop, where
+/// memorization never began within the run). A plateau that lasts to the stop claimed nothing.
+fn plateau_misled(
+    run: &Run,
+    plateau_end: Option<usize>,
+    stop: usize,
+    patience: usize,
+) -> Option<bool> {
+    let end = plateau_end?;
+    if end >= stop {
+        return Some(false);
+    }
+    Some(match memorization_onset(run) {
+        Some(onset) => onset >= end + patience,
+        None => end + patience <= stop,
+    })
 }
 
 /// The prediction changes the monitor counts on its subset at `epoch`'s check, against its
@@ -362,8 +413,8 @@ fn argbest(run: &Run, key: &str, higher: bool) -> Choice {
     Choice { stop: last, kept }
 }
 
-/// What a criterion decides on a run, with the warnings the monitor raised (reliance criteria).
-type Decide = Box<dyn Fn(&Run) -> Result<(Choice, Vec<Warning>)>>;
+/// What a criterion decides on a run.
+type Decide = Box<dyn Fn(&Run) -> Result<Decided>>;
 type Criterion = (String, Decide);
 
 /// The name of the monitor at its defaults with the fourth line (`observe`): the row the
@@ -374,7 +425,7 @@ pub const DEFAULT: &str = "reliance monitor (default, observe)";
 fn criteria() -> Vec<Criterion> {
     let default = RelianceConfig::default();
     let first_check = default.schedule.warmup_epochs.max(1);
-    let plain = |f: fn(&Run) -> Choice| -> Decide { Box::new(move |r: &Run| Ok((f(r), vec![]))) };
+    let plain = |f: fn(&Run) -> Choice| -> Decide { Box::new(move |r: &Run| Ok(f(r).into())) };
     let monitor = |changes, plateau| -> Decide {
         let config = RelianceConfig::default();
         Box::new(move |r: &Run| replay_monitor(r, &config, changes, plateau))
@@ -394,7 +445,7 @@ fn criteria() -> Vec<Criterion> {
         ),
         (
             "reliance monitor 0.1 (previous default)".into(),
-            Box::new(|r: &Run| Ok((replay_v01(r)?, vec![]))),
+            Box::new(|r: &Run| Ok(replay_v01(r)?.into())),
         ),
         (
             "Label Wave".into(),
@@ -408,7 +459,7 @@ fn criteria() -> Vec<Criterion> {
             format!("first check (epoch {first_check})"),
             Box::new(move |r: &Run| {
                 let e = first_check.min(r.epochs().len());
-                Ok((Choice { stop: e, kept: e }, vec![]))
+                Ok(Choice { stop: e, kept: e }.into())
             }),
         ),
         (
@@ -447,6 +498,9 @@ struct Outcome {
     check_share: Option<f64>,
     /// What the monitor warned about (reliance criteria).
     warnings: Vec<Warning>,
+    /// Whether, by the memorization oracle, the reliance plateau misled on the run (see
+    /// [`plateau_misled`]; the monitor's criteria only).
+    plateau_misled: Option<bool>,
 }
 
 fn outcome(run: &Run, criterion: &str, choice: Choice, checks: bool) -> Outcome {
@@ -468,6 +522,7 @@ fn outcome(run: &Run, criterion: &str, choice: Choice, checks: bool) -> Outcome 
         test_loss: run.f(choice.kept, "test_loss"),
         check_share,
         warnings: vec![],
+        plateau_misled: None,
     }
 }
 
@@ -504,11 +559,12 @@ fn outcomes(runs: &[Run]) -> Result<BTreeMap<String, (usize, Vec<Outcome>)>> {
             "full" => {
                 let entry = out.entry(key(r)).or_insert((i, vec![]));
                 entry.0 = i;
+                let patience = RelianceConfig::default().stopping.label_wave.patience;
                 for (name, f) in &crits {
-                    let (c, warnings) =
-                        f(r).with_context(|| format!("{} on {}", name, r.str("id")))?;
-                    let mut o = outcome(r, name, c, name.starts_with("reliance"));
-                    o.warnings = warnings;
+                    let d = f(r).with_context(|| format!("{} on {}", name, r.str("id")))?;
+                    let mut o = outcome(r, name, d.choice, name.starts_with("reliance"));
+                    o.warnings = d.warnings;
+                    o.plateau_misled = plateau_misled(r, d.plateau_end, d.choice.stop, patience);
                     entry.1.push(o);
                 }
             }
@@ -539,7 +595,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
                 "run": id, "seed": seed, "criterion": o.criterion,
                 "stop_epoch": o.choice.stop, "kept_epoch": o.choice.kept,
                 "test_acc": o.test_acc, "test_loss": o.test_loss, "check_share": o.check_share,
-                "warnings": o.warnings,
+                "warnings": o.warnings, "plateau_misled": o.plateau_misled,
             }))?);
             lines.push('\n');
         }
@@ -723,6 +779,9 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
         // oracle the runs with and without it kept their epoch.
         let mut warn_rows = vec![];
         let mut json_warn = serde_json::Map::new();
+        // Over the noisy cells: the warning against the oracle's verdict on the plateau
+        // ([warned & misled, warned & not, not warned & misled, neither]).
+        let mut confusion = [0usize; 4];
         for k in &keys {
             let cell = &cells[*k];
             let (Some(ours), Some(oracle)) =
@@ -732,6 +791,22 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
             };
             let mut row = format!("| {}, noise {} |", k.0, k.1);
             let mut cell_json = serde_json::Map::new();
+            let misled = ours
+                .iter()
+                .filter(|o| o.plateau_misled == Some(true))
+                .count();
+            row.push_str(&format!(" {misled}/{} |", ours.len()));
+            cell_json.insert("plateau_misled".into(), json!(misled));
+            if k.1.parse::<f64>().unwrap_or(0.0) >= 0.2 {
+                for o in ours {
+                    let warned = o
+                        .warnings
+                        .iter()
+                        .any(|w| matches!(w, Warning::RelianceUninformative { .. }));
+                    let misled = o.plateau_misled == Some(true);
+                    confusion[usize::from(!warned) * 2 + usize::from(!misled)] += 1;
+                }
+            }
             for kind in ["reliance_uninformative", "no_rise_within_budget"] {
                 let (mut with, mut without) = (vec![], vec![]);
                 for (o, best) in ours.iter().zip(oracle) {
@@ -773,13 +848,25 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
             json_warn.insert(format!("{}/noise{}", k.0, k.1), Value::Object(cell_json));
         }
         if !warn_rows.is_empty() {
-            println!("Warnings of the {DEFAULT}: runs warned / runs (mean gap to the accuracy oracle of the warned vs the other runs, points):\n");
-            println!("| cell | reliance uninformative | no rise within the budget |");
-            println!("|---|---|---|");
+            println!("Warnings of the {DEFAULT}: runs warned / runs (mean gap to the accuracy oracle of the warned vs the other runs, points); and the runs where, by the memorization oracle, the reliance plateau misled (by the stop the metric had left it, a Label Wave patience or more before memorization began — the share of corrupted labels fitted 0.02 above its low — or before the stop where memorization had not begun):\n");
+            println!("| cell | plateau misled (oracle) | reliance uninformative | no rise within the budget |");
+            println!("|---|---|---|---|");
             for r in &warn_rows {
                 println!("{r}");
             }
             println!();
+            println!(
+                "Noise ≥ 0.2: `reliance_uninformative` raised in {} of the {} runs where the plateau misled and in {} of the {} where it did not.\n",
+                confusion[0],
+                confusion[0] + confusion[2],
+                confusion[1],
+                confusion[1] + confusion[3]
+            );
+            json_warn.insert(
+                "confusion_noise_ge_0.2".into(),
+                json!({"warned_misled": confusion[0], "warned_not_misled": confusion[1],
+                       "not_warned_misled": confusion[2], "not_warned_not_misled": confusion[3]}),
+            );
         }
         json_rows.insert("warnings".into(), Value::Object(json_warn));
         json_sets.insert(set.clone(), Value::Object(json_rows));
