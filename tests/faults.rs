@@ -219,15 +219,26 @@ fn sizes_beyond_what_a_check_needs_are_refused_fast() {
     RelianceConfig::from_yaml_str("ablation:\n  fractions: 1025\n  orders: 97\n").unwrap();
 }
 
-/// The configuration of the crash test: every file on, the kept weights on disk.
-fn crash_config(dir: &std::path::Path) -> Result<RelianceConfig> {
-    config(
+/// The configuration of the crash test: every file on, the kept weights on disk, Label Wave's
+/// `window` (3: the weights of the last check are held as a snapshot file too).
+fn crash_config(dir: &std::path::Path, window: usize) -> Result<RelianceConfig> {
+    let mut c = config(
         dir,
         &format!(
             "restore_best: {{mode: disk, path: {}}}\n",
             dir.join("best.safetensors").display()
         ),
-    )
+    )?;
+    c.stopping.label_wave.window = window;
+    Ok(c)
+}
+
+/// The crash test's Label Wave window, passed to its child process.
+fn crash_window() -> usize {
+    std::env::var("CANDLE_RELIANCE_CRASH_WINDOW")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Trains the scripted run from `from` to its stop or epoch 10; returns the stop epoch.
@@ -256,7 +267,7 @@ fn crash_child() -> Result<()> {
     };
     let dir = std::path::PathBuf::from(dir);
     let (varmap, net, probes, data) = setup()?;
-    let mut monitor = RelianceMonitor::new(crash_config(&dir)?, probes, data)?;
+    let mut monitor = RelianceMonitor::new(crash_config(&dir, crash_window())?, probes, data)?;
     train_on(&mut monitor, &varmap, &net, 1)?;
     monitor.finish(&varmap)?;
     Ok(())
@@ -268,10 +279,17 @@ fn crash_child() -> Result<()> {
     ignore = "the library's fault points exist in debug builds only (plain `cargo test`)"
 )]
 fn a_crash_at_any_write_leaves_files_a_resume_continues_from() -> Result<()> {
+    for window in [1, 3] {
+        crash_at_every_write(window)?;
+    }
+    Ok(())
+}
+
+fn crash_at_every_write(window: usize) -> Result<()> {
     // The uninterrupted run.
     let dir = tempfile::tempdir().unwrap();
     let (varmap, net, probes, data) = setup()?;
-    let mut monitor = RelianceMonitor::new(crash_config(dir.path())?, probes, data)?;
+    let mut monitor = RelianceMonitor::new(crash_config(dir.path(), window)?, probes, data)?;
     let want_stop = train_on(&mut monitor, &varmap, &net, 1)?;
     let want_kept = monitor.finish(&varmap)?;
     let want_history: Vec<(usize, bool)> = read_history(dir.path().join("hist.jsonl"))?
@@ -287,6 +305,7 @@ fn a_crash_at_any_write_leaves_files_a_resume_continues_from() -> Result<()> {
         let status = std::process::Command::new(&exe)
             .args(["crash_child", "--exact", "--test-threads=1", "--quiet"])
             .env("CANDLE_RELIANCE_CRASH_DIR", dir.path())
+            .env("CANDLE_RELIANCE_CRASH_WINDOW", window.to_string())
             .env("CANDLE_RELIANCE_ABORT_AT_WRITE", k.to_string())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -298,7 +317,7 @@ fn a_crash_at_any_write_leaves_files_a_resume_continues_from() -> Result<()> {
         crashes += 1;
         // Resume from what the crash left: the state when there is one, else a fresh start.
         let (varmap, net, probes, data) = setup()?;
-        let cfg = crash_config(dir.path())?;
+        let cfg = crash_config(dir.path(), window)?;
         let state_file = dir.path().join("state.json");
         let mut stopped_at = None;
         let (mut monitor, from) = if state_file.exists() {
@@ -308,15 +327,24 @@ fn a_crash_at_any_write_leaves_files_a_resume_continues_from() -> Result<()> {
             if state.stopped.is_some() {
                 stopped_at = state.last_epoch; // the stop was committed before the crash
             }
-            // The kept epoch's weights are in the snapshot the state names.
-            if let Some(kept) = state.kept_epoch {
+            // The kept epoch's weights are in the snapshot the state names (or, once `finish`
+            // began, at the configured path); so are the held epochs' until the run stopped.
+            let held = if state.stopped.is_some() {
+                &[][..]
+            } else {
+                &state.held_epochs[..]
+            };
+            for e in state.kept_epoch.iter().chain(held) {
+                let named = dir.path().join(format!("best.safetensors.epoch{e}"));
+                let finished = Some(*e) == state.kept_epoch
+                    && state.stopped.is_some()
+                    && dir.path().join("best.safetensors").exists();
                 assert!(
-                    dir.path()
-                        .join(format!("best.safetensors.epoch{kept}"))
-                        .exists(),
-                    "crash at write {k}: no snapshot of the kept epoch {kept}"
+                    named.exists() || finished,
+                    "window {window}, crash at write {k}: no snapshot of epoch {e}"
                 );
             }
+            assert_eq!(state.held_epochs.is_empty(), window == 1 || from == 1);
             let m = RelianceMonitor::resume(cfg, probes, data, state)
                 .unwrap_or_else(|e| panic!("crash at write {k}: cannot resume: {e}"));
             (m, from)
@@ -326,17 +354,21 @@ fn a_crash_at_any_write_leaves_files_a_resume_continues_from() -> Result<()> {
         let stop = train_on(&mut monitor, &varmap, &net, from)?;
         let stop = stopped_at.unwrap_or(stop);
         let kept = monitor.finish(&varmap)?;
-        assert_eq!((stop, kept), (want_stop, want_kept), "crash at write {k}");
+        assert_eq!(
+            (stop, kept),
+            (want_stop, want_kept),
+            "window {window}, crash at write {k}"
+        );
         let history: Vec<(usize, bool)> = read_history(dir.path().join("hist.jsonl"))?
             .iter()
             .map(|r| (r.epoch, r.kept))
             .collect();
-        assert_eq!(history, want_history, "crash at write {k}");
+        assert_eq!(history, want_history, "window {window}, crash at write {k}");
         let kept = kept.expect("the scripted run keeps an epoch");
         assert_eq!(
             values(&varmap)[1].1,
             weights(kept)?.1.flatten_all()?.to_vec1::<f32>()?,
-            "crash at write {k}: the kept epoch's weights"
+            "window {window}, crash at write {k}: the kept epoch's weights"
         );
         // Nothing half-written or stale is left: no temporary files, no other snapshots (a
         // fresh start, with no state to trust, moves an earlier run's files aside as `.bak`).
@@ -348,11 +380,11 @@ fn a_crash_at_any_write_leaves_files_a_resume_continues_from() -> Result<()> {
             names
                 .iter()
                 .all(|n| !n.ends_with(".tmp") && (!n.contains(".epoch") || n.ends_with(".bak"))),
-            "crash at write {k}: left {names:?}"
+            "window {window}, crash at write {k}: left {names:?}"
         );
     }
     assert!(crashes >= 10, "only {crashes} writes were crashed at");
-    eprintln!("crashed and resumed at each of {crashes} writes");
+    eprintln!("window {window}: crashed and resumed at each of {crashes} writes");
     Ok(())
 }
 

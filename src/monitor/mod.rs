@@ -284,6 +284,11 @@ impl RelianceMonitor {
         if let Some(path) = &config.output.state_file {
             files::remove_tmp(path)?;
         }
+        // After a stop no held epoch can become the kept one: `finish` may have removed them.
+        let mut state = state;
+        if state.stopped.is_some() {
+            state.held_epochs.clear();
+        }
         if let Some(path) = disk_snapshot(&config) {
             for &epoch in state.kept_epoch.iter().chain(&state.held_epochs) {
                 let file = files::snapshot_path(path, epoch);
