@@ -593,3 +593,41 @@ fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
     }
     Ok(())
 }
+
+/// Ranks that disagree about the training predictions they report fail together, each with the
+/// same error, rather than hanging or deciding apart: a rank that reports none in an epoch, and
+/// a sample reported by two ranks.
+#[test]
+fn ranks_that_report_predictions_apart_all_fail() -> Result<()> {
+    use common::scripted::*;
+    for case in ["one rank silent", "a sample on two ranks"] {
+        let dir = tempfile::tempdir().unwrap();
+        let results: Vec<String> = each_rank(2, |rank| {
+            let r = rank.rank();
+            let (varmap, net, probes, data) = setup()?;
+            let mut monitor =
+                RelianceMonitor::new_ranked(config(dir.path(), "")?, probes, data, Arc::new(rank))?;
+            train_epoch(&varmap, 1)?;
+            observe(&mut monitor, 1, r, 2)?;
+            monitor.on_epoch_end(1, &net, &varmap)?;
+            train_epoch(&varmap, 2)?;
+            match case {
+                "one rank silent" if r == 1 => {}
+                "a sample on two ranks" => observe(&mut monitor, 2, 0, 1)?, // every sample
+                _ => observe(&mut monitor, 2, r, 2)?,
+            }
+            Ok(match monitor.on_epoch_end(2, &net, &varmap) {
+                Ok(d) => format!("decided {d:?}"),
+                Err(e) => e.to_string(),
+            })
+        })?;
+        let want = match case {
+            "one rank silent" => "1 of 2 ranks reported predictions in epoch 2",
+            _ => "was reported by 2 ranks in epoch 2",
+        };
+        for (rank, r) in results.iter().enumerate() {
+            assert!(r.contains(want), "{case}, rank {rank}: {r}");
+        }
+    }
+    Ok(())
+}

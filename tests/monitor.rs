@@ -821,3 +821,31 @@ fn a_kept_epoch_moved_back_to_a_held_one_is_restored_bit_exact() -> Result<()> {
     }
     Ok(())
 }
+
+/// A state whose held epochs name snapshot files that are gone is refused at resume, naming the
+/// file: the rule could still choose one of them.
+#[test]
+fn a_held_epoch_without_its_file_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let best = dir.path().join("best.safetensors");
+    let extra = format!("restore_best: {{mode: disk, path: {}}}\n", best.display());
+    let mut cfg = config(dir.path(), &extra)?;
+    cfg.stopping.label_wave.window = 3;
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(cfg.clone(), probes, data.clone())?;
+    run(&mut monitor, &varmap, &net, 1, 3)?;
+    drop(monitor);
+    let state = RelianceMonitor::load_state(dir.path().join("state.json"))?;
+    assert_eq!(state.held_epochs, [3]);
+    std::fs::remove_file(dir.path().join("best.safetensors.epoch3")).unwrap();
+    let (_, probes) = rebuilt(&net)?;
+    let e = RelianceMonitor::resume(cfg, probes, data, state)
+        .err()
+        .expect("a held file gone")
+        .to_string();
+    assert!(
+        e.contains("best.safetensors.epoch3") && e.contains("missing"),
+        "{e}"
+    );
+    Ok(())
+}
