@@ -243,6 +243,15 @@ fn rows() -> Vec<Row> {
         },
         Row {
             row: 6,
+            name:
+                "the plateau's floor belongs to it: with tolerance 0 a tie with the peak is on it",
+            // A low at epoch 1 only; epoch 2 ties the peak and is more accurate.
+            rule: rule(0.0, 1, 10),
+            epochs: vec![check(0.5, 0.5).t(10.0), check(0.5, 0.9).t(20.0)],
+            want: vec![(None, Some(1)), (None, Some(2))],
+        },
+        Row {
+            row: 6,
             name: "below the plateau a new Label Wave low makes a candidate",
             // Falling metric; training lows at 1 (100), 3 (90), 4 (80). Epoch 4 is less
             // accurate than 3.
