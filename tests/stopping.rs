@@ -568,3 +568,74 @@ fn bad_rules_are_refused_naming_the_key() {
     }
     assert!(StoppingRule::default().validate().is_ok());
 }
+
+#[test]
+fn an_accuracy_that_falls_by_more_than_the_swing_warns_once() {
+    // Consecutive checks' accuracies on the probe data: 0.80 → 0.75 falls 6.25% and 0.75 →
+    // 0.70 falls 6.7% (under 8%, though 12.5% below 0.80: only consecutive checks count);
+    // 0.70 → 0.64 falls 8.6%: the warning, naming both checks; 0.64 → 0.50 falls again,
+    // but a warning is raised once per run.
+    assert_eq!(candle_reliance::monitor::ACCURACY_SWING, 0.08);
+    let mut es = EarlyStopping::new(rule(0.1, 1, 5));
+    let (got, warnings) = run(
+        &mut es,
+        1,
+        &[
+            check(0.5, 0.80),
+            check(0.5, 0.75),
+            check(0.5, 0.70),
+            check(0.5, 0.64),
+            check(0.5, 0.50),
+        ],
+    );
+    assert!(got.iter().all(|(d, _)| *d == Decision::Continue));
+    assert_eq!(
+        warnings,
+        [Warning::AccuracyUnstable {
+            epoch: 4,
+            accuracy: 0.64,
+            previous_epoch: 3,
+            previous_accuracy: 0.70,
+        }]
+    );
+    let text = warnings[0].to_string();
+    assert!(
+        text.contains("fell from 0.700 (epoch 3) to 0.640") && text.contains("more than 8%"),
+        "{text}"
+    );
+    // An epoch without a check is skipped over, and a degenerate check's accuracy counts: the
+    // fall from epoch 1 to the degenerate epoch 3 (0.9 → 0.8, 11%) warns.
+    let mut es = EarlyStopping::new(rule(0.1, 1, 5));
+    let mut obs = Observation::new(1).with_check(check(0.5, 0.9).check.unwrap());
+    es.step(&obs);
+    es.step(&Observation::new(2));
+    obs = Observation::new(3).with_check(
+        check(0.5, 0.8)
+            .health(Health::Degenerate("one class".into()))
+            .check
+            .unwrap(),
+    );
+    es.step(&obs);
+    assert_eq!(
+        EarlyStoppingStrategy::take_warnings(&mut es),
+        [Warning::AccuracyUnstable {
+            epoch: 3,
+            accuracy: 0.8,
+            previous_epoch: 1,
+            previous_accuracy: 0.9,
+        }]
+    );
+    // A steady or rising accuracy never warns.
+    let mut es = EarlyStopping::new(rule(0.1, 1, 5));
+    let (_, warnings) = run(
+        &mut es,
+        1,
+        &[
+            check(0.5, 0.5),
+            check(0.5, 0.6),
+            check(0.5, 0.6),
+            check(0.5, 0.7),
+        ],
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+}

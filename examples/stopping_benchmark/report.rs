@@ -748,6 +748,9 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
                 .map(|v| mean_sd(&v.iter().map(|o| o.test_acc).collect::<Vec<_>>()).0)
         };
         let mut verdicts = vec![];
+        // Noisy cells where the default kept a worse epoch than validation stopping or Label
+        // Wave, for the warnings' tally below.
+        let mut failing = std::collections::BTreeSet::new();
         for k in &keys {
             if k.1.parse::<f64>().unwrap_or(0.0) < 0.2 {
                 continue;
@@ -757,6 +760,9 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
             let val = mean_acc(cell, "validation loss, 20% held out");
             let lw = mean_acc(cell, "Label Wave");
             if let (Some(a), Some(b), Some(c)) = (ours, val, lw) {
+                if a < b || a < c {
+                    failing.insert(*k);
+                }
                 verdicts.push(format!(
                     "{}, noise {}: {} validation (20%) by {:+.2}, {} Label Wave by {:+.2}",
                     k.0,
@@ -782,6 +788,8 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
         // Over the noisy cells: the warning against the oracle's verdict on the plateau
         // ([warned & misled, warned & not, not warned & misled, neither]).
         let mut confusion = [0usize; 4];
+        // Any warning, in the failing cells against the others: [runs, warned] each.
+        let mut tally = [[0usize; 3]; 2];
         for k in &keys {
             let cell = &cells[*k];
             let (Some(ours), Some(oracle)) =
@@ -797,6 +805,21 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
                 .count();
             row.push_str(&format!(" {misled}/{} |", ours.len()));
             cell_json.insert("plateau_misled".into(), json!(misled));
+            if k.1.parse::<f64>().unwrap_or(0.0) >= 0.2
+                && cell.contains_key("validation loss, 20% held out")
+            {
+                let t = &mut tally[usize::from(failing.contains(k))];
+                t[0] += ours.len();
+                t[1] += ours
+                    .iter()
+                    .filter(|o| {
+                        o.warnings
+                            .iter()
+                            .any(|w| matches!(w, Warning::AccuracyUnstable { .. }))
+                    })
+                    .count();
+                t[2] += ours.iter().filter(|o| !o.warnings.is_empty()).count();
+            }
             if k.1.parse::<f64>().unwrap_or(0.0) >= 0.2 {
                 for o in ours {
                     let warned = o
@@ -807,7 +830,11 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
                     confusion[usize::from(!warned) * 2 + usize::from(!misled)] += 1;
                 }
             }
-            for kind in ["reliance_uninformative", "no_rise_within_budget"] {
+            for kind in [
+                "reliance_uninformative",
+                "accuracy_unstable",
+                "no_rise_within_budget",
+            ] {
                 let (mut with, mut without) = (vec![], vec![]);
                 for (o, best) in ours.iter().zip(oracle) {
                     let gap = (best.test_acc - o.test_acc) * 100.0;
@@ -849,8 +876,8 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
         }
         if !warn_rows.is_empty() {
             println!("Warnings of the {DEFAULT}: runs warned / runs (mean gap to the accuracy oracle of the warned vs the other runs, points); and the runs where, by the memorization oracle, the reliance plateau misled (by the stop the metric had left it, a Label Wave patience or more before memorization began — the share of corrupted labels fitted 0.02 above its low — or before the stop where memorization had not begun):\n");
-            println!("| cell | plateau misled (oracle) | reliance uninformative | no rise within the budget |");
-            println!("|---|---|---|---|");
+            println!("| cell | plateau misled (oracle) | reliance uninformative | accuracy unstable | no rise within the budget |");
+            println!("|---|---|---|---|---|");
             for r in &warn_rows {
                 println!("{r}");
             }
@@ -862,6 +889,29 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
                 confusion[1],
                 confusion[1] + confusion[3]
             );
+            if tally[1][0] + tally[0][0] > 0 {
+                println!(
+                    "Noise ≥ 0.2, cells with validation runs: in the {} cells where the {DEFAULT} kept a worse epoch than validation stopping (20%) or Label Wave, `accuracy_unstable` was raised in {} of {} runs (any warning: {}); in the other {} cells, in {} of {} (any warning: {}).\n",
+                    failing.iter().filter(|k| cells[**k].contains_key("validation loss, 20% held out")).count(),
+                    tally[1][1],
+                    tally[1][0],
+                    tally[1][2],
+                    keys.iter()
+                        .filter(|k| k.1.parse::<f64>().unwrap_or(0.0) >= 0.2
+                            && !failing.contains(*k)
+                            && cells[**k].contains_key("validation loss, 20% held out"))
+                        .count(),
+                    tally[0][1],
+                    tally[0][0],
+                    tally[0][2]
+                );
+                json_warn.insert(
+                    "any_warning_noise_ge_0.2".into(),
+                    json!({"failing_runs": tally[1][0], "failing_accuracy_unstable": tally[1][1],
+                           "failing_any_warning": tally[1][2], "other_runs": tally[0][0],
+                           "other_accuracy_unstable": tally[0][1], "other_any_warning": tally[0][2]}),
+                );
+            }
             json_warn.insert(
                 "confusion_noise_ge_0.2".into(),
                 json!({"warned_misled": confusion[0], "warned_not_misled": confusion[1],

@@ -35,7 +35,7 @@ pub use label_wave::{
 pub use record::{read_history, CheckRecord};
 pub use stopping::{
     Best, ChangeSource, CheckSignals, Decision, EarlyStopping, EarlyStoppingStrategy, Health,
-    Metric, Observation, StopReason, StoppingRule, StoppingState, Warning,
+    Metric, Observation, StopReason, StoppingRule, StoppingState, Warning, ACCURACY_SWING,
 };
 
 use crate::collective::Collective;
