@@ -579,17 +579,18 @@ fn record_sums(
         sum_sq: vec![0.0; units],
         class_sum: vec![0.0; class_sum.as_ref().map_or(0, |c| c.len())],
     });
-    if let Some(cs) = class_sum {
-        if cs.len() != s.class_sum.len() {
-            candle_core::bail!("class count changed between batches");
-        }
-        s.class_sum.iter_mut().zip(cs).for_each(|(a, b)| *a += b);
-    }
+    // The width first: the class sums' length follows it.
     if s.units != units {
         candle_core::bail!(
             "unit count changed between batches: {} then {units}",
             s.units
         );
+    }
+    if let Some(cs) = class_sum {
+        if cs.len() != s.class_sum.len() {
+            candle_core::bail!("class count changed between batches");
+        }
+        s.class_sum.iter_mut().zip(cs).for_each(|(a, b)| *a += b);
     }
     s.count += (rows * inner) as u64;
     for u in 0..units {

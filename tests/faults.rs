@@ -529,3 +529,84 @@ fn a_kept_epoch_whose_snapshot_cannot_be_written_is_not_recorded() -> Result<()>
         .exists());
     Ok(())
 }
+
+/// A probe whose width is `wide` for a batch of `rows_wide` samples and one less otherwise.
+struct Ragged {
+    probe: candle_reliance::Probe,
+    rows_wide: usize,
+    wide: usize,
+}
+
+impl candle_core::Module for Ragged {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let width = if xs.dim(0)? == self.rows_wide {
+            self.wide
+        } else {
+            self.wide - 1
+        };
+        let h = self.probe.forward(&xs.narrow(1, 0, width)?)?;
+        // Logits for 3 classes from whatever width the probe saw.
+        h.sum_keepdim(1)?
+            .broadcast_as((xs.dim(0)?, 3))?
+            .contiguous()
+    }
+}
+
+fn ragged_data(n: usize) -> Result<candle_reliance::ProbeData> {
+    let xs = Tensor::arange(0f32, (n * 6) as f32, &Device::Cpu)?.reshape((n, 6))?;
+    let ys = Tensor::new(
+        (0..n as u32).map(|i| i % 3).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
+    candle_reliance::ProbeData::new(xs, ys)
+}
+
+#[test]
+fn a_probe_whose_width_changes_between_batches_is_named_with_both_widths() -> Result<()> {
+    // Ten samples in batches of 4: the widths are 5, 5, then 4 for the last two samples.
+    let probes = candle_reliance::ProbeSet::new();
+    let model = Ragged {
+        probe: probes.add("h")?,
+        rows_wide: 4,
+        wide: 5,
+    };
+    let data = ragged_data(10)?;
+    let m = candle_reliance::Measurement::new(&model, &probes, &data).with_batch_size(4);
+    let e = m.statistics().unwrap_err().to_string();
+    assert!(
+        e.contains("probe `h`") && e.contains("5 then 4") && !e.contains("class count"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_probe_set_without_units_is_refused_naming_the_probes() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    // No probes at all: refused at the first check (a model may add its probes after the
+    // monitor is built).
+    let model = Ragged {
+        probe: candle_reliance::ProbeSet::new().add("elsewhere")?,
+        rows_wide: 0,
+        wide: 2,
+    };
+    let mut monitor = RelianceMonitor::new(
+        config(dir.path(), "")?,
+        candle_reliance::ProbeSet::new(),
+        ragged_data(10)?,
+    )?;
+    let e = monitor.check(2, &model).unwrap_err().to_string();
+    assert!(e.contains("has no probes"), "{e}");
+    drop(monitor);
+    // Probes whose activations have no units: refused at the first check, naming them.
+    let probes = candle_reliance::ProbeSet::new();
+    let model = Ragged {
+        probe: probes.add("empty")?,
+        rows_wide: usize::MAX,
+        wide: 1,
+    };
+    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, ragged_data(10)?)?;
+    let e = monitor.check(2, &model).unwrap_err().to_string();
+    assert!(e.contains("`empty`") && e.contains("0 units"), "{e}");
+    Ok(())
+}

@@ -834,24 +834,44 @@ impl RelianceMonitor {
         varmap: Option<&VarMap>,
     ) -> Result<Measured> {
         let t0 = Instant::now();
+        // A check with nothing to ablate would stop the run as collapsed much later.
+        if self.probes.is_empty() {
+            candle_core::bail!(
+                "reliance check at epoch {epoch}: the ProbeSet has no probes; add one after each \
+                 hidden activation of the model (probes.add(name)) before the first check"
+            );
+        }
         let mut m = Measurement::new(model, &self.probes, &self.data)
             .with_batching(self.config.batching.clone());
         if let Some(c) = &self.collective {
             m = m.with_collective(c.as_ref());
         }
         let curve = m.ablation_curve(&self.config.ablation)?;
+        // The curve's unclamped variant was the statistics pass: no extra forward here.
+        let stats = m.statistics()?;
+        if stats.probes.iter().all(|p| p.units == 0) {
+            let widths: Vec<String> = stats
+                .probes
+                .iter()
+                .map(|p| format!("`{}` (0 units)", p.name))
+                .collect();
+            candle_core::bail!(
+                "reliance check at epoch {epoch}: no probe has a unit to ablate: {}; a probe \
+                 must see activations of shape (N, U) or (N, C, H, W) with U, C > 0",
+                widths.join(", ")
+            );
+        }
         let noise = match &self.config.noise {
             Some(spec) => Some(m.noise_curve(spec)?),
             None => None,
         };
         let selectivity = if self.config.selectivity {
-            Some(Selectivity::from_stats(m.statistics()?).means())
+            Some(Selectivity::from_stats(stats).means())
         } else {
             None
         };
         let metric_kind = self.config.stopping.metric;
         let metric = metric_kind.of(&curve);
-        let stats = m.statistics()?;
         let non_finite = match self.non_finite_weights_on_ranks(varmap)? {
             Some(what) => Some(what),
             None if !curve.finite => Some("logits on the probe data".to_string()),
