@@ -119,7 +119,8 @@ pub(crate) fn check_writable(key: &str, path: &Path) -> Result<()> {
         })
 }
 
-/// Appends one JSON line in a single write, so a crash leaves at most one cut line at the end.
+/// Appends one JSON line in a single write, so a crash leaves at most one cut line at the end,
+/// and flushes it to the disk, so a power loss after the call cannot lose it.
 pub(crate) fn append_json_line<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut line = serde_json::to_string(value).map_err(candle_core::Error::msg)?;
     line.push('\n');
@@ -130,18 +131,53 @@ pub(crate) fn append_json_line<T: Serialize>(path: &Path, value: &T) -> Result<(
         .open(path)
         .map_err(|e| io_err("open", path, e))?;
     f.write_all(line.as_bytes())
+        .and_then(|_| f.sync_data())
         .map_err(|e| io_err("write", path, e))
 }
 
-/// Writes through a temporary file and renames it over `path`, so the old content survives a
-/// crash mid-write.
+/// Writes through a temporary file (`PATH.tmp`, removed at the next start or resume if a crash
+/// leaves it) and renames it over `path`, so the old content survives a crash mid-write. The
+/// temporary file is flushed to the disk before the rename and the folder after it, so after a
+/// power loss `path` holds either the old or the new content, never an empty or partial file.
 pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     ensure_parent(path)?;
     let tmp = with_suffix(path, ".tmp");
     fault_point();
     write(&tmp)?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err("flush to disk", &tmp, e))?;
     fault_point();
-    std::fs::rename(&tmp, path).map_err(|e| io_err("replace", path, e))
+    std::fs::rename(&tmp, path).map_err(|e| io_err("replace", path, e))?;
+    sync_folder(path)
+}
+
+/// Flushes the folder `path` is in, so that a rename into it survives a power loss. (Unix:
+/// elsewhere a folder cannot be opened as a file, and the rename's own durability is all there
+/// is.)
+pub(crate) fn sync_folder(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = folder_of(path);
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err("flush to disk", dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Writes `bytes` as the whole content of `path` (the half-way fault point is where a crash
+/// leaves a partial file).
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| io_err("create", path, e))?;
+    let half = bytes.len() / 2;
+    f.write_all(&bytes[..half])
+        .map_err(|e| io_err("write", path, e))?;
+    fault_point();
+    f.write_all(&bytes[half..])
+        .map_err(|e| io_err("write", path, e))
 }
 
 /// `lines` as the whole content of `path`, atomically.
@@ -188,7 +224,14 @@ pub(crate) fn save_snapshot_tensors(
     let device = candle_core::Device::Cpu;
     tensors.insert(EPOCH_TAG.into(), Tensor::new(&[epoch as u32], &device)?);
     let file = snapshot_path(path, epoch);
-    write_atomic(&file, |tmp| candle_core::safetensors::save(&tensors, tmp))
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "cannot serialize the weights of epoch {epoch} for {}: {e}",
+                file.display()
+            ))
+        })?;
+    write_atomic(&file, |tmp| write_bytes(tmp, &bytes))
 }
 
 /// The kept weights of `epoch` as saved by [`save_snapshot`] (`PATH.epochE`, or `PATH` once

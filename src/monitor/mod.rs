@@ -1029,6 +1029,7 @@ impl RelianceMonitor {
                 if file != *path {
                     files::fault_point();
                     std::fs::rename(&file, path).map_err(|e| io_err("rename", &file, e))?;
+                    files::sync_folder(path)?;
                 }
                 files::remove_stale_snapshots(path, &[], false)?;
             }
