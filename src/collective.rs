@@ -9,7 +9,13 @@
 //! the mean clamp the unit means are summed in another order and may differ in their last bits.
 //!
 //! Every rank must make the same measurements in the same order (each is a fixed sequence of
-//! all-reduces); a rank that fails between them leaves the others waiting, as with NCCL.
+//! all-reduces). A rank that fails — an error, a panic, a rank that leaves — is reported to the
+//! others through [`Collective::abort`]: in a [`ThreadGroup`] their pending and later calls
+//! return an error naming it; a ranked [`RelianceMonitor`](crate::RelianceMonitor) aborts its
+//! group when one of its epochs fails, and compares the ranks' epoch numbers first, so that a
+//! rank that skips an epoch fails every rank instead of mixing two epochs' sums. (NCCL offers
+//! no abort of a communicator shared with the training loop: see `Nccl`, built with the `nccl`
+//! feature.)
 //!
 //! ```
 //! use candle_reliance::collective::{Collective, ThreadGroup};
@@ -30,7 +36,7 @@
 //! ```
 
 use candle_core::Result;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[cfg(feature = "nccl")]
 mod nccl;
@@ -49,6 +55,12 @@ pub trait Collective: Send + Sync {
     /// As [`Collective::all_reduce_sum_u64`], for `f64`. Every rank must get the same bits:
     /// sum in a fixed order.
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Tells the other ranks that this one failed (`why`) and will make no more collective
+    /// calls, so that their pending and later calls return an error instead of waiting
+    /// forever. The default does nothing: a process group that cannot be told waits.
+    fn abort(&self, why: &str) {
+        let _ = why;
+    }
 }
 
 /// One process, no communication: what a measurement without a collective does.
@@ -72,18 +84,121 @@ impl Collective for SingleProcess {
 
 /// Ranks that are threads of one process, for tests and CPU data-parallel training. Created as a
 /// whole by [`ThreadGroup::new`]; give each thread its own member.
+///
+/// A rank that fails does not leave the others waiting: when [`Collective::abort`] is called on
+/// it, or its last handle is dropped (its thread returned or panicked) — whichever comes first —
+/// every pending and later call of the other ranks returns an error naming the rank and why. A
+/// clone is the same rank: the rank leaves when its last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct ThreadGroup {
     group: Arc<Group>,
     rank: usize,
+    // Dropped with the rank's last handle: the group learns that the rank left.
+    _member: Arc<Member>,
+}
+
+#[derive(Debug)]
+struct Member {
+    group: Arc<Group>,
+    rank: usize,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let why = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "left the group (its last handle was dropped)"
+        };
+        self.group.fail(self.rank, why);
+    }
 }
 
 #[derive(Debug)]
 struct Group {
     world: usize,
-    barrier: Barrier,
-    u64s: Mutex<Vec<Vec<u64>>>,
-    f64s: Mutex<Vec<Vec<f64>>>,
+    state: Mutex<Round>,
+    changed: Condvar,
+}
+
+/// One all-reduce after another: the ranks' buffers of the current round, and the result of
+/// the last complete one (read by every rank before the next round can complete, since that
+/// needs every rank's buffer).
+#[derive(Debug)]
+struct Round {
+    number: u64,
+    slots: Vec<Option<Buf>>,
+    arrived: usize,
+    result: Option<std::result::Result<Buf, String>>,
+    /// The first rank that failed, and why.
+    failed: Option<(usize, String)>,
+}
+
+#[derive(Debug, Clone)]
+enum Buf {
+    U64(Vec<u64>),
+    F64(Vec<f64>),
+}
+
+impl Group {
+    /// The state, also after a panic of a rank while it held the lock (no invariant is broken
+    /// half-way: every update is made before the lock is released or not at all).
+    fn lock(&self) -> MutexGuard<'_, Round> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, rank: usize, why: &str) {
+        let mut round = self.lock();
+        if round.failed.is_none() {
+            round.failed = Some((rank, why.to_string()));
+        }
+        drop(round);
+        self.changed.notify_all();
+    }
+}
+
+fn failed_error(rank: usize, why: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "thread group: rank {rank} failed and makes no more collective calls: {why}"
+    ))
+}
+
+/// Every rank's buffer summed in rank order: the same bits everywhere.
+fn sum(all: Vec<Buf>) -> std::result::Result<Buf, String> {
+    let lens: Vec<usize> = all
+        .iter()
+        .map(|b| match b {
+            Buf::U64(v) => v.len(),
+            Buf::F64(v) => v.len(),
+        })
+        .collect();
+    if lens.iter().any(|&l| l != lens[0]) {
+        return Err(format!(
+            "all-reduce: the ranks' buffers differ in length: {lens:?}"
+        ));
+    }
+    match &all[0] {
+        Buf::U64(_) => {
+            let mut total = vec![0u64; lens[0]];
+            for b in &all {
+                let Buf::U64(v) = b else {
+                    return Err("all-reduce: the ranks reduce different types".into());
+                };
+                total.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
+            }
+            Ok(Buf::U64(total))
+        }
+        Buf::F64(_) => {
+            let mut total = vec![0f64; lens[0]];
+            for b in &all {
+                let Buf::F64(v) = b else {
+                    return Err("all-reduce: the ranks reduce different types".into());
+                };
+                total.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
+            }
+            Ok(Buf::F64(total))
+        }
+    }
 }
 
 impl ThreadGroup {
@@ -94,46 +209,59 @@ impl ThreadGroup {
         }
         let group = Arc::new(Group {
             world,
-            barrier: Barrier::new(world),
-            u64s: Mutex::new(vec![Vec::new(); world]),
-            f64s: Mutex::new(vec![Vec::new(); world]),
+            state: Mutex::new(Round {
+                number: 0,
+                slots: vec![None; world],
+                arrived: 0,
+                result: None,
+                failed: None,
+            }),
+            changed: Condvar::new(),
         });
         Ok((0..world)
             .map(|rank| Self {
                 group: group.clone(),
                 rank,
+                _member: Arc::new(Member {
+                    group: group.clone(),
+                    rank,
+                }),
             })
             .collect())
     }
 
-    fn reduce<T: Copy + Default + std::ops::AddAssign>(
-        &self,
-        slots: &Mutex<Vec<Vec<T>>>,
-        buf: &mut [T],
-    ) -> Result<()> {
-        let poisoned = || candle_core::Error::Msg("thread group poisoned by a panic".into());
-        slots.lock().map_err(|_| poisoned())?[self.rank] = buf.to_vec();
-        self.group.barrier.wait();
-        // Every rank sums the same slots in rank order: the same bits everywhere.
-        let result = {
-            let all = slots.lock().map_err(|_| poisoned())?;
-            if all.iter().any(|s| s.len() != buf.len()) {
-                let lens: Vec<usize> = all.iter().map(Vec::len).collect();
-                Err(candle_core::Error::Msg(format!(
-                    "all-reduce: the ranks' buffers differ in length: {lens:?}"
-                )))
-            } else {
-                let mut sum = vec![T::default(); buf.len()];
-                for s in all.iter() {
-                    sum.iter_mut().zip(s).for_each(|(a, &b)| *a += b);
+    /// Deposits this rank's buffer in the current round and returns the round's sum once every
+    /// rank has deposited, or an error once a rank has failed.
+    fn exchange(&self, mine: Buf) -> Result<Buf> {
+        let group = &*self.group;
+        let mut round = group.lock();
+        if let Some((rank, why)) = &round.failed {
+            return Err(failed_error(*rank, why));
+        }
+        let number = round.number;
+        round.slots[self.rank] = Some(mine);
+        round.arrived += 1;
+        if round.arrived == group.world {
+            let all: Vec<Buf> = round.slots.iter_mut().filter_map(Option::take).collect();
+            round.result = Some(sum(all));
+            round.arrived = 0;
+            round.number += 1;
+            group.changed.notify_all();
+        } else {
+            while round.number == number {
+                if let Some((rank, why)) = &round.failed {
+                    return Err(failed_error(*rank, why));
                 }
-                Ok(sum)
+                round = group.changed.wait(round).unwrap_or_else(|p| p.into_inner());
             }
-        };
-        // Nobody writes the next round's slot before everybody has read this one.
-        self.group.barrier.wait();
-        buf.copy_from_slice(&result?);
-        Ok(())
+        }
+        match round.result.clone() {
+            Some(Ok(b)) => Ok(b),
+            Some(Err(e)) => Err(candle_core::Error::Msg(e)),
+            None => Err(candle_core::Error::Msg(
+                "thread group: a round ended without a result".into(),
+            )),
+        }
     }
 }
 
@@ -145,9 +273,20 @@ impl Collective for ThreadGroup {
         self.group.world
     }
     fn all_reduce_sum_u64(&self, buf: &mut [u64]) -> Result<()> {
-        self.reduce(&self.group.u64s, buf)
+        match self.exchange(Buf::U64(buf.to_vec()))? {
+            Buf::U64(v) => buf.copy_from_slice(&v),
+            Buf::F64(_) => candle_core::bail!("all-reduce: the ranks reduce different types"),
+        }
+        Ok(())
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        self.reduce(&self.group.f64s, buf)
+        match self.exchange(Buf::F64(buf.to_vec()))? {
+            Buf::F64(v) => buf.copy_from_slice(&v),
+            Buf::U64(_) => candle_core::bail!("all-reduce: the ranks reduce different types"),
+        }
+        Ok(())
+    }
+    fn abort(&self, why: &str) {
+        self.group.fail(self.rank, why);
     }
 }

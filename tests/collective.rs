@@ -631,3 +631,163 @@ fn ranks_that_report_predictions_apart_all_fail() -> Result<()> {
     }
     Ok(())
 }
+
+/// Runs `f(rank)` for every rank of a 2-rank group on detached threads and returns each rank's
+/// error text (`None` for success); a rank still waiting after 30 s fails the test instead of
+/// hanging it.
+fn two_ranks_within_a_deadline(
+    f: impl Fn(ThreadGroup) -> Result<()> + Send + Sync + 'static,
+) -> Vec<Option<String>> {
+    let f = Arc::new(f);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for rank in ThreadGroup::new(2).unwrap() {
+        let (f, tx) = (f.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let r = rank.rank();
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(rank)));
+            let text = match out {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("panicked".to_string()),
+            };
+            let _ = tx.send((r, text));
+        });
+    }
+    let mut got = vec![None; 2];
+    for _ in 0..2 {
+        let (r, text) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a rank is still waiting after 30 s: the group hangs");
+        got[r] = text;
+    }
+    got
+}
+
+/// The scripted run on one rank of a group, with `fault(rank, epoch)` run before each epoch's
+/// report; epochs 1 to 4.
+fn scripted_rank_with(
+    rank: ThreadGroup,
+    dir: std::path::PathBuf,
+    fault: impl Fn(usize, usize, &mut RelianceMonitor) -> Result<bool>,
+) -> Result<()> {
+    use common::scripted::*;
+    let r = rank.rank();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new_ranked(config(&dir, "")?, probes, data, Arc::new(rank))?;
+    for epoch in 1..=4 {
+        train_epoch(&varmap, epoch)?;
+        observe(&mut monitor, epoch, r, 2)?;
+        if !fault(r, epoch, &mut monitor)? {
+            continue; // this rank skips the epoch's report
+        }
+        monitor.on_epoch_end(epoch, &net, &varmap)?;
+    }
+    Ok(())
+}
+
+/// A model whose forward fails.
+struct Broken;
+
+impl Module for Broken {
+    fn forward(&self, _: &Tensor) -> Result<Tensor> {
+        candle_core::bail!("broken forward")
+    }
+}
+
+#[test]
+fn a_rank_whose_check_fails_makes_the_others_fail_naming_it() {
+    // At epoch 3 rank 1's model fails in the middle of the check, between two all-reduces that
+    // rank 0 waits in: rank 0 must get an error naming rank 1 and its error.
+    let dir = tempfile::tempdir().unwrap().keep();
+    let got = two_ranks_within_a_deadline(move |rank| {
+        scripted_rank_with(rank, dir.clone(), |r, epoch, m| {
+            if r == 1 && epoch == 3 {
+                m.check(3, &Broken)?;
+            }
+            Ok(true)
+        })
+    });
+    let (e0, e1) = (got[0].clone().unwrap(), got[1].clone().unwrap());
+    assert!(e1.contains("broken forward"), "{e1}");
+    assert!(
+        e0.contains("rank 1") && e0.contains("epoch 3") && e0.contains("broken forward"),
+        "{e0}"
+    );
+}
+
+#[test]
+fn a_rank_that_panics_makes_the_others_fail_naming_it() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let got = two_ranks_within_a_deadline(move |rank| {
+        scripted_rank_with(rank, dir.clone(), |r, epoch, _| {
+            if r == 1 && epoch == 2 {
+                panic!("rank 1 fails");
+            }
+            Ok(true)
+        })
+    });
+    assert_eq!(got[1].as_deref(), Some("panicked"));
+    let e0 = got[0].clone().unwrap();
+    assert!(e0.contains("rank 1") && e0.contains("panicked"), "{e0}");
+}
+
+#[test]
+fn a_rank_that_skips_an_epoch_makes_every_rank_fail() {
+    // Rank 1 does not report epoch 2: at rank 0's epoch 2 it reports epoch 3. Neither rank may
+    // wait forever or mix the two epochs' sums.
+    let dir = tempfile::tempdir().unwrap().keep();
+    let got = two_ranks_within_a_deadline(move |rank| {
+        scripted_rank_with(rank, dir.clone(), |r, epoch, _| Ok(!(r == 1 && epoch == 2)))
+    });
+    for (r, e) in got.iter().enumerate() {
+        let e = e.clone().unwrap_or_else(|| panic!("rank {r} did not fail"));
+        assert!(
+            e.contains("different epochs") || e.contains("rank 1"),
+            "rank {r}: {e}"
+        );
+    }
+    let e0 = got[0].clone().unwrap();
+    assert!(e0.contains("[2, 3]") || e0.contains("rank 1"), "{e0}");
+}
+
+#[test]
+fn a_dropped_rank_fails_the_others_calls_and_a_finished_group_is_quiet() -> Result<()> {
+    let mut ranks = ThreadGroup::new(3)?;
+    let last = ranks.pop().unwrap();
+    // Ranks 0 and 1 wait for rank 2, which is dropped: both fail, naming it (detached threads
+    // and a deadline, so that a hang fails the test instead of holding it).
+    let (tx, rx) = std::sync::mpsc::channel();
+    for r in ranks {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = [1u64];
+            let _ = tx.send(r.all_reduce_sum_u64(&mut buf).map_err(|e| e.to_string()));
+        });
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(last);
+    for _ in 0..2 {
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a rank still waits for a dropped one after 30 s");
+        let e = got.expect_err("an all-reduce without rank 2 cannot succeed");
+        assert!(e.contains("rank 2") && e.contains("left"), "{e}");
+    }
+    // A clone keeps its rank in the group: dropping the other handle is not leaving.
+    let ranks = ThreadGroup::new(2)?;
+    let keep = ranks[1].clone();
+    drop(ranks[1].clone());
+    let sums = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let mut b = [1u64];
+            ranks[0].all_reduce_sum_u64(&mut b).map(|_| b[0])
+        });
+        let b = s.spawn(|| {
+            let mut b = [2u64];
+            keep.all_reduce_sum_u64(&mut b).map(|_| b[0])
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!((sums.0?, sums.1?), (3, 3));
+    Ok(())
+}

@@ -20,6 +20,13 @@ use std::sync::{Arc, Mutex};
 /// reduction the ranks compare their buffers' lengths (one more tiny reduction), so a rank that
 /// measured something else fails with an error instead of corrupting the others' sums.
 ///
+/// A rank that fails cannot abort the others' NCCL calls: cudarc aborts a communicator only when
+/// its last handle is dropped, and the training loop holds one for its gradients, so
+/// [`Collective::abort`] does nothing here and the other ranks wait in their next collective
+/// call — of the monitor or of the gradients — as they would without the monitor. Run the
+/// ranks under a launcher that ends every process when one fails (torchrun-style), or set
+/// `NCCL_TIMEOUT`-like watchdogs of your launcher.
+///
 /// Built with the `nccl` feature (which needs nvcc at build time, like `cuda`, and libnccl at run
 /// time). It has been compile-checked only: no multi-GPU machine has run it.
 ///

@@ -578,13 +578,24 @@ impl RelianceMonitor {
         model: &impl Module,
         varmap: &VarMap,
     ) -> Result<Decision> {
-        self.epoch_end(epoch, model, Some(varmap))
+        let r = self.epoch_end(epoch, model, Some(varmap));
+        self.abort_on_error(epoch, r)
     }
 
     /// [`RelianceMonitor::on_epoch_end`] for models whose weights are not in a [`VarMap`]: the
     /// best weights cannot be restored.
     pub fn check(&mut self, epoch: usize, model: &impl Module) -> Result<Decision> {
-        self.epoch_end(epoch, model, None)
+        let r = self.epoch_end(epoch, model, None);
+        self.abort_on_error(epoch, r)
+    }
+
+    /// In a data-parallel run, an epoch that failed on this rank fails the group: the other
+    /// ranks' collective calls return an error naming this rank instead of waiting for it.
+    fn abort_on_error(&self, epoch: usize, r: Result<Decision>) -> Result<Decision> {
+        if let (Err(e), Some(c)) = (&r, &self.collective) {
+            c.abort(&format!("epoch {epoch}: {e}"));
+        }
+        r
     }
 
     fn epoch_end(
@@ -593,6 +604,19 @@ impl RelianceMonitor {
         model: &impl Module,
         varmap: Option<&VarMap>,
     ) -> Result<Decision> {
+        if let Some(c) = &self.collective {
+            // Every rank reports the same epoch, or none continues: a rank that skipped one
+            // would pair its sums with another epoch's.
+            let mut epochs = vec![0u64; c.world_size()];
+            epochs[c.rank()] = epoch as u64;
+            c.all_reduce_sum_u64(&mut epochs)?;
+            if epochs.iter().any(|&e| e != epoch as u64) {
+                candle_core::bail!(
+                    "the ranks reported different epochs (by rank): {epochs:?}; every rank \
+                     reports every epoch"
+                );
+            }
+        }
         if let Some(last) = self.last_epoch {
             if epoch <= last {
                 candle_core::bail!(
