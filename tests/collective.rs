@@ -791,3 +791,62 @@ fn a_dropped_rank_fails_the_others_calls_and_a_finished_group_is_quiet() -> Resu
     assert_eq!((sums.0?, sums.1?), (3, 3));
     Ok(())
 }
+
+#[test]
+fn ranks_given_different_settings_or_data_all_fail_naming_them() {
+    // Rank 1 draws its ablation orders from another seed: one mixed curve if not refused.
+    let dir = tempfile::tempdir().unwrap().keep();
+    let got = two_ranks_within_a_deadline(move |rank| {
+        use common::scripted::*;
+        let r = rank.rank();
+        let (_, _, probes, data) = setup()?;
+        let mut cfg = config(&dir, "")?;
+        if r == 1 {
+            if let AblationOrder::Random { seed, .. } = &mut cfg.ablation.order {
+                *seed += 1;
+            }
+        }
+        RelianceMonitor::new_ranked(cfg, probes, data, Arc::new(rank)).map(|_| ())
+    });
+    for (r, e) in got.iter().enumerate() {
+        let e = e.clone().unwrap_or_else(|| panic!("rank {r} started"));
+        assert!(
+            e.contains("different ablation") && !e.contains("stopping"),
+            "rank {r}: {e}"
+        );
+    }
+    // Rank 1 measures other probe data.
+    let dir = tempfile::tempdir().unwrap().keep();
+    let got = two_ranks_within_a_deadline(move |rank| {
+        use common::scripted::*;
+        let (_, _, probes, data) = setup()?;
+        let data = if rank.rank() == 1 {
+            ProbeData::new((data.xs() * 2.0)?, data.labels().clone())?
+        } else {
+            data
+        };
+        RelianceMonitor::new_ranked(config(&dir, "")?, probes, data, Arc::new(rank)).map(|_| ())
+    });
+    for (r, e) in got.iter().enumerate() {
+        let e = e.clone().unwrap_or_else(|| panic!("rank {r} started"));
+        assert!(e.contains("different probe data"), "rank {r}: {e}");
+    }
+}
+
+#[test]
+fn a_rank_that_cannot_start_fails_the_others_naming_it() {
+    // Rank 0's history file is a folder: it cannot start; rank 1 must not wait for it.
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::create_dir_all(dir.join("hist.jsonl")).unwrap();
+    let got = two_ranks_within_a_deadline(move |rank| {
+        use common::scripted::*;
+        let (_, _, probes, data) = setup()?;
+        RelianceMonitor::new_ranked(config(&dir, "")?, probes, data, Arc::new(rank)).map(|_| ())
+    });
+    let (e0, e1) = (got[0].clone().unwrap(), got[1].clone().unwrap());
+    assert!(e0.contains("is a directory"), "{e0}");
+    assert!(
+        e1.contains("rank 0") && e1.contains("is a directory"),
+        "{e1}"
+    );
+}

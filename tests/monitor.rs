@@ -849,3 +849,70 @@ fn a_held_epoch_without_its_file_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data.clone())?;
+    run(&mut monitor, &varmap, &net, 1, 3)?;
+    let state = monitor.state()?;
+    drop(monitor);
+    let resume = |probes: candle_reliance::ProbeSet, data: candle_reliance::ProbeData| {
+        RelianceMonitor::resume(config(dir.path(), "")?, probes, data, state.clone())
+    };
+    // The same data: resumed.
+    let (_, _, probes, _) = setup()?;
+    assert!(resume(probes, data.clone()).is_ok());
+    // Other values, same size: refused, naming the digest.
+    let (_, _, probes, _) = setup()?;
+    let other = candle_reliance::ProbeData::new((data.xs() * 2.0)?, data.labels().clone())?;
+    let e = resume(probes, other)
+        .err()
+        .expect("other values")
+        .to_string();
+    assert!(
+        e.contains("other probe data") && e.contains("digest"),
+        "{e}"
+    );
+    // Other labels: refused.
+    let (_, _, probes, _) = setup()?;
+    let flipped = (Tensor::ones_like(data.labels())? - data.labels())?;
+    let e = resume(
+        probes,
+        candle_reliance::ProbeData::new(data.xs().clone(), flipped)?,
+    )
+    .err()
+    .expect("other labels")
+    .to_string();
+    assert!(e.contains("other probe data"), "{e}");
+    // Fewer training examples: refused, naming both counts.
+    let (_, _, probes, _) = setup()?;
+    let fewer = candle_reliance::ProbeData::new(
+        data.xs().narrow(0, 0, 60)?,
+        data.labels().narrow(0, 0, 60)?,
+    )?;
+    let e = resume(probes, fewer).err().expect("fewer").to_string();
+    assert!(
+        e.contains("60 training examples") && e.contains("had 64"),
+        "{e}"
+    );
+    // A probe renamed in the model: the first check after the resume is refused, naming both.
+    let probes = candle_reliance::ProbeSet::new();
+    let renamed = Net {
+        w1: net.w1.clone(),
+        w2: net.w2.clone(),
+        probe: probes.add("hidden2")?,
+    };
+    let mut monitor = resume(probes, data)?;
+    observe(&mut monitor, 4, 0, 1)?;
+    let e = monitor
+        .on_epoch_end(4, &renamed, &varmap)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`hidden` (16 units)") && e.contains("`hidden2` (16 units)"),
+        "{e}"
+    );
+    Ok(())
+}

@@ -82,6 +82,74 @@ pub struct MonitorState {
     /// The training loop's predictions in the last epoch it reported them
     /// ([`RelianceMonitor::observe`]; `u32::MAX` for an example not seen).
     pub training_predictions: Option<Vec<u32>>,
+    /// What the checks ran on: a resume on other probe data is refused.
+    #[serde(default)]
+    pub probe_data: Option<ProbeDataPrint>,
+    /// The probes (name, units) at the last check: a resume whose first check finds others is
+    /// refused.
+    #[serde(default)]
+    pub probes: Option<Vec<(String, usize)>>,
+}
+
+/// A fingerprint of the probe data a run's checks measure: a resume on other data (another
+/// training set, subset or labels) is refused, naming what differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeDataPrint {
+    /// Training examples given to the monitor, before the subset was drawn.
+    pub training_samples: usize,
+    /// Samples in the probe subset.
+    pub samples: usize,
+    /// FNV-1a digest (hex) of the subset's inputs (as `f32`) and labels.
+    pub digest: String,
+}
+
+impl ProbeDataPrint {
+    fn of(subset: &ProbeData, training_samples: usize) -> Result<Self> {
+        let xs = subset
+            .xs()
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let bytes = xs
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .chain(subset.label_values().iter().flat_map(|l| l.to_le_bytes()));
+        Ok(Self {
+            training_samples,
+            samples: subset.len(),
+            digest: format!("{:016x}", fnv1a(bytes)),
+        })
+    }
+
+    /// What differs from `other`, in words.
+    fn differences(&self, other: &Self) -> Option<String> {
+        if self.training_samples != other.training_samples {
+            Some(format!(
+                "{} training examples, the interrupted run had {}",
+                self.training_samples, other.training_samples
+            ))
+        } else if self.samples != other.samples {
+            Some(format!(
+                "{} probe samples, the interrupted run had {}",
+                self.samples, other.samples
+            ))
+        } else if self.digest != other.digest {
+            Some(format!(
+                "the probe samples' values or labels differ (digest {}, the interrupted run's {})",
+                self.digest, other.digest
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// FNV-1a over `bytes`.
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The sections of `config` whose values change the decisions.
@@ -116,11 +184,12 @@ fn state_fingerprint(state: &MonitorState) -> Result<u64> {
         &state.training_predictions,
     ))
     .map_err(candle_core::Error::msg)?;
-    // FNV-1a, folded.
-    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    Ok((h ^ (h >> 24) ^ (h >> 48)) & 0xff_ffff)
+    Ok(fold24(fnv1a(text.bytes())))
+}
+
+/// A 64-bit digest folded to 24 bits (so that a sum of squares over many ranks fits a `u64`).
+fn fold24(h: u64) -> u64 {
+    (h ^ (h >> 24) ^ (h >> 48)) & 0xff_ffff
 }
 
 /// `section.key` of every value that differs between two [`decides`] objects.
@@ -178,6 +247,12 @@ pub struct RelianceMonitor {
     /// The rank's group in a data-parallel run.
     collective: Option<Arc<dyn Collective>>,
     _locks: Vec<DirLock>,
+    /// The probe subset's fingerprint, saved in the state.
+    probe_data: ProbeDataPrint,
+    /// The probes (name, units) at the last check, saved in the state.
+    probe_widths: Option<Vec<(String, usize)>>,
+    /// A resumed run's probes as saved: its first check must find the same.
+    expect_probes: Option<Vec<(String, usize)>>,
 }
 
 impl RelianceMonitor {
@@ -378,6 +453,15 @@ impl RelianceMonitor {
     ) -> Result<Self> {
         let training_samples = data.len();
         let data = data.subset(config.data.subset_size, config.data.seed)?;
+        let probe_data = ProbeDataPrint::of(&data, training_samples)?;
+        if let Some(saved) = state.as_ref().and_then(|s| s.probe_data.as_ref()) {
+            if let Some(what) = probe_data.differences(saved) {
+                candle_core::bail!(
+                    "cannot resume on other probe data than the interrupted run's: the data given \
+                     has {what}"
+                );
+            }
+        }
         let mut strategy: Box<dyn EarlyStoppingStrategy> =
             Box::new(EarlyStopping::new(config.stopping.clone()));
         let mut monitor = Self {
@@ -400,6 +484,9 @@ impl RelianceMonitor {
             history_behind: false,
             collective: None,
             _locks: locks,
+            probe_data,
+            probe_widths: None,
+            expect_probes: None,
         };
         if let Some(state) = state {
             let mut resumed = Resumed {
@@ -448,6 +535,8 @@ impl RelianceMonitor {
             monitor.history = state.history;
             monitor.last_epoch = state.last_epoch;
             monitor.predictions = state.predictions;
+            monitor.probe_widths = state.probes.clone();
+            monitor.expect_probes = state.probes;
             monitor.observed = state
                 .training_predictions
                 .map(label_wave::PredictionChanges::with_previous);
@@ -475,9 +564,52 @@ impl RelianceMonitor {
         if collective.rank() != 0 {
             config = without_files(config);
         }
-        let mut monitor = Self::new(config, probes, data)?;
+        // A rank that cannot start must not leave the others waiting in the comparison below.
+        let mut monitor = Self::new(config, probes, data)
+            .inspect_err(|e| collective.abort(&format!("new_ranked: {e}")))?;
+        monitor.same_setup_on_every_rank(collective.as_ref())?;
         monitor.collective = Some(collective);
         Ok(monitor)
+    }
+
+    /// Compares fingerprints of the settings that decide and of the probe data across the
+    /// ranks; if any differs, every rank fails with an error naming what (the same sums, the
+    /// same verdict everywhere).
+    fn same_setup_on_every_rank(&self, collective: &dyn Collective) -> Result<()> {
+        let d = decides(&self.config)?;
+        let parts = [
+            ("schedule", d["schedule"].to_string()),
+            ("data", d["data"].to_string()),
+            ("ablation", d["ablation"].to_string()),
+            ("stopping", d["stopping"].to_string()),
+            (
+                "probe data",
+                serde_json::to_string(&self.probe_data).map_err(candle_core::Error::msg)?,
+            ),
+        ];
+        let mut sums: Vec<u64> = parts
+            .iter()
+            .flat_map(|(_, text)| {
+                let f = fold24(fnv1a(text.bytes()));
+                [f, f * f]
+            })
+            .collect();
+        collective.all_reduce_sum_u64(&mut sums)?;
+        let world = collective.world_size() as u128;
+        let differ: Vec<&str> = parts
+            .iter()
+            .zip(sums.chunks(2))
+            .filter(|(_, s)| u128::from(s[1]) * world != u128::from(s[0]) * u128::from(s[0]))
+            .map(|((name, _), _)| *name)
+            .collect();
+        if !differ.is_empty() {
+            candle_core::bail!(
+                "new_ranked: the ranks were given different {}; every rank passes the same \
+                 configuration and probe data",
+                differ.join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// [`RelianceMonitor::resume`] for one rank of a data-parallel run. Every rank passes the same
@@ -499,9 +631,16 @@ impl RelianceMonitor {
         collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         let fingerprint = state_fingerprint(&state)?;
-        let mut monitor = if collective.rank() == 0 {
-            Self::resume(config, probes, data, state)?
-        } else {
+        // A rank that cannot resume must not leave the others waiting in the comparison below.
+        let abort = |e: candle_core::Error| {
+            collective.abort(&format!("resume_ranked: {e}"));
+            e
+        };
+        let rank = collective.rank();
+        let local = move || -> Result<Self> {
+            if rank == 0 {
+                return Self::resume(config, probes, data, state);
+            }
             config.validate()?;
             Self::check_resumable(&config, &state)?;
             let snapshot = match (state.kept_epoch, disk_snapshot(&config)) {
@@ -531,8 +670,9 @@ impl RelianceMonitor {
             if !held.is_empty() {
                 monitor.held = held;
             }
-            monitor
+            Ok(monitor)
         };
+        let mut monitor = local().map_err(abort)?;
         // Equal fingerprints on every rank iff the variance of the ranks' fingerprints is 0: the
         // same sums, the same verdict on every rank.
         let world = collective.world_size() as u128;
@@ -885,6 +1025,29 @@ impl RelianceMonitor {
                 widths.join(", ")
             );
         }
+        let found: Vec<(String, usize)> = stats
+            .probes
+            .iter()
+            .map(|p| (p.name.clone(), p.units))
+            .collect();
+        if let Some(saved) = &self.expect_probes {
+            if *saved != found {
+                let list = |v: &[(String, usize)]| {
+                    v.iter()
+                        .map(|(n, u)| format!("`{n}` ({u} units)"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                candle_core::bail!(
+                    "cannot continue the resumed run at epoch {epoch}: its probes were {}, the \
+                     model's are {}",
+                    list(saved),
+                    list(&found)
+                );
+            }
+        }
+        self.expect_probes = None;
+        self.probe_widths = Some(found);
         let noise = match &self.config.noise {
             Some(spec) => Some(m.noise_curve(spec)?),
             None => None,
@@ -1080,6 +1243,8 @@ impl RelianceMonitor {
             decides: decides(&self.config)?,
             predictions: self.predictions.clone(),
             training_predictions: self.observed.as_ref().map(|c| c.previous().to_vec()),
+            probe_data: Some(self.probe_data.clone()),
+            probes: self.probe_widths.clone(),
         })
     }
 
