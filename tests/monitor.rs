@@ -916,3 +916,66 @@ fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Re
     );
     Ok(())
 }
+
+#[test]
+fn a_state_whose_history_contradicts_its_counters_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
+    run(&mut monitor, &varmap, &net, 1, 4)?;
+    let state = monitor.state()?;
+    drop(monitor);
+    assert!(state.history.len() >= 2 && state.kept_epoch.is_some());
+    let refused = |edit: &dyn Fn(&mut MonitorState)| -> String {
+        let mut s = state.clone();
+        edit(&mut s);
+        let (_, _, probes, data) = setup().unwrap();
+        RelianceMonitor::resume(config(dir.path(), "").unwrap(), probes, data, s)
+            .err()
+            .expect("a contradicting state is refused")
+            .to_string()
+    };
+    let e = refused(&|s| s.last_epoch = Some(1));
+    assert!(e.contains("last epoch is 1") && e.contains("check at epoch 4"), "{e}");
+    let e = refused(&|s| s.history.swap(0, 1));
+    assert!(e.contains("do not increase"), "{e}");
+    let e = refused(&|s| s.kept_epoch = Some(99));
+    assert!(e.contains("kept epoch 99 has no check"), "{e}");
+    let e = refused(&|s| s.last_epoch = None);
+    assert!(e.contains("no last epoch"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn history_lines_the_state_does_not_hold_are_moved_aside_not_deleted() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
+    run(&mut monitor, &varmap, &net, 1, 3)?;
+    let state = monitor.state()?;
+    run(&mut monitor, &varmap, &net, 4, 5)?; // two more checks, not in `state`
+    drop(monitor);
+    let hist = dir.path().join("hist.jsonl");
+    let before = std::fs::read_to_string(&hist).unwrap();
+    assert_eq!(before.lines().count(), state.history.len() + 2);
+    let (_, _, probes, data) = setup()?;
+    drop(RelianceMonitor::resume(
+        config(dir.path(), "")?,
+        probes,
+        data,
+        state.clone(),
+    )?);
+    // The file is the state's history; the old one, every line of it, is beside it.
+    assert_eq!(read_history(&hist)?.len(), state.history.len());
+    let aside = std::fs::read_to_string(dir.path().join("hist.jsonl.1.bak")).unwrap();
+    assert_eq!(aside, before);
+    // A history that is only behind the state, or cut mid-line by a crash, is rewritten in
+    // place: nothing of it is lost.
+    let cut = format!("{}{{\"epoch\": 4, \"cut", std::fs::read_to_string(&hist).unwrap());
+    std::fs::write(&hist, &cut).unwrap();
+    let (_, _, probes, data) = setup()?;
+    drop(RelianceMonitor::resume(config(dir.path(), "")?, probes, data, state.clone())?);
+    assert!(!dir.path().join("hist.jsonl.2.bak").exists());
+    assert_eq!(read_history(&hist)?.len(), state.history.len());
+    Ok(())
+}

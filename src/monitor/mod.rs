@@ -192,6 +192,49 @@ fn fold24(h: u64) -> u64 {
     (h ^ (h >> 24) ^ (h >> 48)) & 0xff_ffff
 }
 
+/// How a state's history disagrees with its counters, if it does: a state edited by hand or
+/// written by something else cannot be continued with the same decisions.
+fn contradiction(state: &MonitorState) -> Option<String> {
+    let epochs: Vec<usize> = state.history.iter().map(|r| r.epoch).collect();
+    if let Some(w) = epochs.windows(2).find(|w| w[1] <= w[0]) {
+        return Some(format!(
+            "its history's epochs do not increase ({} then {})",
+            w[0], w[1]
+        ));
+    }
+    if let Some(&last_check) = epochs.last() {
+        match state.last_epoch {
+            None => {
+                return Some(format!(
+                    "its history has checks (up to epoch {last_check}) but no last epoch"
+                ))
+            }
+            Some(last) if last < last_check => {
+                return Some(format!(
+                    "its last epoch is {last} but its history has a check at epoch {last_check}"
+                ))
+            }
+            _ => {}
+        }
+    }
+    for (what, epoch) in state
+        .kept_epoch
+        .iter()
+        .map(|&e| ("kept", e))
+        .chain(state.held_epochs.iter().map(|&e| ("held", e)))
+    {
+        if !epochs.contains(&epoch) {
+            return Some(format!(
+                "its {what} epoch {epoch} has no check in its history"
+            ));
+        }
+    }
+    if state.stopped.is_some() && state.last_epoch.is_none() {
+        return Some("it is stopped but has no last epoch".into());
+    }
+    None
+}
+
 /// `section.key` of every value that differs between two [`decides`] objects.
 fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     let mut out = vec![];
@@ -354,6 +397,19 @@ impl RelianceMonitor {
         // The state is authoritative: the history is what it holds (lines of checks it never
         // committed are dropped), snapshot files it does not name and temporary files go.
         if let Some(path) = &config.output.history_file {
+            // Lines the state does not hold are never deleted: a file with any complete line
+            // beyond (or other than) the state's history is moved aside first; only a last line
+            // cut by the crash is dropped.
+            if files::holds_more_than(path, &state.history)? {
+                if let Some(to) = move_aside(path)? {
+                    tracing::warn!(
+                        from = %path.display(),
+                        to = %to.display(),
+                        "the history file holds checks the state never committed; moved it aside \
+                         and rewrote it from the state"
+                    );
+                }
+            }
             files::rewrite_json_lines(path, &state.history)?;
         }
         if let Some(path) = &config.output.state_file {
@@ -405,6 +461,9 @@ impl RelianceMonitor {
                 "cannot resume: the state has format {}, this version reads format {STATE_FORMAT}",
                 state.format
             );
+        }
+        if let Some(what) = contradiction(state) {
+            candle_core::bail!("cannot resume: the state contradicts itself: {what}");
         }
         let now = decides(config)?;
         if state.decides != now {
