@@ -566,11 +566,13 @@ fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
     let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
     run(&mut monitor, &varmap, &net, 1, 3)?;
     let later = monitor.state()?;
+    // The same run's state one epoch earlier.
     let earlier = {
-        let mut s = later.clone();
-        s.history.pop();
-        s.last_epoch = Some(2);
-        s
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, net, probes, data) = setup()?;
+        let mut m = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
+        run(&mut m, &varmap, &net, 1, 2)?;
+        m.state()?
     };
     let results: Vec<String> = each_rank(3, |rank| {
         let state = if rank.rank() == 2 {
@@ -590,6 +592,36 @@ fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
     })?;
     for (rank, r) in results.iter().enumerate() {
         assert!(r.contains("different states"), "rank {rank}: {r}");
+    }
+    // States that differ only in the probe data's or the training loop's last predictions
+    // (which decide the next prediction changes) fail the same way.
+    for field in ["predictions", "training_predictions"] {
+        let mut other = later.clone();
+        let p = match field {
+            "predictions" => other.predictions.as_mut(),
+            _ => other.training_predictions.as_mut(),
+        }
+        .expect("the scripted run records both");
+        p[0] = 1 - p[0];
+        let results: Vec<String> = each_rank(2, |rank| {
+            let state = if rank.rank() == 1 {
+                other.clone()
+            } else {
+                later.clone()
+            };
+            let out = tempfile::tempdir().unwrap();
+            let (_, _, probes, data) = setup()?;
+            let cfg = config(out.path(), "")?;
+            Ok(
+                match RelianceMonitor::resume_ranked(cfg, probes, data, state, Arc::new(rank)) {
+                    Ok(_) => "resumed".to_string(),
+                    Err(e) => e.to_string(),
+                },
+            )
+        })?;
+        for (rank, r) in results.iter().enumerate() {
+            assert!(r.contains("different states"), "{field}: rank {rank}: {r}");
+        }
     }
     Ok(())
 }

@@ -506,7 +506,15 @@ fn a_kept_epoch_whose_snapshot_cannot_be_written_is_not_recorded() -> Result<()>
     std::fs::remove_dir_all(dir.path().join("snap")).unwrap();
     std::fs::write(dir.path().join("snap"), b"in the way").unwrap();
     train_epoch(&varmap, 2)?;
-    assert!(monitor.on_epoch_end(2, &net, &varmap).is_err());
+    let e = monitor
+        .on_epoch_end(2, &net, &varmap)
+        .unwrap_err()
+        .to_string();
+    // The error names the file and the key that configures it.
+    assert!(
+        e.contains("best.safetensors.epoch2") && e.contains("restore_best.path"),
+        "{e}"
+    );
     assert_eq!(
         monitor.best_epoch(),
         Some(1),

@@ -936,7 +936,10 @@ fn a_state_whose_history_contradicts_its_counters_is_refused() -> Result<()> {
             .to_string()
     };
     let e = refused(&|s| s.last_epoch = Some(1));
-    assert!(e.contains("last epoch is 1") && e.contains("check at epoch 4"), "{e}");
+    assert!(
+        e.contains("last epoch is 1") && e.contains("check at epoch 4"),
+        "{e}"
+    );
     let e = refused(&|s| s.history.swap(0, 1));
     assert!(e.contains("do not increase"), "{e}");
     let e = refused(&|s| s.kept_epoch = Some(99));
@@ -971,10 +974,18 @@ fn history_lines_the_state_does_not_hold_are_moved_aside_not_deleted() -> Result
     assert_eq!(aside, before);
     // A history that is only behind the state, or cut mid-line by a crash, is rewritten in
     // place: nothing of it is lost.
-    let cut = format!("{}{{\"epoch\": 4, \"cut", std::fs::read_to_string(&hist).unwrap());
+    let cut = format!(
+        "{}{{\"epoch\": 4, \"cut",
+        std::fs::read_to_string(&hist).unwrap()
+    );
     std::fs::write(&hist, &cut).unwrap();
     let (_, _, probes, data) = setup()?;
-    drop(RelianceMonitor::resume(config(dir.path(), "")?, probes, data, state.clone())?);
+    drop(RelianceMonitor::resume(
+        config(dir.path(), "")?,
+        probes,
+        data,
+        state.clone(),
+    )?);
     assert!(!dir.path().join("hist.jsonl.2.bak").exists());
     assert_eq!(read_history(&hist)?.len(), state.history.len());
     Ok(())

@@ -252,7 +252,12 @@ pub(crate) fn save_snapshot_tensors(
                 file.display()
             ))
         })?;
-    write_atomic(&file, |tmp| write_bytes(tmp, &bytes))
+    write_atomic(&file, |tmp| write_bytes(tmp, &bytes)).map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "restore_best.path: cannot write the weights of epoch {epoch} to {}: {e}",
+            file.display()
+        ))
+    })
 }
 
 /// The kept weights of `epoch` as saved by [`save_snapshot`] (`PATH.epochE`, or `PATH` once
