@@ -558,28 +558,16 @@ fn resumed_ranked_runs_decide_and_restore_as_one_process() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
+/// The scripted run's state after epochs `1..=epochs`.
+fn scripted_state(epochs: usize) -> Result<candle_reliance::MonitorState> {
+    common::scripted::state_after(tempfile::tempdir().unwrap().path(), epochs)
+}
+
+/// Every rank of a group resumes from `states[rank]`; each rank's error text, or "resumed".
+fn resume_each(states: &[candle_reliance::MonitorState]) -> Result<Vec<String>> {
     use common::scripted::*;
-    let dir = tempfile::tempdir().unwrap();
-    let (varmap, net, probes, data) = setup()?;
-    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
-    run(&mut monitor, &varmap, &net, 1, 3)?;
-    let later = monitor.state()?;
-    // The same run's state one epoch earlier.
-    let earlier = {
-        let dir = tempfile::tempdir().unwrap();
-        let (varmap, net, probes, data) = setup()?;
-        let mut m = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
-        run(&mut m, &varmap, &net, 1, 2)?;
-        m.state()?
-    };
-    let results: Vec<String> = each_rank(3, |rank| {
-        let state = if rank.rank() == 2 {
-            earlier.clone()
-        } else {
-            later.clone()
-        };
+    each_rank(states.len(), |rank| {
+        let state = states[rank.rank()].clone();
         let out = tempfile::tempdir().unwrap();
         let (_, _, probes, data) = setup()?;
         let cfg = config(out.path(), "")?;
@@ -589,7 +577,15 @@ fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
                 Err(e) => e.to_string(),
             },
         )
-    })?;
+    })
+}
+
+#[test]
+fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
+    let later = scripted_state(3)?;
+    // The same run's state one epoch earlier on rank 2.
+    let earlier = scripted_state(2)?;
+    let results = resume_each(&[later.clone(), later.clone(), earlier])?;
     for (rank, r) in results.iter().enumerate() {
         assert!(r.contains("different states"), "rank {rank}: {r}");
     }
@@ -603,23 +599,7 @@ fn ranks_resuming_from_different_states_all_fail() -> Result<()> {
         }
         .expect("the scripted run records both");
         p[0] = 1 - p[0];
-        let results: Vec<String> = each_rank(2, |rank| {
-            let state = if rank.rank() == 1 {
-                other.clone()
-            } else {
-                later.clone()
-            };
-            let out = tempfile::tempdir().unwrap();
-            let (_, _, probes, data) = setup()?;
-            let cfg = config(out.path(), "")?;
-            Ok(
-                match RelianceMonitor::resume_ranked(cfg, probes, data, state, Arc::new(rank)) {
-                    Ok(_) => "resumed".to_string(),
-                    Err(e) => e.to_string(),
-                },
-            )
-        })?;
-        for (rank, r) in results.iter().enumerate() {
+        for (rank, r) in resume_each(&[later.clone(), other])?.iter().enumerate() {
             assert!(r.contains("different states"), "{field}: rank {rank}: {r}");
         }
     }

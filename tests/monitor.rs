@@ -853,11 +853,8 @@ fn a_held_epoch_without_its_file_is_refused() -> Result<()> {
 #[test]
 fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Result<()> {
     let dir = tempfile::tempdir().unwrap();
-    let (varmap, net, probes, data) = setup()?;
-    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data.clone())?;
-    run(&mut monitor, &varmap, &net, 1, 3)?;
-    let state = monitor.state()?;
-    drop(monitor);
+    let state = state_after(dir.path(), 3)?;
+    let (varmap, net, _, data) = setup()?;
     let resume = |probes: candle_reliance::ProbeSet, data: candle_reliance::ProbeData| {
         RelianceMonitor::resume(config(dir.path(), "")?, probes, data, state.clone())
     };
@@ -920,11 +917,7 @@ fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Re
 #[test]
 fn a_state_whose_history_contradicts_its_counters_is_refused() -> Result<()> {
     let dir = tempfile::tempdir().unwrap();
-    let (varmap, net, probes, data) = setup()?;
-    let mut monitor = RelianceMonitor::new(config(dir.path(), "")?, probes, data)?;
-    run(&mut monitor, &varmap, &net, 1, 4)?;
-    let state = monitor.state()?;
-    drop(monitor);
+    let state = state_after(dir.path(), 4)?;
     assert!(state.history.len() >= 2 && state.kept_epoch.is_some());
     let refused = |edit: &dyn Fn(&mut MonitorState)| -> String {
         let mut s = state.clone();

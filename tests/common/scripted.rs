@@ -197,3 +197,11 @@ pub fn run_rank(
     }
     Ok(out)
 }
+
+/// The scripted run's state after epochs `1..=epochs`, its files written to `dir`.
+pub fn state_after(dir: &Path, epochs: usize) -> Result<candle_reliance::MonitorState> {
+    let (varmap, net, probes, data) = setup()?;
+    let mut monitor = RelianceMonitor::new(config(dir, "")?, probes, data)?;
+    run(&mut monitor, &varmap, &net, 1, epochs)?;
+    monitor.state()
+}
