@@ -57,7 +57,7 @@
 //! * [`units`] — single units: class selectivity, mutual information, importance, ordered
 //!   ablation, a selectivity regularizer.
 //! * [`monitor`] — the training-loop plugin: configuration, stopping rule, records, files.
-//! * [`plot`] — SVG charts of curves and histories (feature `plot`, on by default).
+//! * [`plot`] — SVG charts of curves and histories (no dependencies).
 //! * [`rng`] — the crate's seeded generators, for reproducing its draws.
 //! * [`collective`] — data-parallel measurement: each rank measures its shard, counts and sums
 //!   are all-reduced (thread ranks built in; NCCL with the `nccl` feature).
@@ -74,7 +74,6 @@ pub mod measurement;
 pub mod monitor;
 #[doc(hidden)]
 pub mod ops;
-#[cfg(feature = "plot")]
 pub mod plot;
 pub mod probe;
 pub mod rng;

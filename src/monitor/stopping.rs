@@ -1,57 +1,4 @@
-//! The stopping rule, as one state machine: [`EarlyStopping::step`] takes what an epoch produced
-//! (an [`Observation`]) and returns a [`Decision`].
-//!
-//! Two signals, measured on training data only, each answering its own question:
-//!
-//! - **When to stop: [Label Wave](crate::monitor::LabelWave)** over prediction changes. The
-//!   number of training examples whose predicted class changes from one epoch to the next falls
-//!   while a network learns and rises once it starts fitting wrong labels; the rule stops when
-//!   its moving average has found no new low for `label_wave.patience` epochs. The changes come
-//!   from the training loop's own predictions when the loop reports them
-//!   ([`RelianceMonitor::observe`](crate::RelianceMonitor::observe)), otherwise from the probe
-//!   data's predictions at each check.
-//! - **Which epoch to keep: the reliance plateau and the probe data's accuracy.** A check is a
-//!   *candidate* while the reliance metric is on its plateau (within `tolerance` of its peak: the
-//!   network does not yet rely more on single directions than it did at its best), when it is
-//!   the centre of a new lowest Label Wave window (found `window / 2` epochs later: the monitor
-//!   holds those epochs' weights), or while Label Wave has no low yet. The candidate whose
-//!   network is most accurate on the probe data (unablated) is kept and restored, the later
-//!   among equals.
-//!
-//! The precedence of every case is the table in `docs/configuration.md` ("The stopping rule,
-//! step by step"); `tests/stopping.rs` checks it row by row.
-//!
-//! ```
-//! use candle_reliance::monitor::{
-//!     CheckSignals, EarlyStopping, LabelWaveRule, Observation, StoppingRule,
-//! };
-//!
-//! let mut rule = EarlyStopping::new(StoppingRule {
-//!     tolerance: 0.05,
-//!     label_wave: LabelWaveRule { window: 1, patience: 2 },
-//!     ..Default::default()
-//! });
-//! // Epoch, reliance metric, accuracy on the probe data, training-set prediction changes.
-//! let epochs = [
-//!     (1, 0.50, 0.60, None),
-//!     (2, 0.60, 0.70, Some(300.0)),
-//!     (3, 0.59, 0.75, Some(200.0)),  // on the plateau (≥ 0.57), the most accurate so far
-//!     (4, 0.50, 0.80, Some(250.0)),  // below the plateau, no new low: not a candidate
-//!     (5, 0.45, 0.85, Some(260.0)),  // two epochs without a new low: stop
-//! ];
-//! let mut stopped_at = None;
-//! for (epoch, metric, accuracy, changes) in epochs {
-//!     let obs = Observation::new(epoch)
-//!         .with_training_changes(changes)
-//!         .with_check(CheckSignals::new(metric, accuracy));
-//!     if rule.step(&obs).is_stop() {
-//!         stopped_at = Some(epoch);
-//!         break;
-//!     }
-//! }
-//! assert_eq!(stopped_at, Some(5));
-//! assert_eq!(rule.kept_epoch(), Some(3));
-//! ```
+//! The stopping rule as one state machine: [`EarlyStopping`] and what it sees and decides.
 
 use crate::invalid::{Checked, Invalid};
 use crate::monitor::{LabelWave, LabelWaveRule, LabelWaveState};
@@ -709,7 +656,62 @@ pub struct StoppingState {
     pub pending_warnings: Vec<Warning>,
 }
 
-/// The built-in stopping rule (see the [module docs](self)).
+/// The built-in stopping rule.
+///
+/// The stopping rule, as one state machine: [`EarlyStopping::step`] takes what an epoch produced
+/// (an [`Observation`]) and returns a [`Decision`].
+///
+/// Two signals, measured on training data only, each answering its own question:
+///
+/// - **When to stop: [Label Wave](crate::monitor::LabelWave)** over prediction changes. The
+///   number of training examples whose predicted class changes from one epoch to the next falls
+///   while a network learns and rises once it starts fitting wrong labels; the rule stops when
+///   its moving average has found no new low for `label_wave.patience` epochs. The changes come
+///   from the training loop's own predictions when the loop reports them
+///   ([`RelianceMonitor::observe`](crate::RelianceMonitor::observe)), otherwise from the probe
+///   data's predictions at each check.
+/// - **Which epoch to keep: the reliance plateau and the probe data's accuracy.** A check is a
+///   *candidate* while the reliance metric is on its plateau (within `tolerance` of its peak: the
+///   network does not yet rely more on single directions than it did at its best), when it is
+///   the centre of a new lowest Label Wave window (found `window / 2` epochs later: the monitor
+///   holds those epochs' weights), or while Label Wave has no low yet. The candidate whose
+///   network is most accurate on the probe data (unablated) is kept and restored, the later
+///   among equals.
+///
+/// The precedence of every case is the table in `docs/configuration.md` ("The stopping rule,
+/// step by step"); `tests/stopping.rs` checks it row by row.
+///
+/// ```
+/// use candle_reliance::monitor::{
+///     CheckSignals, EarlyStopping, LabelWaveRule, Observation, StoppingRule,
+/// };
+///
+/// let mut rule = EarlyStopping::new(StoppingRule {
+///     tolerance: 0.05,
+///     label_wave: LabelWaveRule { window: 1, patience: 2 },
+///     ..Default::default()
+/// });
+/// // Epoch, reliance metric, accuracy on the probe data, training-set prediction changes.
+/// let epochs = [
+///     (1, 0.50, 0.60, None),
+///     (2, 0.60, 0.70, Some(300.0)),
+///     (3, 0.59, 0.75, Some(200.0)),  // on the plateau (≥ 0.57), the most accurate so far
+///     (4, 0.50, 0.80, Some(250.0)),  // below the plateau, no new low: not a candidate
+///     (5, 0.45, 0.85, Some(260.0)),  // two epochs without a new low: stop
+/// ];
+/// let mut stopped_at = None;
+/// for (epoch, metric, accuracy, changes) in epochs {
+///     let obs = Observation::new(epoch)
+///         .with_training_changes(changes)
+///         .with_check(CheckSignals::new(metric, accuracy));
+///     if rule.step(&obs).is_stop() {
+///         stopped_at = Some(epoch);
+///         break;
+///     }
+/// }
+/// assert_eq!(stopped_at, Some(5));
+/// assert_eq!(rule.kept_epoch(), Some(3));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct EarlyStopping {
     rule: StoppingRule,
@@ -840,7 +842,7 @@ impl EarlyStopping {
         }
     }
 
-    /// Decides after one epoch; see the [module docs](self) and the table in
+    /// Decides after one epoch; see [`EarlyStopping`] and the table in
     /// `docs/configuration.md`. An epoch not after the last one stepped is ignored (the last
     /// decision is returned).
     pub fn step(&mut self, obs: &Observation) -> Decision {
