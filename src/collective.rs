@@ -165,40 +165,42 @@ fn failed_error(rank: usize, why: &str) -> candle_core::Error {
 
 /// Every rank's buffer summed in rank order: the same bits everywhere.
 fn sum(all: Vec<Buf>) -> std::result::Result<Buf, String> {
-    let lens: Vec<usize> = all
-        .iter()
-        .map(|b| match b {
-            Buf::U64(v) => v.len(),
-            Buf::F64(v) => v.len(),
+    match &all[0] {
+        Buf::U64(_) => add(&all, |b| match b {
+            Buf::U64(v) => Some(v),
+            Buf::F64(_) => None,
         })
-        .collect();
+        .map(Buf::U64),
+        Buf::F64(_) => add(&all, |b| match b {
+            Buf::F64(v) => Some(v),
+            Buf::U64(_) => None,
+        })
+        .map(Buf::F64),
+    }
+}
+
+/// The element-wise sum, in rank order, of the buffers `of` finds in `all` (`None`: a rank
+/// reduces another type).
+fn add<T: Copy + Default + std::ops::AddAssign>(
+    all: &[Buf],
+    of: impl Fn(&Buf) -> Option<&Vec<T>>,
+) -> std::result::Result<Vec<T>, String> {
+    let bufs = all
+        .iter()
+        .map(of)
+        .collect::<Option<Vec<_>>>()
+        .ok_or("all-reduce: the ranks reduce different types")?;
+    let lens: Vec<usize> = bufs.iter().map(|v| v.len()).collect();
     if lens.iter().any(|&l| l != lens[0]) {
         return Err(format!(
             "all-reduce: the ranks' buffers differ in length: {lens:?}"
         ));
     }
-    match &all[0] {
-        Buf::U64(_) => {
-            let mut total = vec![0u64; lens[0]];
-            for b in &all {
-                let Buf::U64(v) = b else {
-                    return Err("all-reduce: the ranks reduce different types".into());
-                };
-                total.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
-            }
-            Ok(Buf::U64(total))
-        }
-        Buf::F64(_) => {
-            let mut total = vec![0f64; lens[0]];
-            for b in &all {
-                let Buf::F64(v) = b else {
-                    return Err("all-reduce: the ranks reduce different types".into());
-                };
-                total.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
-            }
-            Ok(Buf::F64(total))
-        }
+    let mut total = vec![T::default(); lens[0]];
+    for v in bufs {
+        total.iter_mut().zip(v).for_each(|(a, &b)| *a += b);
     }
+    Ok(total)
 }
 
 impl ThreadGroup {

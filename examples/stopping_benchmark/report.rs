@@ -788,8 +788,15 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
         // Over the noisy cells: the warning against the oracle's verdict on the plateau
         // ([warned & misled, warned & not, not warned & misled, neither]).
         let mut confusion = [0usize; 4];
-        // Any warning, in the failing cells against the others: [runs, warned] each.
-        let mut tally = [[0usize; 3]; 2];
+        // The warnings in the noisy cells with validation runs: [the others, the failing].
+        #[derive(Default)]
+        struct Tally {
+            cells: usize,
+            runs: usize,
+            accuracy_unstable: usize,
+            any_warning: usize,
+        }
+        let mut tally = [Tally::default(), Tally::default()];
         for k in &keys {
             let cell = &cells[*k];
             let (Some(ours), Some(oracle)) =
@@ -809,8 +816,9 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
                 && cell.contains_key("validation loss, 20% held out")
             {
                 let t = &mut tally[usize::from(failing.contains(k))];
-                t[0] += ours.len();
-                t[1] += ours
+                t.cells += 1;
+                t.runs += ours.len();
+                t.accuracy_unstable += ours
                     .iter()
                     .filter(|o| {
                         o.warnings
@@ -818,7 +826,7 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
                             .any(|w| matches!(w, Warning::AccuracyUnstable { .. }))
                     })
                     .count();
-                t[2] += ours.iter().filter(|o| !o.warnings.is_empty()).count();
+                t.any_warning += ours.iter().filter(|o| !o.warnings.is_empty()).count();
             }
             if k.1.parse::<f64>().unwrap_or(0.0) >= 0.2 {
                 for o in ours {
@@ -889,27 +897,24 @@ fn table(runs: &[Run], selected: &[&(usize, Vec<Outcome>)], held_out: bool) -> R
                 confusion[1],
                 confusion[1] + confusion[3]
             );
-            if tally[1][0] + tally[0][0] > 0 {
+            let [other, failed] = &tally;
+            if failed.runs + other.runs > 0 {
                 println!(
                     "Noise ≥ 0.2, cells with validation runs: in the {} cells where the {DEFAULT} kept a worse epoch than validation stopping (20%) or Label Wave, `accuracy_unstable` was raised in {} of {} runs (any warning: {}); in the other {} cells, in {} of {} (any warning: {}).\n",
-                    failing.iter().filter(|k| cells[**k].contains_key("validation loss, 20% held out")).count(),
-                    tally[1][1],
-                    tally[1][0],
-                    tally[1][2],
-                    keys.iter()
-                        .filter(|k| k.1.parse::<f64>().unwrap_or(0.0) >= 0.2
-                            && !failing.contains(*k)
-                            && cells[**k].contains_key("validation loss, 20% held out"))
-                        .count(),
-                    tally[0][1],
-                    tally[0][0],
-                    tally[0][2]
+                    failed.cells,
+                    failed.accuracy_unstable,
+                    failed.runs,
+                    failed.any_warning,
+                    other.cells,
+                    other.accuracy_unstable,
+                    other.runs,
+                    other.any_warning
                 );
                 json_warn.insert(
                     "any_warning_noise_ge_0.2".into(),
-                    json!({"failing_runs": tally[1][0], "failing_accuracy_unstable": tally[1][1],
-                           "failing_any_warning": tally[1][2], "other_runs": tally[0][0],
-                           "other_accuracy_unstable": tally[0][1], "other_any_warning": tally[0][2]}),
+                    json!({"failing_runs": failed.runs, "failing_accuracy_unstable": failed.accuracy_unstable,
+                           "failing_any_warning": failed.any_warning, "other_runs": other.runs,
+                           "other_accuracy_unstable": other.accuracy_unstable, "other_any_warning": other.any_warning}),
                 );
             }
             json_warn.insert(

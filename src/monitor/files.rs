@@ -180,37 +180,42 @@ fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| io_err("write", path, e))
 }
 
-/// Whether `path` holds a complete line that `lines` as its whole content would not: a line
-/// beyond them or other than theirs (a last line without its newline, cut by a crash, does not
-/// count).
-pub(crate) fn holds_more_than<T: Serialize>(path: &Path, lines: &[T]) -> Result<bool> {
-    let text = match std::fs::read_to_string(path) {
+/// `lines` as the whole content of `path`, atomically. Lines are never deleted: if the file
+/// holds a complete line that `lines` would not — one beyond them or other than theirs (a last
+/// line without its newline, cut by a crash, does not count) — it is first moved aside
+/// (`NAME.N.bak`); returns where it went.
+pub(crate) fn rewrite_json_lines<T: Serialize>(
+    path: &Path,
+    lines: &[T],
+) -> Result<Option<PathBuf>> {
+    let mut text = String::new();
+    for l in lines {
+        text.push_str(&serde_json::to_string(l).map_err(candle_core::Error::msg)?);
+        text.push('\n');
+    }
+    let aside = if holds_more_than(path, &text)? {
+        move_aside(path)?
+    } else {
+        None
+    };
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, &text).map_err(|e| io_err("write", tmp, e))
+    })?;
+    Ok(aside)
+}
+
+/// Whether `path` holds a complete line that `text` as its whole content would not.
+fn holds_more_than(path: &Path, text: &str) -> Result<bool> {
+    let old = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         // Not text: keep it whatever it is.
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Ok(true),
         Err(e) => return Err(io_err("read", path, e)),
     };
-    let mut want = String::new();
-    for l in lines {
-        want.push_str(&serde_json::to_string(l).map_err(candle_core::Error::msg)?);
-        want.push('\n');
-    }
     // Complete lines only: up to the last newline.
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    Ok(!want.starts_with(complete))
-}
-
-/// `lines` as the whole content of `path`, atomically.
-pub(crate) fn rewrite_json_lines<T: Serialize>(path: &Path, lines: &[T]) -> Result<()> {
-    let mut text = String::new();
-    for l in lines {
-        text.push_str(&serde_json::to_string(l).map_err(candle_core::Error::msg)?);
-        text.push('\n');
-    }
-    write_atomic(path, |tmp| {
-        std::fs::write(tmp, &text).map_err(|e| io_err("write", tmp, e))
-    })
+    let complete = &old[..old.rfind('\n').map_or(0, |i| i + 1)];
+    Ok(!text.starts_with(complete))
 }
 
 /// The snapshot file of epoch `epoch`.

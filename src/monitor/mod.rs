@@ -192,6 +192,27 @@ fn fold24(h: u64) -> u64 {
     (h ^ (h >> 24) ^ (h >> 48)) & 0xff_ffff
 }
 
+/// For each 24-bit fingerprint, whether the ranks' values differ: equal on every rank iff the
+/// variance over the ranks is 0, so every rank gets the same sums and the same verdict.
+fn differ_across_ranks(collective: &dyn Collective, prints: &[u64]) -> Result<Vec<bool>> {
+    let mut sums: Vec<u64> = prints.iter().flat_map(|&f| [f, f * f]).collect();
+    collective.all_reduce_sum_u64(&mut sums)?;
+    let world = collective.world_size() as u128;
+    Ok(sums
+        .chunks(2)
+        .map(|s| u128::from(s[1]) * world != u128::from(s[0]) * u128::from(s[0]))
+        .collect())
+}
+
+/// Probes as `` `name` (U units) ``, comma-separated.
+fn probe_list(probes: &[(String, usize)]) -> String {
+    probes
+        .iter()
+        .map(|(n, u)| format!("`{n}` ({u} units)"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// How a state's history disagrees with its counters, if it does: a state edited by hand or
 /// written by something else cannot be continued with the same decisions.
 fn contradiction(state: &MonitorState) -> Option<String> {
@@ -397,20 +418,16 @@ impl RelianceMonitor {
         // The state is authoritative: the history is what it holds (lines of checks it never
         // committed are dropped), snapshot files it does not name and temporary files go.
         if let Some(path) = &config.output.history_file {
-            // Lines the state does not hold are never deleted: a file with any complete line
-            // beyond (or other than) the state's history is moved aside first; only a last line
-            // cut by the crash is dropped.
-            if files::holds_more_than(path, &state.history)? {
-                if let Some(to) = move_aside(path)? {
-                    tracing::warn!(
-                        from = %path.display(),
-                        to = %to.display(),
-                        "the history file holds checks the state never committed; moved it aside \
-                         and rewrote it from the state"
-                    );
-                }
+            // Lines of checks the state never committed are moved aside with the old file,
+            // not deleted; only a last line cut by the crash is dropped.
+            if let Some(to) = files::rewrite_json_lines(path, &state.history)? {
+                tracing::warn!(
+                    from = %path.display(),
+                    to = %to.display(),
+                    "the history file holds checks the state never committed; moved it aside \
+                     and rewrote it from the state"
+                );
             }
-            files::rewrite_json_lines(path, &state.history)?;
         }
         if let Some(path) = &config.output.state_file {
             files::remove_tmp(path)?;
@@ -646,19 +663,14 @@ impl RelianceMonitor {
                 serde_json::to_string(&self.probe_data).map_err(candle_core::Error::msg)?,
             ),
         ];
-        let mut sums: Vec<u64> = parts
+        let prints: Vec<u64> = parts
             .iter()
-            .flat_map(|(_, text)| {
-                let f = fold24(fnv1a(text.bytes()));
-                [f, f * f]
-            })
+            .map(|(_, text)| fold24(fnv1a(text.bytes())))
             .collect();
-        collective.all_reduce_sum_u64(&mut sums)?;
-        let world = collective.world_size() as u128;
         let differ: Vec<&str> = parts
             .iter()
-            .zip(sums.chunks(2))
-            .filter(|(_, s)| u128::from(s[1]) * world != u128::from(s[0]) * u128::from(s[0]))
+            .zip(differ_across_ranks(collective, &prints)?)
+            .filter(|(_, d)| *d)
             .map(|((name, _), _)| *name)
             .collect();
         if !differ.is_empty() {
@@ -732,12 +744,7 @@ impl RelianceMonitor {
             Ok(monitor)
         };
         let mut monitor = local().map_err(abort)?;
-        // Equal fingerprints on every rank iff the variance of the ranks' fingerprints is 0: the
-        // same sums, the same verdict on every rank.
-        let world = collective.world_size() as u128;
-        let mut sums = [fingerprint, fingerprint * fingerprint];
-        collective.all_reduce_sum_u64(&mut sums)?;
-        if u128::from(sums[1]) * world != u128::from(sums[0]) * u128::from(sums[0]) {
+        if differ_across_ranks(collective.as_ref(), &[fingerprint])?[0] {
             candle_core::bail!(
                 "resume_ranked: the ranks were given different states; pass every rank the state \
                  rank 0 saved"
@@ -872,7 +879,7 @@ impl RelianceMonitor {
             log_check(record);
             if let Some(path) = &self.config.output.history_file {
                 let written = if self.history_behind {
-                    files::rewrite_json_lines(path, &self.history)
+                    files::rewrite_json_lines(path, &self.history).map(|_| ())
                 } else {
                     append_json_line(path, record)
                 };
@@ -1072,36 +1079,25 @@ impl RelianceMonitor {
         let curve = m.ablation_curve(&self.config.ablation)?;
         // The curve's unclamped variant was the statistics pass: no extra forward here.
         let stats = m.statistics()?;
-        if stats.probes.iter().all(|p| p.units == 0) {
-            let widths: Vec<String> = stats
-                .probes
-                .iter()
-                .map(|p| format!("`{}` (0 units)", p.name))
-                .collect();
-            candle_core::bail!(
-                "reliance check at epoch {epoch}: no probe has a unit to ablate: {}; a probe \
-                 must see activations of shape (N, U) or (N, C, H, W) with U, C > 0",
-                widths.join(", ")
-            );
-        }
         let found: Vec<(String, usize)> = stats
             .probes
             .iter()
             .map(|p| (p.name.clone(), p.units))
             .collect();
+        if found.iter().all(|(_, units)| *units == 0) {
+            candle_core::bail!(
+                "reliance check at epoch {epoch}: no probe has a unit to ablate: {}; a probe \
+                 must see activations of shape (N, U) or (N, C, H, W) with U, C > 0",
+                probe_list(&found)
+            );
+        }
         if let Some(saved) = &self.expect_probes {
             if *saved != found {
-                let list = |v: &[(String, usize)]| {
-                    v.iter()
-                        .map(|(n, u)| format!("`{n}` ({u} units)"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
                 candle_core::bail!(
                     "cannot continue the resumed run at epoch {epoch}: its probes were {}, the \
                      model's are {}",
-                    list(saved),
-                    list(&found)
+                    probe_list(saved),
+                    probe_list(&found)
                 );
             }
         }
