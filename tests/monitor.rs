@@ -872,6 +872,18 @@ fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Re
         e.contains("other probe data") && e.contains("digest"),
         "{e}"
     );
+    // A state whose recorded digest was tampered with: refused for the same data.
+    let mut tampered = state.clone();
+    tampered.probe_data.as_mut().unwrap().digest = "0000000000000000".into();
+    let (_, _, probes, _) = setup()?;
+    let e = RelianceMonitor::resume(config(dir.path(), "")?, probes, data.clone(), tampered)
+        .err()
+        .expect("a tampered digest")
+        .to_string();
+    assert!(
+        e.contains("other probe data") && e.contains("the interrupted run's 0000000000000000"),
+        "{e}"
+    );
     // Other labels: refused.
     let (_, _, probes, _) = setup()?;
     let flipped = (Tensor::ones_like(data.labels())? - data.labels())?;

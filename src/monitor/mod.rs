@@ -126,12 +126,12 @@ impl ProbeDataPrint {
     fn differences(&self, other: &Self) -> Option<String> {
         if self.training_samples != other.training_samples {
             Some(format!(
-                "{} training examples, the interrupted run had {}",
+                "the data given has {} training examples, the interrupted run had {}",
                 self.training_samples, other.training_samples
             ))
         } else if self.samples != other.samples {
             Some(format!(
-                "{} probe samples, the interrupted run had {}",
+                "the probe subset has {} samples, the interrupted run's had {}",
                 self.samples, other.samples
             ))
         } else if self.digest != other.digest {
@@ -533,8 +533,7 @@ impl RelianceMonitor {
         if let Some(saved) = state.as_ref().and_then(|s| s.probe_data.as_ref()) {
             if let Some(what) = probe_data.differences(saved) {
                 candle_core::bail!(
-                    "cannot resume on other probe data than the interrupted run's: the data given \
-                     has {what}"
+                    "cannot resume on other probe data than the interrupted run's: {what}"
                 );
             }
         }
