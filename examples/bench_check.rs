@@ -40,21 +40,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
-    f()?; // warm-up: allocations, thread pools
+fn time<T, E: Into<candle_core::Error>>(
+    reps: usize,
+    mut f: impl FnMut() -> std::result::Result<T, E>,
+) -> Result<f64> {
+    f().map_err(Into::into)?; // warm-up: allocations, thread pools
     let mut t = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t0 = Instant::now();
-        f()?;
+        f().map_err(Into::into)?;
         t.push(t0.elapsed().as_secs_f64());
     }
     Ok(median(t))
 }
 
 /// One timed run, no warm-up (for runs that follow others of the same kind).
-fn once<T>(f: impl FnOnce() -> Result<T>) -> Result<f64> {
+fn once<T, E: Into<candle_core::Error>>(
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<f64> {
     let t0 = Instant::now();
-    f()?;
+    f().map_err(Into::into)?;
     Ok(t0.elapsed().as_secs_f64())
 }
 
@@ -120,7 +125,7 @@ fn main() -> Result<()> {
             hb.matmul(&w2)?;
             hb.matmul(&w3)?;
         }
-        Ok(())
+        Ok::<(), candle_core::Error>(())
     })?;
     let matmul = whole.min(blocked);
     // The model's own forward over the same rows (bias adds and ReLUs included, probes idle):
@@ -131,7 +136,7 @@ fn main() -> Result<()> {
             let hb = h.narrow(0, start, rows.min(masks * n - start))?;
             model.layers[2].forward(&model.layers[1].forward(&hb)?.relu()?)?;
         }
-        Ok(())
+        Ok::<(), candle_core::Error>(())
     })?;
 
     // The second probe's clamp over the rows of one check, as the op does it (a new tensor per
@@ -151,7 +156,7 @@ fn main() -> Result<()> {
         for _ in 0..chunks {
             level_clamp_for_tests(&hc, &keep, &zeros, false)?;
         }
-        Ok(())
+        Ok::<(), candle_core::Error>(())
     })?;
     let masks_v: Vec<u32> = keep_v
         .iter()
@@ -174,7 +179,7 @@ fn main() -> Result<()> {
                     }
                 });
         }
-        Ok(std::hint::black_box(buf.len()))
+        Ok::<_, candle_core::Error>(std::hint::black_box(buf.len()))
     })?;
 
     // Idle probes: the same forward with and without the probe calls (probes are identities
@@ -373,7 +378,7 @@ fn train_epoch_observed(
         let l = candle_nn::loss::cross_entropy(&logits, &ys.index_select(&idx, 0)?)?;
         opt.backward_step(&l)?;
     }
-    changes.end_epoch()
+    Ok(changes.end_epoch()?)
 }
 
 /// One default-size check of the MNIST MLP on `n` shipped digits (repeated from the training

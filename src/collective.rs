@@ -29,18 +29,20 @@
 //!             r.all_reduce_sum_u64(&mut buf).map(|_| buf)
 //!         }))
 //!         .collect();
-//!     handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_core::Result<_>>()
+//!     handles.into_iter().map(|h| h.join().unwrap()).collect::<candle_reliance::Result<_>>()
 //! })?;
 //! assert!(sums.iter().all(|b| b == &vec![0 + 1 + 2, 3]));
-//! # Ok::<(), candle_core::Error>(())
+//! # Ok::<(), candle_reliance::Error>(())
 //! ```
 
-use candle_core::Result;
+use crate::error::{bail, fail, Error};
+use crate::Result;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[cfg(feature = "nccl")]
 mod nccl;
 #[cfg(feature = "nccl")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nccl")))]
 pub use nccl::Nccl;
 
 /// What a data-parallel measurement needs from a process group.
@@ -157,10 +159,13 @@ impl Group {
     }
 }
 
-fn failed_error(rank: usize, why: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "thread group: rank {rank} failed and makes no more collective calls: {why}"
-    ))
+fn failed_error(rank: usize, why: &str) -> Error {
+    Error::Rank {
+        rank: Some(rank),
+        message: format!(
+            "thread group: rank {rank} failed and makes no more collective calls: {why}"
+        ),
+    }
 }
 
 /// Every rank's buffer summed in rank order: the same bits everywhere.
@@ -207,7 +212,7 @@ impl ThreadGroup {
     /// The `world` members of a new group, rank 0 first.
     pub fn new(world: usize) -> Result<Vec<Self>> {
         if world == 0 {
-            candle_core::bail!("a thread group needs at least one rank");
+            bail!(Rank, "a thread group needs at least one rank");
         }
         let group = Arc::new(Group {
             world,
@@ -259,10 +264,8 @@ impl ThreadGroup {
         }
         match round.result.clone() {
             Some(Ok(b)) => Ok(b),
-            Some(Err(e)) => Err(candle_core::Error::Msg(e)),
-            None => Err(candle_core::Error::Msg(
-                "thread group: a round ended without a result".into(),
-            )),
+            Some(Err(e)) => Err(fail!(Rank, "{e}")),
+            None => Err(fail!(Rank, "thread group: a round ended without a result")),
         }
     }
 }
@@ -277,14 +280,14 @@ impl Collective for ThreadGroup {
     fn all_reduce_sum_u64(&self, buf: &mut [u64]) -> Result<()> {
         match self.exchange(Buf::U64(buf.to_vec()))? {
             Buf::U64(v) => buf.copy_from_slice(&v),
-            Buf::F64(_) => candle_core::bail!("all-reduce: the ranks reduce different types"),
+            Buf::F64(_) => bail!(Rank, "all-reduce: the ranks reduce different types"),
         }
         Ok(())
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
         match self.exchange(Buf::F64(buf.to_vec()))? {
             Buf::F64(v) => buf.copy_from_slice(&v),
-            Buf::U64(_) => candle_core::bail!("all-reduce: the ranks reduce different types"),
+            Buf::U64(_) => bail!(Rank, "all-reduce: the ranks reduce different types"),
         }
         Ok(())
     }

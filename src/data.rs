@@ -1,7 +1,9 @@
 //! The fixed training subset a measurement runs on, and the label corruption of the paper's
 //! randomization experiments.
 
-use candle_core::{DType, Result, Tensor};
+use crate::error::bail;
+use crate::Result;
+use candle_core::{DType, Tensor};
 
 /// Inputs and integer class labels of the samples a measurement evaluates.
 ///
@@ -32,26 +34,40 @@ impl ProbeData {
     /// mismatch, an empty set, or non-finite inputs.
     pub fn new(xs: Tensor, labels: Tensor) -> Result<Self> {
         if labels.dtype() != DType::U32 {
-            candle_core::bail!("probe data: labels must be u32, got {:?}", labels.dtype());
+            bail!(
+                Data,
+                "probe data: labels must be u32, got {:?}",
+                labels.dtype()
+            );
         }
         let n = match labels.dims() {
             [n] => *n,
-            d => candle_core::bail!("probe data: labels must have shape (N,), got {d:?}"),
+            d => bail!(Data, "probe data: labels must have shape (N,), got {d:?}"),
         };
         if xs.rank() == 0 {
-            candle_core::bail!("probe data: inputs must have the samples along dimension 0");
+            bail!(
+                Data,
+                "probe data: inputs must have the samples along dimension 0"
+            );
         }
         if xs.dim(0)? != n {
-            candle_core::bail!("probe data: {} input samples but {n} labels", xs.dim(0)?);
+            bail!(
+                Data,
+                "probe data: {} input samples but {n} labels",
+                xs.dim(0)?
+            );
         }
         if n == 0 {
-            candle_core::bail!("probe data: the subset is empty");
+            bail!(Data, "probe data: the subset is empty");
         }
         if xs.dtype().is_float() {
             // Converted to f32 first: a value beyond its range counts as infinite.
             let finite = crate::ops::all_finite(&xs.to_dtype(DType::F32)?)?;
             if !finite {
-                candle_core::bail!("probe data: inputs contain NaN or infinite values");
+                bail!(
+                    NonFinite,
+                    "probe data: inputs contain NaN or infinite values"
+                );
             }
         }
         let label_values = labels.to_vec1::<u32>()?;
@@ -91,7 +107,7 @@ impl ProbeData {
     /// `seed`, in their original order.
     pub fn subset(&self, n: usize, seed: u64) -> Result<Self> {
         if n == 0 {
-            candle_core::bail!("probe data: a subset needs at least one sample");
+            bail!(Data, "probe data: a subset needs at least one sample");
         }
         if n >= self.len() {
             return Ok(self.clone());
@@ -115,7 +131,7 @@ impl ProbeData {
     /// The inputs of samples `start..start + len` (clipped to the end).
     pub(crate) fn chunk(&self, start: usize, len: usize) -> Result<Tensor> {
         let len = len.min(self.len() - start);
-        self.xs.narrow(0, start, len)
+        Ok(self.xs.narrow(0, start, len)?)
     }
 }
 

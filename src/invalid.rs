@@ -27,9 +27,13 @@ impl Invalid {
     }
 
     /// An error for a value checked outside a configuration: `section.key: message`.
-    pub fn into_error(self, section: &str) -> candle_core::Error {
+    pub fn into_error(self, section: &str) -> crate::Error {
         let e = self.within(section);
-        candle_core::Error::Msg(format!("{}: {}", e.key, e.msg))
+        crate::Error::Config {
+            message: format!("{}: {}", e.key, e.msg),
+            key: Some(e.key),
+            line: None,
+        }
     }
 
     pub fn at_least(key: &str, v: usize, min: usize) -> Checked {

@@ -59,21 +59,31 @@
 //! * [`monitor`] — the training-loop plugin: configuration, stopping rule, records, files.
 //! * [`plot`] — SVG charts of curves and histories (no dependencies).
 //! * [`rng`] — the crate's seeded generators, for reproducing its draws.
+//! * [`error`] — the crate's [`Error`] (variants a caller can match on) and [`Result`]; `?`
+//!   turns it into `candle_core::Error` or `anyhow::Error`.
 //! * [`collective`] — data-parallel measurement: each rank measures its shard, counts and sums
 //!   are all-reduced (thread ranks built in; NCCL with the `nccl` feature).
 //!
 //! See `docs/usage.md`, `docs/configuration.md` and `examples/mnist.rs` in the repository.
 #![warn(missing_docs)]
+// docs.rs (`--cfg docsrs`, nightly): feature-gated items show the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod collective;
 pub mod curves;
 pub mod data;
+pub mod error;
 mod invalid;
 mod json;
 pub mod measurement;
 pub mod monitor;
+// The ops' test hooks are public only to this crate's own tests (the `test-hooks` feature,
+// which the crate's dev-dependency on itself turns on); no user builds them.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub mod ops;
+#[cfg(not(feature = "test-hooks"))]
+mod ops;
 pub mod plot;
 pub mod probe;
 pub mod rng;
@@ -81,6 +91,7 @@ pub mod units;
 
 pub use curves::{AblationCurve, AblationSpec, Clamp};
 pub use data::ProbeData;
+pub use error::{Error, Result};
 pub use measurement::Measurement;
 pub use monitor::{
     CheckRecord, Decision, MonitorState, RelianceConfig, RelianceMonitor, StopReason,

@@ -21,11 +21,13 @@
 //! ```
 
 use crate::collective::Collective;
+use crate::error::{bail, Error};
 use crate::invalid::Invalid;
 use crate::probe::{Action, PassGuard, ProbeSet, UnitSums};
 use crate::units::PerProbe;
 use crate::ProbeData;
-use candle_core::{DType, Module, Result, Tensor, D};
+use crate::Result;
+use candle_core::{DType, Module, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::cell::OnceCell;
 use std::ops::Range;
@@ -268,6 +270,15 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
 
     /// The global indices of the samples this rank measures (all of them without a
     /// collective).
+    /// The model's forward pass; an error a probe raised inside it comes back as that probe's.
+    pub(crate) fn forward_model(&self, xs: &Tensor) -> Result<Tensor> {
+        // A failure left by a forward whose error was handled (an expansion that fell back).
+        let _ = self.probes.take_failure();
+        self.model
+            .forward(xs)
+            .map_err(|e| self.probes.take_failure().unwrap_or(Error::Candle(e)))
+    }
+
     fn shard(&self) -> Range<usize> {
         let n = self.data.len();
         match self.collective {
@@ -371,7 +382,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 n,
                 Some((Tensor::new(chunk_labels, xs.device())?, acc.label_classes)),
             )?;
-            let logits = self.model.forward(&xs)?;
+            let logits = self.forward_model(&xs)?;
             guard.finish_forward()?;
             checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?;
             let first = (start == shard.start)
@@ -405,17 +416,18 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         // Decided alike on every rank, so that none waits for another at an all-reduce.
         let world = self.collective.map_or(1, |c| c.world_size());
         if world > n {
-            candle_core::bail!(
+            bail!(
+                Data,
                 "{world} ranks cannot share {n} probe samples: more ranks than samples"
             );
         }
         let first = data.chunk(self.shard().start, 1)?;
         let alone = match shapes {
-            None => self.model.forward(&first)?,
+            None => self.forward_model(&first)?,
             Some(sums) => {
                 let guard = probes.begin(Action::Stats, 1, false)?;
                 guard.start_forward(0, 1)?;
-                let alone = self.model.forward(&first)?;
+                let alone = self.forward_model(&first)?;
                 guard.finish_forward()?;
                 *sums = guard.take_sums()?;
                 alone
@@ -424,7 +436,8 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         let (_, model_classes) = logits_dims(&alone)?;
         let max_label = data.label_values().iter().copied().max().unwrap_or(0);
         if max_label as usize >= model_classes {
-            candle_core::bail!(
+            bail!(
+                Data,
                 "label {max_label} is out of range for a model with {model_classes} logits"
             );
         }
@@ -556,7 +569,10 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
     pub fn ablation_accuracies(&self, clamped: &[Vec<usize>], clamp: Clamp) -> Result<Vec<f64>> {
         let total = self.statistics()?.total_units();
         if let Some(u) = clamped.iter().flatten().find(|&&u| u >= total) {
-            candle_core::bail!("ablation_accuracies: unit {u} is out of range (0..{total})");
+            bail!(
+                Data,
+                "ablation_accuracies: unit {u} is out of range (0..{total})"
+            );
         }
         if clamped.is_empty() {
             return Ok(vec![]);
@@ -599,7 +615,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                     Tensor::from_vec(m, p.units, &device)
                 }
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let make_action = |range: Range<usize>| -> Result<Action> {
             let host: Vec<Vec<u8>> = stats
                 .probes
@@ -616,7 +632,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
                 .iter()
                 .zip(&stats.probes)
                 .map(|(k, p)| Tensor::from_slice(k, (range.len(), p.units), &device))
-                .collect::<Result<_>>()?;
+                .collect::<candle_core::Result<_>>()?;
             Ok(Action::Clamp {
                 keep,
                 host,
@@ -794,7 +810,7 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
             for start in self.shard().step_by(chunk) {
                 let xs = self.chunk(start, chunk)?;
                 guard.start_forward(start, n)?;
-                let logits = self.model.forward(&xs)?;
+                let logits = self.forward_model(&xs)?;
                 guard.finish_forward()?;
                 let rows = checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?.0;
                 let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
@@ -900,7 +916,10 @@ fn differs(a: &Tensor, b: &Tensor) -> Result<bool> {
 fn logits_dims(logits: &Tensor) -> Result<(usize, usize)> {
     match logits.dims() {
         [r, c] if *c > 0 => Ok((*r, *c)),
-        d => candle_core::bail!("the model must return logits of shape (N, classes), got {d:?}"),
+        d => bail!(
+            Data,
+            "the model must return logits of shape (N, classes), got {d:?}"
+        ),
     }
 }
 
@@ -909,10 +928,16 @@ fn logits_dims(logits: &Tensor) -> Result<(usize, usize)> {
 fn checked_logits(logits: &Tensor, samples: usize, labels: &[u32]) -> Result<(usize, usize)> {
     let (rows, classes) = logits_dims(logits)?;
     if rows != samples {
-        candle_core::bail!("the model returned {rows} rows of logits for {samples} samples");
+        bail!(
+            Data,
+            "the model returned {rows} rows of logits for {samples} samples"
+        );
     }
     if let Some(bad) = labels[..rows].iter().find(|&&l| l as usize >= classes) {
-        candle_core::bail!("label {bad} is out of range for a model with {classes} logits");
+        bail!(
+            Data,
+            "label {bad} is out of range for a model with {classes} logits"
+        );
     }
     Ok((rows, classes))
 }

@@ -15,7 +15,7 @@
 
 use crate::monitor::files::{ensure_parent, io_err};
 use crate::monitor::{read_history, CheckRecord};
-use candle_core::Result;
+use crate::Result;
 use std::fmt::Write as _;
 use std::path::Path;
 

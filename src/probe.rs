@@ -23,8 +23,10 @@ mod fused;
 mod merge;
 pub use fused::{AfterLayer, NextLayer, ProbedLayer};
 
+use crate::error::{bail, fail, Error};
 use crate::ops::{level_clamp, level_noise, rows_units_inner, LevelNoise};
-use candle_core::{DType, Module, Result, Tensor};
+use crate::Result;
+use candle_core::{DType, Module, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -39,6 +41,9 @@ struct Shared {
     /// Read on every forward of every probe; the only cost of an idle probe.
     active: AtomicBool,
     inner: Mutex<Inner>,
+    /// The typed error of the last failing probe forward: the model's forward returns candle's
+    /// error, from which [`ProbeSet::take_failure`] recovers what the probe said.
+    failure: Mutex<Option<Error>>,
 }
 
 #[derive(Default)]
@@ -157,13 +162,16 @@ impl ProbeSet {
         let name = name.into();
         let mut inner = self.lock()?;
         if name.trim().is_empty() {
-            candle_core::bail!("probe names must not be empty");
+            bail!(Probe, "probe names must not be empty");
         }
         if inner.pass.is_some() {
-            candle_core::bail!("cannot add probe `{name}` while a measurement is running");
+            bail!(
+                Probe,
+                "cannot add probe `{name}` while a measurement is running"
+            );
         }
         if inner.names.contains(&name) {
-            candle_core::bail!("a probe named `{name}` already exists in this set");
+            bail!(Probe, "a probe named `{name}` already exists in this set");
         }
         inner.names.push(name);
         Ok(Probe {
@@ -191,6 +199,12 @@ impl ProbeSet {
         lock(&self.shared)
     }
 
+    /// The error a probe raised inside the model's forward pass, if one did since the last
+    /// call: a measurement returns it in place of the candle error the model passed on.
+    pub(crate) fn take_failure(&self) -> Option<Error> {
+        self.shared.failure.lock().ok().and_then(|mut f| f.take())
+    }
+
     /// Starts a pass; the guard ends it (also on error paths).
     pub(crate) fn begin(
         &self,
@@ -200,12 +214,13 @@ impl ProbeSet {
     ) -> Result<PassGuard<'_>> {
         let mut inner = self.lock()?;
         if inner.names.is_empty() {
-            candle_core::bail!(
+            bail!(
+                Probe,
                 "the probe set is empty: add probes after the activations to measure"
             );
         }
         if inner.pass.is_some() {
-            candle_core::bail!("a measurement is already running on this probe set");
+            bail!(Probe, "a measurement is already running on this probe set");
         }
         let n = inner.names.len();
         inner.pass = Some(Pass {
@@ -238,7 +253,7 @@ fn lock(shared: &Shared) -> Result<MutexGuard<'_, Inner>> {
     shared
         .inner
         .lock()
-        .map_err(|_| candle_core::Error::Msg("probe state poisoned by an earlier panic".into()))
+        .map_err(|_| fail!(Usage, "probe state poisoned by an earlier panic"))
 }
 
 /// Ends the pass when dropped.
@@ -284,7 +299,8 @@ impl PassGuard<'_> {
                 .map(|(_, n)| n.as_str())
                 .collect();
             if !missing.is_empty() {
-                candle_core::bail!(
+                bail!(
+                    Probe,
                     "probe(s) {missing:?} were not reached by the model's forward pass; \
                      each probe must be applied exactly once per forward"
                 );
@@ -385,7 +401,7 @@ impl PassGuard<'_> {
         let mut inner = self.set.lock()?;
         match inner.pass.as_mut() {
             Some(p) => f(p),
-            None => candle_core::bail!("no measurement is running"),
+            None => bail!(Probe, "no measurement is running"),
         }
     }
 }
@@ -450,14 +466,47 @@ impl Capture<'_> {
             .into_iter()
             .zip(names)
             .map(|(t, name)| {
-                candle_core::Context::context(t, format!("probe `{name}` recorded nothing"))
+                t.ok_or_else(|| Error::probe(&name, format!("probe `{name}` recorded nothing")))
             })
             .collect()
     }
 }
 
 impl Module for Probe {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_measured(xs).map_err(|e| self.fail_forward(e))
+    }
+}
+
+impl Probe {
+    /// Keeps `e` for [`ProbeSet::take_failure`] and returns its message as candle's error, which
+    /// the model's forward passes on.
+    pub(crate) fn fail_forward(&self, e: Error) -> candle_core::Error {
+        {
+            // Every error raised here is this probe's.
+            let e = match e {
+                Error::Probe {
+                    probe: None,
+                    message,
+                } => Error::Probe {
+                    probe: lock(&self.shared)
+                        .ok()
+                        .and_then(|i| i.names.get(self.index).cloned()),
+                    message,
+                },
+                e => e,
+            };
+            let message = candle_core::Error::Msg(e.to_string());
+            if let Ok(mut slot) = self.shared.failure.lock() {
+                *slot = Some(e);
+            }
+            message
+        }
+    }
+}
+
+impl Probe {
+    fn forward_measured(&self, xs: &Tensor) -> Result<Tensor> {
         if !self.shared.active.load(Ordering::Acquire) {
             // Idle: a reference-counted handle to the same storage.
             return Ok(xs.clone());
@@ -470,15 +519,14 @@ impl Module for Probe {
         };
         let i = self.index;
         if pass.seen[i] {
-            candle_core::bail!(
+            bail!(
+                Probe,
                 "probe `{name}` ran twice in one forward pass; use one probe per activation"
             );
         }
         pass.seen[i] = true;
         pass.call_order.push(i);
-        let in_probe =
-            |e: candle_core::Error| candle_core::Error::Msg(format!("probe `{name}`: {e}"));
-        let (rows, _, _) = rows_units_inner(xs.dims()).map_err(in_probe)?;
+        let (rows, _, _) = rows_units_inner(xs.dims()).map_err(in_probe(&name))?;
         let first = pass.rows_in.is_none();
         let expand = first && pass.expand;
         if first {
@@ -489,27 +537,29 @@ impl Module for Probe {
             let blocks = pass.step.as_ref().map_or(pass.variants, |s| s.blocks);
             let want = pass.rows_in.unwrap_or(rows) * blocks;
             if rows != want {
-                candle_core::bail!(
+                bail!(
+                    Probe,
                     "probe `{name}` received {rows} rows where the expanded batch has {want}"
                 );
             }
         }
         if pass.record_unclamped && matches!(pass.action, Action::Clamp { .. }) {
-            record_unclamped(pass, i, xs, expand).map_err(in_probe)?;
+            record_unclamped(pass, i, xs, expand).map_err(in_probe(&name))?;
         }
         match &pass.action {
             Action::Stats => {
-                record_sums(&mut pass.sums[i], xs, pass.labels.as_ref()).map_err(in_probe)?;
+                record_sums(&mut pass.sums[i], xs, pass.labels.as_ref())
+                    .map_err(in_probe(&name))?;
                 Ok(xs.clone())
             }
             Action::Clamp { keep, values, .. } => {
                 if !pass.expand {
-                    return level_clamp(xs, &keep[i], &values[i], false).map_err(in_probe);
+                    return level_clamp(xs, &keep[i], &values[i], false).map_err(in_probe(&name));
                 }
                 let values = values[i].clone();
-                let step = merge::advance(pass, i).map_err(in_probe)?;
+                let step = merge::advance(pass, i).map_err(in_probe(&name))?;
                 let rows_in = pass.rows_in.unwrap_or(rows);
-                merge::clamp(xs, &step, rows_in, &values, expand).map_err(in_probe)
+                merge::clamp(xs, &step, rows_in, &values, expand).map_err(in_probe(&name))
             }
             Action::Noise {
                 std,
@@ -524,7 +574,7 @@ impl Module for Probe {
                     sample_offset: pass.sample_offset,
                     total_samples: pass.total_samples,
                 };
-                level_noise(xs, &std[i], op).map_err(in_probe)
+                level_noise(xs, &std[i], op).map_err(in_probe(&name))
             }
             Action::Capture => {
                 pass.captured[i] = Some(if xs.rank() == 4 {
@@ -536,6 +586,11 @@ impl Module for Probe {
             }
         }
     }
+}
+
+/// Puts `probe \`name\`: ` in front of an error's message.
+fn in_probe<E: Into<Error>>(name: &str) -> impl Fn(E) -> Error + '_ {
+    move |e| e.into().context(format!("probe `{name}`"))
 }
 
 /// Records probe `i`'s sums over the unclamped variant's rows: the whole input of the probe
@@ -581,14 +636,15 @@ fn record_sums(
     });
     // The width first: the class sums' length follows it.
     if s.units != units {
-        candle_core::bail!(
+        bail!(
+            Probe,
             "unit count changed between batches: {} then {units}",
             s.units
         );
     }
     if let Some(cs) = class_sum {
         if cs.len() != s.class_sum.len() {
-            candle_core::bail!("class count changed between batches");
+            bail!(Probe, "class count changed between batches");
         }
         s.class_sum.iter_mut().zip(cs).for_each(|(a, b)| *a += b);
     }

@@ -77,7 +77,7 @@ fn data(w: &Weights) -> Result<ProbeData> {
             }
         })
         .collect();
-    ProbeData::new(xs, Tensor::new(ys.as_slice(), &DEV)?)
+    Ok(ProbeData::new(xs, Tensor::new(ys.as_slice(), &DEV)?)?)
 }
 
 /// `f` on every rank of a `world`-rank thread group, each with its own replica.
@@ -169,6 +169,7 @@ fn sharded_single_unit_ablations_equal_the_single_process_ones() -> Result<()> {
             Measurement::new(model, probes, &data)
                 .with_collective(c)
                 .ablation_accuracies(&sets, Clamp::Zero)
+                .map_err(Into::into)
         })?;
         assert!(got.iter().all(|g| g == &want), "world {world}");
     }
@@ -196,6 +197,7 @@ fn sharded_mean_clamp_curves_agree_within_a_sample() -> Result<()> {
             Measurement::new(model, probes, &data)
                 .with_collective(c)
                 .ablation_curve(&spec(Clamp::Mean))
+                .map_err(Into::into)
         })?;
         assert!(got.iter().all(close), "world {world}");
         // Every rank sees the same curve.
@@ -247,7 +249,9 @@ fn all_reduce_of_unequal_buffers_fails_on_every_rank() -> Result<()> {
             .map(|r| {
                 s.spawn(move || {
                     let mut buf = vec![0.1 * (r.rank() + 1) as f64, 1e16];
-                    r.all_reduce_sum_f64(&mut buf).map(|_| buf)
+                    r.all_reduce_sum_f64(&mut buf)
+                        .map(|_| buf)
+                        .map_err(Into::into)
                 })
             })
             .collect();
@@ -458,11 +462,11 @@ fn ranked_monitors_on_a_trained_mlp_decide_as_one_process() -> Result<()> {
     }
 
     let config = || -> Result<RelianceConfig> {
-        RelianceConfig::from_yaml_str(
+        Ok(RelianceConfig::from_yaml_str(
             "schedule: {check_every: 1, warmup_epochs: 1}\n\
              ablation: {fractions: 9, orders: 3, seed: 5}\n\
              stopping: {tolerance: 0.03}\n",
-        )
+        )?)
     };
     // One monitor over the trajectory; `rank` None is the single process.
     let follow = |rank: Option<ThreadGroup>| -> Result<Vec<(Decision, f64, f64)>> {
@@ -818,7 +822,9 @@ fn ranks_given_different_settings_or_data_all_fail_naming_them() {
                 *seed += 1;
             }
         }
-        RelianceMonitor::new_ranked(cfg, probes, data, Arc::new(rank)).map(|_| ())
+        RelianceMonitor::new_ranked(cfg, probes, data, Arc::new(rank))
+            .map(|_| ())
+            .map_err(Into::into)
     });
     for (r, e) in got.iter().enumerate() {
         let e = e.clone().unwrap_or_else(|| panic!("rank {r} started"));
@@ -837,7 +843,9 @@ fn ranks_given_different_settings_or_data_all_fail_naming_them() {
         } else {
             data
         };
-        RelianceMonitor::new_ranked(config(&dir, "")?, probes, data, Arc::new(rank)).map(|_| ())
+        RelianceMonitor::new_ranked(config(&dir, "")?, probes, data, Arc::new(rank))
+            .map(|_| ())
+            .map_err(Into::into)
     });
     for (r, e) in got.iter().enumerate() {
         let e = e.clone().unwrap_or_else(|| panic!("rank {r} started"));
@@ -853,7 +861,9 @@ fn a_rank_that_cannot_start_fails_the_others_naming_it() {
     let got = two_ranks_within_a_deadline(move |rank| {
         use common::scripted::*;
         let (_, _, probes, data) = setup()?;
-        RelianceMonitor::new_ranked(config(&dir, "")?, probes, data, Arc::new(rank)).map(|_| ())
+        RelianceMonitor::new_ranked(config(&dir, "")?, probes, data, Arc::new(rank))
+            .map(|_| ())
+            .map_err(Into::into)
     });
     let (e0, e1) = (got[0].clone().unwrap(), got[1].clone().unwrap());
     assert!(e0.contains("is a directory"), "{e0}");

@@ -574,8 +574,7 @@ fn a_strategy_of_the_users_decides_and_its_epoch_is_restored() -> Result<()> {
     // It cannot save its state: with a state file that is refused at once.
     let e = RelianceMonitor::new(cfg.clone(), probes.clone(), data.clone())?
         .with_strategy(Box::new(rule()))
-        .err()
-        .expect("a state file with a strategy that cannot save")
+        .expect_err("a state file with a strategy that cannot save")
         .to_string();
     assert!(
         e.contains("output.state_file") && e.contains("save_state"),
@@ -701,16 +700,14 @@ fn a_state_this_version_cannot_continue_is_refused_saying_why() -> Result<()> {
     let mut state = RelianceMonitor::load_state(&path)?;
     state.training_predictions.as_mut().unwrap().push(0);
     let e = RelianceMonitor::resume(cfg.clone(), probes.clone(), data.clone(), state)
-        .err()
-        .expect("another training set")
+        .expect_err("another training set")
         .to_string();
     assert!(e.contains("65") && e.contains("64"), "{e}");
     // A kept epoch the rule's state does not name.
     let mut state = RelianceMonitor::load_state(&path)?;
     state.kept_epoch = Some(1);
     let e = RelianceMonitor::resume(cfg, probes, data, state)
-        .err()
-        .expect("a tampered kept epoch")
+        .expect_err("a tampered kept epoch")
         .to_string();
     assert!(e.contains("keeps epoch"), "{e}");
     Ok(())
@@ -739,7 +736,7 @@ impl EarlyStoppingStrategy for KeepsTheOneBefore {
     fn save_state(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!([self.last, self.kept]))
     }
-    fn load_state(&mut self, state: serde_json::Value) -> Result<()> {
+    fn load_state(&mut self, state: serde_json::Value) -> candle_reliance::Result<()> {
         (self.last, self.kept) = serde_json::from_value(state).map_err(candle_core::Error::msg)?;
         Ok(())
     }
@@ -840,8 +837,7 @@ fn a_held_epoch_without_its_file_is_refused() -> Result<()> {
     std::fs::remove_file(dir.path().join("best.safetensors.epoch3")).unwrap();
     let (_, probes) = rebuilt(&net)?;
     let e = RelianceMonitor::resume(cfg, probes, data, state)
-        .err()
-        .expect("a held file gone")
+        .expect_err("a held file gone")
         .to_string();
     assert!(
         e.contains("best.safetensors.epoch3") && e.contains("missing"),
@@ -864,10 +860,7 @@ fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Re
     // Other values, same size: refused, naming the digest.
     let (_, _, probes, _) = setup()?;
     let other = candle_reliance::ProbeData::new((data.xs() * 2.0)?, data.labels().clone())?;
-    let e = resume(probes, other)
-        .err()
-        .expect("other values")
-        .to_string();
+    let e = resume(probes, other).expect_err("other values").to_string();
     assert!(
         e.contains("other probe data") && e.contains("digest"),
         "{e}"
@@ -877,8 +870,7 @@ fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Re
     tampered.probe_data.as_mut().unwrap().digest = "0000000000000000".into();
     let (_, _, probes, _) = setup()?;
     let e = RelianceMonitor::resume(config(dir.path(), "")?, probes, data.clone(), tampered)
-        .err()
-        .expect("a tampered digest")
+        .expect_err("a tampered digest")
         .to_string();
     assert!(
         e.contains("other probe data") && e.contains("the interrupted run's 0000000000000000"),
@@ -891,8 +883,7 @@ fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Re
         probes,
         candle_reliance::ProbeData::new(data.xs().clone(), flipped)?,
     )
-    .err()
-    .expect("other labels")
+    .expect_err("other labels")
     .to_string();
     assert!(e.contains("other probe data"), "{e}");
     // Fewer training examples: refused, naming both counts.
@@ -901,7 +892,7 @@ fn a_resume_on_other_probe_data_or_probes_is_refused_naming_what_differs() -> Re
         data.xs().narrow(0, 0, 60)?,
         data.labels().narrow(0, 0, 60)?,
     )?;
-    let e = resume(probes, fewer).err().expect("fewer").to_string();
+    let e = resume(probes, fewer).expect_err("fewer").to_string();
     assert!(
         e.contains("60 training examples") && e.contains("had 64"),
         "{e}"
@@ -936,8 +927,7 @@ fn a_state_whose_history_contradicts_its_counters_is_refused() -> Result<()> {
         edit(&mut s);
         let (_, _, probes, data) = setup().unwrap();
         RelianceMonitor::resume(config(dir.path(), "").unwrap(), probes, data, s)
-            .err()
-            .expect("a contradicting state is refused")
+            .expect_err("a contradicting state is refused")
             .to_string()
     };
     let e = refused(&|s| s.last_epoch = Some(1));

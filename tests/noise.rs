@@ -16,10 +16,10 @@ fn data(n: usize) -> Result<ProbeData> {
         })
         .collect();
     let ys: Vec<u32> = (0..n).map(|i| (i % 2) as u32).collect();
-    ProbeData::new(
+    Ok(ProbeData::new(
         Tensor::from_vec(v, (n, 3), &Device::Cpu)?,
         Tensor::from_vec(ys, n, &Device::Cpu)?,
-    )
+    )?)
 }
 
 #[test]

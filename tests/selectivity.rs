@@ -40,7 +40,10 @@ fn table() -> Result<ProbeData> {
         ],
         &dev(),
     )?;
-    ProbeData::new(xs, Tensor::new(&[0u32, 0, 1, 1, 3, 3], &dev())?)
+    Ok(ProbeData::new(
+        xs,
+        Tensor::new(&[0u32, 0, 1, 1, 3, 3], &dev())?,
+    )?)
 }
 
 #[test]
@@ -422,7 +425,7 @@ fn regularizer_gradient_matches_finite_differences() -> Result<()> {
         let cap = probes.capture()?;
         p.forward(&x.matmul(w)?.exp()?)?;
         let acts = cap.finish()?;
-        selectivity_regularizer(&acts, &labels, 4)
+        Ok(selectivity_regularizer(&acts, &labels, 4)?)
     };
     let w = Var::from_tensor(&Tensor::from_vec(w0.clone(), (2, 3), &dev())?)?;
     let grads = forward_reg(w.as_tensor())?.backward()?;

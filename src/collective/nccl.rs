@@ -1,11 +1,12 @@
 //! [`Nccl`]: the collective over an NCCL communicator, for one process per GPU.
 
 use super::Collective;
+use crate::error::{bail, fail, Error};
+use crate::Result;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nccl::{Comm, NcclType, ReduceOp};
-use candle_core::{Error, Result};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
@@ -66,7 +67,7 @@ impl Debug for Nccl {
 }
 
 fn nccl_error(what: &str, e: impl Debug) -> Error {
-    Error::Msg(format!("NCCL collective: {what} failed: {e:?}"))
+    fail!(Rank, "NCCL collective: {what} failed: {e:?}")
 }
 
 impl Nccl {
@@ -123,7 +124,8 @@ impl Nccl {
         self.reduce(&mut lens, ReduceOp::Max)?;
         let (longest, shortest) = (lens[0], u64::MAX - lens[1]);
         if longest != shortest {
-            candle_core::bail!(
+            bail!(
+                Rank,
                 "all-reduce: the ranks' buffers differ in length (from {shortest} to {longest}); \
                  every rank must make the same measurements"
             );
@@ -149,7 +151,7 @@ impl Nccl {
     fn locked(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
         self.lock
             .lock()
-            .map_err(|_| Error::Msg("NCCL collective poisoned by a panic".into()))
+            .map_err(|_| fail!(Rank, "NCCL collective poisoned by a panic"))
     }
 }
 

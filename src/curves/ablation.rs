@@ -2,11 +2,13 @@
 //! clamped, and its area under the curve (Morcos et al. 2018, §2).
 
 use super::auc::summarize;
+use crate::error::bail;
 use crate::invalid::{Checked, Invalid};
 use crate::measurement::Clamp;
 use crate::units::ordering;
 use crate::Measurement;
-use candle_core::{Module, Result};
+use crate::Result;
+use candle_core::Module;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The most fractions a curve may have (steps of 1/1024).
@@ -440,7 +442,8 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
             // Every order is a permutation of all units, held with its ranks.
             let bytes = orders.saturating_mul(total).saturating_mul(16);
             if bytes > MAX_ORDER_BYTES {
-                candle_core::bail!(
+                bail!(
+                    Data,
                     "ablation.orders: {orders} orders of {total} units need {:.1} GiB; at most \
                      {:.0} GiB: use fewer orders",
                     bytes as f64 / (1u64 << 30) as f64,
@@ -533,7 +536,8 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
 /// An explicit order, checked to be a permutation of `0..total`.
 fn checked_explicit(o: &[usize], total: usize) -> Result<Vec<usize>> {
     if o.len() != total {
-        candle_core::bail!(
+        bail!(
+            Data,
             "an explicit ablation order must list all {total} probed units once, got {} entries",
             o.len()
         );
@@ -541,10 +545,13 @@ fn checked_explicit(o: &[usize], total: usize) -> Result<Vec<usize>> {
     let mut seen = vec![false; total];
     for &u in o {
         if u >= total {
-            candle_core::bail!("explicit ablation order: unit {u} is out of range (0..{total})");
+            bail!(
+                Data,
+                "explicit ablation order: unit {u} is out of range (0..{total})"
+            );
         }
         if std::mem::replace(&mut seen[u], true) {
-            candle_core::bail!("explicit ablation order: unit {u} appears twice");
+            bail!(Data, "explicit ablation order: unit {u} appears twice");
         }
     }
     Ok(o.to_vec())

@@ -6,7 +6,8 @@ use super::auc::summarize;
 use crate::invalid::{Checked, Invalid};
 use crate::probe::Action;
 use crate::Measurement;
-use candle_core::{Module, Result, Tensor};
+use crate::Result;
+use candle_core::{Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// What noise to add: the `noise:` section of the monitor's configuration (absent: no noise
@@ -142,7 +143,7 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
                     }
                     Tensor::from_vec(v, (range.len(), p.units), &device)
                 })
-                .collect::<Result<_>>()?;
+                .collect::<candle_core::Result<_>>()?;
             Ok(Action::Noise {
                 std,
                 seed: spec.seed,

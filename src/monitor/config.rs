@@ -19,10 +19,11 @@
 //! ```
 
 use crate::curves::{AblationSpec, NoiseSpec};
+use crate::error::{bail, fail, Error};
 use crate::invalid::{Checked, Invalid};
 use crate::measurement::Batching;
 use crate::monitor::StoppingRule;
-use candle_core::Result;
+use crate::Result;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -168,7 +169,11 @@ impl RelianceConfig {
     /// parser's time grows fast with them).
     pub fn from_yaml_str(text: &str) -> Result<Self> {
         bounded(text)?;
-        let err = |e: serde_norway::Error| candle_core::Error::Msg(format!("reliance config: {e}"));
+        let err = |e: serde_norway::Error| Error::Config {
+            key: None,
+            line: e.location().map(|l| l.line()),
+            message: format!("reliance config: {e}"),
+        };
         // A file of comments only is an empty document, which a struct cannot be read from.
         // (`IgnoredAny`, not `Value`, which cannot hold an integer beyond 64 bits and would
         // hide the key's own message about it.)
@@ -181,8 +186,13 @@ impl RelianceConfig {
             serde_norway::from_str(text).map_err(err)?
         };
         cfg.check().map_err(|e| {
-            let line = key_line(text, &e.key).map_or(String::new(), |l| format!(" at line {l}"));
-            candle_core::Error::Msg(format!("reliance config: {}: {}{line}", e.key, e.msg))
+            let line = key_line(text, &e.key);
+            let at = line.map_or(String::new(), |l| format!(" at line {l}"));
+            Error::Config {
+                message: format!("reliance config: {}: {}{at}", e.key, e.msg),
+                key: Some(e.key),
+                line,
+            }
         })?;
         Ok(cfg)
     }
@@ -190,25 +200,30 @@ impl RelianceConfig {
     /// Reads and parses a YAML file; errors name the file.
     pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "reliance config: cannot read {}: {e}",
-                path.display()
-            ))
-        })?;
-        Self::from_yaml_str(&text)
-            .map_err(|e| candle_core::Error::Msg(format!("{} ({})", e, path.display())))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io("read", path, e).context("reliance config"))?;
+        Self::from_yaml_str(&text).map_err(|e| match e {
+            Error::Config { key, line, message } => Error::Config {
+                key,
+                line,
+                message: format!("{message} ({})", path.display()),
+            },
+            e => e,
+        })
     }
 
     /// The configuration as YAML.
     pub fn to_yaml_string(&self) -> Result<String> {
-        serde_norway::to_string(self).map_err(candle_core::Error::msg)
+        serde_norway::to_string(self).map_err(|e| fail!(Data, "reliance config: {e}"))
     }
 
     /// Checks every value, naming the first bad key (`section.key`).
     pub fn validate(&self) -> Result<()> {
-        self.check()
-            .map_err(|e| candle_core::Error::Msg(format!("reliance config: {}: {}", e.key, e.msg)))
+        self.check().map_err(|e| Error::Config {
+            message: format!("reliance config: {}: {}", e.key, e.msg),
+            key: Some(e.key),
+            line: None,
+        })
     }
 
     fn check(&self) -> Checked {
@@ -258,7 +273,8 @@ const MAX_DEPTH: usize = 32;
 /// Refuses text too large or too deeply nested to be a configuration, naming the line.
 fn bounded(text: &str) -> Result<()> {
     if text.len() > MAX_TEXT {
-        candle_core::bail!(
+        bail!(
+            Config,
             "reliance config: {} bytes, at most {MAX_TEXT}: not a configuration file",
             text.len()
         );
@@ -276,7 +292,7 @@ fn bounded(text: &str) -> Result<()> {
                 (None, '[' | '{') => {
                     depth += 1;
                     if depth > MAX_DEPTH {
-                        candle_core::bail!(
+                        bail!(Config,
                             "reliance config: brackets nested more than {MAX_DEPTH} deep at line {}",
                             i + 1
                         );

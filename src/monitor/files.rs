@@ -11,7 +11,9 @@
 //!   overwritten;
 //! - an advisory lock on each output folder keeps two monitors out of each other's files.
 
-use candle_core::{Result, Tensor};
+use crate::error::{fail, Error};
+use crate::Result;
+use candle_core::Tensor;
 use candle_nn::VarMap;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -19,15 +21,17 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-pub(crate) fn io_err(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
-    candle_core::Error::Msg(format!("cannot {what} {}: {e}", path.display()))
+pub(crate) fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::io(what, path, e)
 }
 
-/// A place where a crash would leave the files half-written. Debug builds abort the process at
-/// the k-th such place when `CANDLE_RELIANCE_ABORT_AT_WRITE=k` is set, so that the tests can
-/// crash a run at every write and check what a resume makes of the files.
+/// A place where a crash would leave the files half-written. With the `test-hooks` feature
+/// (this crate's own tests only) the process aborts at the k-th such place when
+/// `CANDLE_RELIANCE_ABORT_AT_WRITE=k` is set, so that the tests can crash a run at every write
+/// and check what a resume makes of the files. Other builds compile it to nothing.
+#[inline(always)]
 pub(crate) fn fault_point() {
-    #[cfg(debug_assertions)]
+    #[cfg(feature = "test-hooks")]
     {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static LEFT: AtomicUsize = AtomicUsize::new(usize::MAX);
@@ -102,27 +106,32 @@ pub(crate) fn ensure_parent(path: &Path) -> Result<()> {
 /// created) and takes a file, and `path` itself is not a folder.
 pub(crate) fn check_writable(key: &str, path: &Path) -> Result<()> {
     if path.is_dir() {
-        candle_core::bail!(
-            "reliance config: {key}: {} is a directory, not a file",
-            path.display()
-        );
+        return Err(Error::file(
+            path,
+            format!(
+                "reliance config: {key}: {} is a directory, not a file",
+                path.display()
+            ),
+        ));
     }
     ensure_parent(path)?;
     let probe = with_suffix(path, ".write-check");
     File::create(&probe)
         .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|e| {
-            candle_core::Error::Msg(format!(
+        .map_err(|e| Error::Io {
+            message: format!(
                 "reliance config: {key}: cannot write next to {}: {e}",
                 path.display()
-            ))
+            ),
+            path: path.to_path_buf(),
+            source: e,
         })
 }
 
 /// Appends one JSON line in a single write, so a crash leaves at most one cut line at the end,
 /// and flushes it to the disk, so a power loss after the call cannot lose it.
 pub(crate) fn append_json_line<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut line = serde_json::to_string(value).map_err(candle_core::Error::msg)?;
+    let mut line = serde_json::to_string(value).map_err(|e| fail!(Data, "{e}"))?;
     line.push('\n');
     fault_point();
     let mut f = std::fs::OpenOptions::new()
@@ -190,7 +199,7 @@ pub(crate) fn rewrite_json_lines<T: Serialize>(
 ) -> Result<Option<PathBuf>> {
     let mut text = String::new();
     for l in lines {
-        text.push_str(&serde_json::to_string(l).map_err(candle_core::Error::msg)?);
+        text.push_str(&serde_json::to_string(l).map_err(|e| fail!(Data, "{e}"))?);
         text.push('\n');
     }
     let aside = if holds_more_than(path, &text)? {
@@ -231,7 +240,7 @@ pub(crate) fn save_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Resul
     let vars = varmap
         .data()
         .lock()
-        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+        .map_err(|_| fail!(Usage, "VarMap lock poisoned"))?;
     let tensors: Vec<(String, Tensor)> = vars
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
@@ -252,14 +261,17 @@ pub(crate) fn save_snapshot_tensors(
     let file = snapshot_path(path, epoch);
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
         .map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "cannot serialize the weights of epoch {epoch} for {}: {e}",
-                file.display()
-            ))
+            Error::file(
+                &file,
+                format!(
+                    "cannot serialize the weights of epoch {epoch} for {}: {e}",
+                    file.display()
+                ),
+            )
         })?;
     write_atomic(&file, |tmp| write_bytes(tmp, &bytes)).map_err(|e| {
-        candle_core::Error::Msg(format!(
-            "restore_best.path: cannot write the weights of epoch {epoch} to {}: {e}",
+        e.context(format!(
+            "restore_best.path: cannot write the weights of epoch {epoch} to {}",
             file.display()
         ))
     })
@@ -282,22 +294,26 @@ pub(crate) fn read_snapshot(
         path.to_path_buf()
     };
     let mut saved = candle_core::safetensors::load(&file, device).map_err(|e| {
-        candle_core::Error::Msg(format!(
-            "cannot load the kept weights {}: {e}",
-            file.display()
-        ))
+        Error::file(
+            &file,
+            format!("cannot load the kept weights {}: {e}", file.display()),
+        )
     })?;
     let tag = saved
         .remove(EPOCH_TAG)
         .map(|t| t.to_device(&candle_core::Device::Cpu)?.to_vec1::<u32>())
         .transpose()?;
     if tag.as_deref() != Some(&[epoch as u32]) {
-        candle_core::bail!(
-            "{} holds the weights of epoch {}, not of the kept epoch {epoch}",
-            file.display(),
-            tag.and_then(|t| t.first().map(|e| e.to_string()))
-                .unwrap_or_else(|| "(untagged)".into())
-        );
+        let found = tag
+            .and_then(|t| t.first().map(|e| e.to_string()))
+            .unwrap_or_else(|| "(untagged)".into());
+        return Err(Error::file(
+            &file,
+            format!(
+                "{} holds the weights of epoch {found}, not of the kept epoch {epoch}",
+                file.display()
+            ),
+        ));
     }
     Ok((file, saved))
 }
@@ -309,7 +325,7 @@ pub(crate) fn load_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Resul
     let device = varmap
         .data()
         .lock()
-        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?
+        .map_err(|_| fail!(Usage, "VarMap lock poisoned"))?
         .values()
         .next()
         .map(|v| v.device().clone())
@@ -318,9 +334,12 @@ pub(crate) fn load_snapshot(varmap: &VarMap, path: &Path, epoch: usize) -> Resul
     let vars = varmap
         .data()
         .lock()
-        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+        .map_err(|_| fail!(Usage, "VarMap lock poisoned"))?;
     if let Some(missing) = vars.keys().find(|k| !saved.contains_key(*k)) {
-        candle_core::bail!("{} has no `{missing}`", file.display());
+        return Err(Error::file(
+            &file,
+            format!("{} has no `{missing}`", file.display()),
+        ));
     }
     drop(vars);
     varmap.clone().set(saved.iter())?;
@@ -394,12 +413,15 @@ pub(crate) fn lock_dir(path: &Path) -> Result<DirLock> {
             let mut holder = String::new();
             let _ = File::open(&lock).and_then(|mut f| f.read_to_string(&mut holder));
             let holder = holder.trim();
-            candle_core::bail!(
-                "another reliance monitor (process {}) is writing to {}; \
-                 give this run its own output folder or wait for that one to end",
-                if holder.is_empty() { "unknown" } else { holder },
-                dir.display()
-            )
+            let holder = if holder.is_empty() { "unknown" } else { holder };
+            Err(Error::file(
+                &lock,
+                format!(
+                    "another reliance monitor (process {holder}) is writing to {}; \
+                     give this run its own output folder or wait for that one to end",
+                    dir.display()
+                ),
+            ))
         }
         Err(std::fs::TryLockError::Error(e)) => Err(io_err("lock", &lock, e)),
     }

@@ -25,9 +25,11 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use crate::error::bail;
 use crate::invalid::{Checked, Invalid};
 use crate::monitor::{Decision, StopReason};
-use candle_core::{Result, Tensor, D};
+use crate::Result;
+use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 /// Counts the training examples whose arg-max prediction differs from the previous epoch's, from
@@ -55,19 +57,22 @@ impl PredictionChanges {
     pub fn record(&mut self, indices: &[u32], logits: &Tensor) -> Result<()> {
         let rows = match logits.dims() {
             [r, c] if *c > 0 => *r,
-            d => candle_core::bail!(
+            d => bail!(
+                Data,
                 "prediction changes: logits must have shape (batch, classes), got {d:?}"
             ),
         };
         if rows != indices.len() {
-            candle_core::bail!(
+            bail!(
+                Data,
                 "prediction changes: {rows} rows of logits for {} indices",
                 indices.len()
             );
         }
         let samples = self.current.len();
         if let Some(bad) = indices.iter().find(|&&i| i as usize >= samples) {
-            candle_core::bail!(
+            bail!(
+                Data,
                 "prediction changes: index {bad} is out of range for {samples} training examples"
             );
         }
@@ -93,7 +98,10 @@ impl PredictionChanges {
     ) -> Result<Option<usize>> {
         let seen_before = self.previous.iter().any(|&p| p != UNSEEN);
         if self.current.iter().all(|&p| p == UNSEEN) {
-            candle_core::bail!("prediction changes: no predictions were recorded this epoch");
+            bail!(
+                Data,
+                "prediction changes: no predictions were recorded this epoch"
+            );
         }
         let changed = self
             .previous

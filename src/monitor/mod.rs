@@ -39,10 +39,12 @@ pub use stopping::{
 };
 
 use crate::collective::Collective;
+use crate::error::{bail, fail, Error};
 use crate::measurement::UnitStatistics;
 use crate::units::Selectivity;
+use crate::Result;
 use crate::{Measurement, ProbeData, ProbeSet};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::VarMap;
 use files::{append_json_line, io_err, move_aside, write_atomic, DirLock};
 use serde::{Deserialize, Serialize};
@@ -154,7 +156,7 @@ fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
 
 /// The sections of `config` whose values change the decisions.
 fn decides(config: &RelianceConfig) -> Result<serde_json::Value> {
-    let v = serde_json::to_value(config).map_err(candle_core::Error::msg)?;
+    let v = serde_json::to_value(config).map_err(|e| fail!(Data, "{e}"))?;
     Ok(serde_json::json!({
         "schedule": v["schedule"], "data": v["data"], "ablation": v["ablation"],
         "stopping": v["stopping"],
@@ -183,7 +185,7 @@ fn state_fingerprint(state: &MonitorState) -> Result<u64> {
         &state.predictions,
         &state.training_predictions,
     ))
-    .map_err(candle_core::Error::msg)?;
+    .map_err(|e| fail!(Data, "{e}"))?;
     Ok(fold24(fnv1a(text.bytes())))
 }
 
@@ -319,6 +321,20 @@ pub struct RelianceMonitor {
     expect_probes: Option<Vec<(String, usize)>>,
 }
 
+impl std::fmt::Debug for RelianceMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelianceMonitor")
+            .field("probes", &self.probes)
+            .field("probe_samples", &self.data.len())
+            .field("checks", &self.history.len())
+            .field("last_epoch", &self.last_epoch)
+            .field("kept_epoch", &self.kept)
+            .field("stopped", &self.stopped)
+            .field("rank", &self.collective.as_ref().map(|c| c.rank()))
+            .finish_non_exhaustive()
+    }
+}
+
 impl RelianceMonitor {
     /// A monitor for a fresh run. `data` is training data; the monitor draws its fixed subset of
     /// `data.subset_size` samples from it. Output files that already exist are moved aside to
@@ -385,10 +401,14 @@ impl RelianceMonitor {
     /// ```
     pub fn with_strategy(mut self, mut strategy: Box<dyn EarlyStoppingStrategy>) -> Result<Self> {
         if self.last_epoch.is_some() && self.resumed.is_none() {
-            candle_core::bail!("with_strategy: give the strategy before the first epoch");
+            bail!(
+                Usage,
+                "with_strategy: give the strategy before the first epoch"
+            );
         }
         if self.config.output.state_file.is_some() && strategy.save_state().is_none() {
-            candle_core::bail!(
+            bail!(
+                Usage,
                 "with_strategy: output.state_file is set, but this strategy cannot save its state \
                  (implement save_state and load_state, or set output.state_file: null)"
             );
@@ -442,7 +462,8 @@ impl RelianceMonitor {
                 let file = files::snapshot_path(path, epoch);
                 let renamed = Some(epoch) == state.kept_epoch && path.exists();
                 if !(file.exists() || renamed) {
-                    candle_core::bail!(
+                    bail!(
+                        Resume,
                         "cannot resume: the state names the weights of epoch {epoch}, but {} is \
                          missing",
                         file.display()
@@ -474,17 +495,22 @@ impl RelianceMonitor {
     /// Refuses a state this version or these settings cannot continue, naming why.
     fn check_resumable(config: &RelianceConfig, state: &MonitorState) -> Result<()> {
         if state.format != STATE_FORMAT {
-            candle_core::bail!(
+            bail!(
+                Resume,
                 "cannot resume: the state has format {}, this version reads format {STATE_FORMAT}",
                 state.format
             );
         }
         if let Some(what) = contradiction(state) {
-            candle_core::bail!("cannot resume: the state contradicts itself: {what}");
+            bail!(
+                Resume,
+                "cannot resume: the state contradicts itself: {what}"
+            );
         }
         let now = decides(config)?;
         if state.decides != now {
-            candle_core::bail!(
+            bail!(
+                Resume,
                 "cannot resume with other settings than the interrupted run's: {} differ",
                 differing_keys(&state.decides, &now).join(", ")
             );
@@ -499,19 +525,19 @@ impl RelianceMonitor {
         let path = path.as_ref();
         let text =
             std::fs::read_to_string(path).map_err(|e| io_err("read monitor state", path, e))?;
-        let err =
-            |e: String| candle_core::Error::Msg(format!("monitor state {}: {e}", path.display()));
+        let err = |e: String| Error::file(path, format!("monitor state {}: {e}", path.display()));
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let old = |e: String| fail!(Resume, "monitor state {}: {e}", path.display());
         match value.get("format").and_then(|f| f.as_u64()) {
             Some(f) if f == u64::from(STATE_FORMAT) => {}
             Some(f) => {
-                return Err(err(format!(
+                return Err(old(format!(
                     "format {f}; this version reads format {STATE_FORMAT}"
                 )))
             }
             None => {
-                return Err(err(format!(
+                return Err(old(format!(
                     "written by an earlier version (no format number); this version reads format \
                      {STATE_FORMAT} and cannot resume it: start the run afresh"
                 )))
@@ -532,7 +558,8 @@ impl RelianceMonitor {
         let probe_data = ProbeDataPrint::of(&data, training_samples)?;
         if let Some(saved) = state.as_ref().and_then(|s| s.probe_data.as_ref()) {
             if let Some(what) = probe_data.differences(saved) {
-                candle_core::bail!(
+                bail!(
+                    Resume,
                     "cannot resume on other probe data than the interrupted run's: {what}"
                 );
             }
@@ -576,7 +603,8 @@ impl RelianceMonitor {
             }
             if let Some(p) = &state.predictions {
                 if p.len() != monitor.data.len() {
-                    candle_core::bail!(
+                    bail!(
+                        Resume,
                         "cannot resume: the state holds predictions for {} probe samples, the \
                          probe data has {}",
                         p.len(),
@@ -586,7 +614,8 @@ impl RelianceMonitor {
             }
             if let Some(p) = &state.training_predictions {
                 if p.len() != training_samples {
-                    candle_core::bail!(
+                    bail!(
+                        Resume,
                         "cannot resume: the state holds training predictions for {} examples, the \
                          data given has {}",
                         p.len(),
@@ -659,7 +688,7 @@ impl RelianceMonitor {
             ("stopping", d["stopping"].to_string()),
             (
                 "probe data",
-                serde_json::to_string(&self.probe_data).map_err(candle_core::Error::msg)?,
+                serde_json::to_string(&self.probe_data).map_err(|e| fail!(Data, "{e}"))?,
             ),
         ];
         let prints: Vec<u64> = parts
@@ -673,7 +702,8 @@ impl RelianceMonitor {
             .map(|((name, _), _)| *name)
             .collect();
         if !differ.is_empty() {
-            candle_core::bail!(
+            bail!(
+                Rank,
                 "new_ranked: the ranks were given different {}; every rank passes the same \
                  configuration and probe data",
                 differ.join(", ")
@@ -702,7 +732,7 @@ impl RelianceMonitor {
     ) -> Result<Self> {
         let fingerprint = state_fingerprint(&state)?;
         // A rank that cannot resume must not leave the others waiting in the comparison below.
-        let abort = |e: candle_core::Error| {
+        let abort = |e: Error| {
             collective.abort(&format!("resume_ranked: {e}"));
             e
         };
@@ -744,7 +774,8 @@ impl RelianceMonitor {
         };
         let mut monitor = local().map_err(abort)?;
         if differ_across_ranks(collective.as_ref(), &[fingerprint])?[0] {
-            candle_core::bail!(
+            bail!(
+                Rank,
                 "resume_ranked: the ranks were given different states; pass every rank the state \
                  rank 0 saved"
             );
@@ -760,7 +791,7 @@ impl RelianceMonitor {
     /// which decides the stop far more steadily than the probe data's changes between checks.
     /// Call it in every epoch once you start.
     pub fn observe(&mut self, indices: &[u32], logits: &Tensor) -> Result<()> {
-        let err = |e: candle_core::Error| candle_core::Error::Msg(format!("observe: {e}"));
+        let err = |e: Error| e.context("observe");
         match &mut self.observed {
             Some(counter) => counter.record(indices, logits).map_err(err),
             // The counter exists from the first batch recorded: a refused first call leaves the
@@ -816,7 +847,8 @@ impl RelianceMonitor {
             epochs[c.rank()] = epoch as u64;
             c.all_reduce_sum_u64(&mut epochs)?;
             if epochs.iter().any(|&e| e != epoch as u64) {
-                candle_core::bail!(
+                bail!(
+                    Rank,
                     "the ranks reported different epochs (by rank): {epochs:?}; every rank \
                      reports every epoch"
                 );
@@ -824,7 +856,8 @@ impl RelianceMonitor {
         }
         if let Some(last) = self.last_epoch {
             if epoch <= last {
-                candle_core::bail!(
+                bail!(
+                    Usage,
                     "epoch {epoch} reported after epoch {last}; epochs must increase"
                 );
             }
@@ -834,7 +867,8 @@ impl RelianceMonitor {
             ..
         }) = &self.resumed
         {
-            candle_core::bail!(
+            bail!(
+                Resume,
                 "cannot continue the resumed run: its saved stopping state is not the built-in \
                  rule's ({e}); give the strategy the run was made with to with_strategy"
             );
@@ -884,10 +918,12 @@ impl RelianceMonitor {
                 };
                 self.history_behind = written.is_err();
                 written.map_err(|e| {
-                    candle_core::Error::Msg(format!(
-                        "{e} (output.history_file; epoch {epoch} is recorded in the state, and \
-                         the history file is rewritten from it at the next epoch)"
-                    ))
+                    e.map_message(|m| {
+                        format!(
+                            "{m} (output.history_file; epoch {epoch} is recorded in the state, \
+                             and the history file is rewritten from it at the next epoch)"
+                        )
+                    })
                 })?;
             }
         } else if let Decision::Stop { reason } = &decision {
@@ -933,7 +969,7 @@ impl RelianceMonitor {
         // Only where weights are snapshotted does the monitor need to hold the kept epoch's.
         let snapshots = self.config.restore_best.enabled && varmap.is_some();
         if snapshots && kept != self.kept && kept != Some(epoch) && !kept.is_some_and(held) {
-            candle_core::bail!(
+            bail!(Usage,
                 "the stopping strategy moved its kept epoch from {:?} to {kept:?} at epoch {epoch}; \
                  only the epoch just stepped or one of the last {lookback} check epochs \
                  (`lookback`) can become the kept one: the monitor holds no other weights",
@@ -1002,7 +1038,7 @@ impl RelianceMonitor {
                 *p = match (v >> 32, v & 0xffff_ffff) {
                     (0, _) => label_wave::UNSEEN,
                     (1, q) => (q - 1) as u32,
-                    (n, _) => candle_core::bail!(
+                    (n, _) => bail!(Rank,
                         "observe(): training sample {i} was reported by {n} ranks in epoch {epoch}; \
                          each rank reports the batches it trains on"
                     ),
@@ -1020,24 +1056,27 @@ impl RelianceMonitor {
             match flags {
                 [0, 0] => return Ok(None),
                 [n, _] if n == world => {}
-                [0, _] => candle_core::bail!(
+                [0, _] => bail!(Usage,
                     "observe() reported predictions in an earlier epoch but none in epoch {epoch}; \
                      report them in every epoch"
                 ),
-                [n, _] => candle_core::bail!(
+                [n, _] => {
+                    bail!(Rank,
                     "observe(): {n} of {world} ranks reported predictions in epoch {epoch}; every \
                      rank must report its batches in every epoch, or none"
-                ),
+                )
+                }
             }
         }
-        let local = match &mut self.observed {
-            Some(counter) if now => counter.end_epoch_with(merge)?,
-            Some(_) => candle_core::bail!(
+        let local =
+            match &mut self.observed {
+                Some(counter) if now => counter.end_epoch_with(merge)?,
+                Some(_) => bail!(Usage,
                 "observe() reported predictions in an earlier epoch but none in epoch {epoch}; \
                  report them in every epoch"
             ),
-            None => return Ok(None),
-        };
+                None => return Ok(None),
+            };
         let Some(c) = &collective else {
             return Ok(local);
         };
@@ -1048,7 +1087,8 @@ impl RelianceMonitor {
         match sums[1] {
             0 => Ok(None),
             n if n == world => Ok(Some(sums[0] as usize)),
-            n => candle_core::bail!(
+            n => bail!(
+                Rank,
                 "observe(): {n} of {world} ranks compared epoch {epoch} with an epoch before; \
                  every rank must start reporting its batches in the same epoch"
             ),
@@ -1065,7 +1105,8 @@ impl RelianceMonitor {
         let t0 = Instant::now();
         // A check with nothing to ablate would stop the run as collapsed much later.
         if self.probes.is_empty() {
-            candle_core::bail!(
+            bail!(
+                Probe,
                 "reliance check at epoch {epoch}: the ProbeSet has no probes; add one after each \
                  hidden activation of the model (probes.add(name)) before the first check"
             );
@@ -1084,7 +1125,8 @@ impl RelianceMonitor {
             .map(|p| (p.name.clone(), p.units))
             .collect();
         if found.iter().all(|(_, units)| *units == 0) {
-            candle_core::bail!(
+            bail!(
+                Probe,
                 "reliance check at epoch {epoch}: no probe has a unit to ablate: {}; a probe \
                  must see activations of shape (N, U) or (N, C, H, W) with U, C > 0",
                 probe_list(&found)
@@ -1092,7 +1134,8 @@ impl RelianceMonitor {
         }
         if let Some(saved) = &self.expect_probes {
             if *saved != found {
-                candle_core::bail!(
+                bail!(
+                    Resume,
                     "cannot continue the resumed run at epoch {epoch}: its probes were {}, the \
                      model's are {}",
                     probe_list(saved),
@@ -1282,7 +1325,8 @@ impl RelianceMonitor {
     /// The state to save for resuming. Fails for a strategy that cannot save its state.
     pub fn state(&self) -> Result<MonitorState> {
         let Some(stopping) = self.strategy.save_state() else {
-            candle_core::bail!(
+            bail!(
+                Usage,
                 "the stopping strategy cannot save its state; this run cannot resume"
             );
         };
@@ -1304,7 +1348,7 @@ impl RelianceMonitor {
 
     /// Writes the state as JSON, atomically.
     pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        let json = serde_json::to_string(&self.state()?).map_err(candle_core::Error::msg)?;
+        let json = serde_json::to_string(&self.state()?).map_err(|e| fail!(Data, "{e}"))?;
         write_atomic(path.as_ref(), |tmp| {
             std::fs::write(tmp, &json).map_err(|e| io_err("write", tmp, e))
         })
@@ -1344,7 +1388,7 @@ fn copy_weights(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
     let vars = varmap
         .data()
         .lock()
-        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+        .map_err(|_| fail!(Usage, "VarMap lock poisoned"))?;
     vars.iter()
         .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
         .collect()
@@ -1362,7 +1406,8 @@ impl Resumed {
     /// The strategy that loaded the state must keep the epoch the monitor's state names.
     fn check_kept(&self, strategy: &dyn EarlyStoppingStrategy) -> Result<()> {
         if strategy.kept_epoch() != self.kept_epoch {
-            candle_core::bail!(
+            bail!(
+                Resume,
                 "cannot resume: the state's stopping rule keeps epoch {:?}, its monitor {:?}",
                 strategy.kept_epoch(),
                 self.kept_epoch
@@ -1411,18 +1456,11 @@ impl Rollback {
 
     /// Puts `m` back and returns `e`; a strategy that cannot save its state cannot be put back,
     /// so the epoch then counts as reported.
-    fn restore(
-        self,
-        m: &mut RelianceMonitor,
-        epoch: usize,
-        e: candle_core::Error,
-    ) -> candle_core::Error {
+    fn restore(self, m: &mut RelianceMonitor, epoch: usize, e: Error) -> Error {
         match self.stopping {
             Some(state) => {
                 if let Err(e2) = m.strategy.load_state(state) {
-                    return candle_core::Error::Msg(format!(
-                        "{e}; putting the rule back failed: {e2}"
-                    ));
+                    return e.map_message(|m| format!("{m}; putting the rule back failed: {e2}"));
                 }
                 m.last_epoch = self.last_epoch;
             }
@@ -1492,7 +1530,7 @@ fn non_finite_weights(varmap: &VarMap) -> Result<Option<String>> {
     let vars = varmap
         .data()
         .lock()
-        .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+        .map_err(|_| fail!(Usage, "VarMap lock poisoned"))?;
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
     for name in names {

@@ -2,8 +2,9 @@
 //! file.
 
 use crate::curves::{AblationCurve, NoiseCurve};
+use crate::error::Error;
 use crate::monitor::{Decision, Metric, Warning};
-use candle_core::Result;
+use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -72,15 +73,16 @@ pub struct CheckRecord {
 /// file and the line.
 pub fn read_history(path: impl AsRef<Path>) -> Result<Vec<CheckRecord>> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        candle_core::Error::Msg(format!("cannot read history {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read history", path, e))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
             serde_json::from_str(l).map_err(|e| {
-                candle_core::Error::Msg(format!("history {} line {}: {e}", path.display(), i + 1))
+                Error::file(
+                    path,
+                    format!("history {} line {}: {e}", path.display(), i + 1),
+                )
             })
         })
         .collect()

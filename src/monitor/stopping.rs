@@ -145,7 +145,7 @@ impl From<StoppingSection> for StoppingRule {
 
 impl StoppingRule {
     /// Checks the values, naming the first bad key.
-    pub fn validate(&self) -> candle_core::Result<()> {
+    pub fn validate(&self) -> crate::Result<()> {
         self.check().map_err(|e| e.into_error("stopping"))
     }
 
@@ -603,9 +603,12 @@ pub trait EarlyStoppingStrategy: Send {
     }
 
     /// Continues from a state written by [`save_state`](Self::save_state).
-    fn load_state(&mut self, state: serde_json::Value) -> candle_core::Result<()> {
+    fn load_state(&mut self, state: serde_json::Value) -> crate::Result<()> {
         let _ = state;
-        candle_core::bail!("this stopping strategy cannot resume from a saved state")
+        crate::error::bail!(
+            Resume,
+            "this stopping strategy cannot resume from a saved state"
+        )
     }
 }
 
@@ -949,10 +952,9 @@ impl EarlyStoppingStrategy for EarlyStopping {
         serde_json::to_value(&self.state).ok()
     }
 
-    fn load_state(&mut self, state: serde_json::Value) -> candle_core::Result<()> {
-        self.state = serde_json::from_value(state).map_err(|e| {
-            candle_core::Error::Msg(format!("the stopping rule's saved state: {e}"))
-        })?;
+    fn load_state(&mut self, state: serde_json::Value) -> crate::Result<()> {
+        self.state = serde_json::from_value(state)
+            .map_err(|e| crate::error::fail!(Resume, "the stopping rule's saved state: {e}"))?;
         Ok(())
     }
 }

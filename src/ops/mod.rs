@@ -8,8 +8,8 @@
 //! A measurement evaluates `L` variants (masks or noise settings) at once; here and in the
 //! kernels a variant is called a *level* (`L` levels). The first probe a forward pass reaches
 //! *expands* its input from `M` rows to `L·M` rows, level-major; later probes see `L·M` rows and
-//! apply the level's setting to the rows of that level. These are test hooks and kernels'
-//! plumbing, not part of the API.
+//! apply the level's setting to the rows of that level. Private to the crate; with the
+//! `test-hooks` feature (this crate's own tests) the `*_for_tests` functions are public.
 
 /// Evaluates `$body` with `$x` bound to the data of a float storage — `$data` is a
 /// `CpuStorage` or a `CudaStorageSlice` (`$kind`), whose variants share their names — so that
@@ -31,15 +31,15 @@ mod clamp;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod incremental;
+// Launch geometry: the CUDA kernels and the host emulation of them in the tests.
+#[cfg(any(feature = "cuda", feature = "test-hooks"))]
 mod launch;
 mod noise;
 mod stats;
 
-#[doc(inline)]
-pub use crate::rng::counter_normal;
 pub(crate) use clamp::{level_clamp, level_clamp_shared};
 pub(crate) use incremental::{ConvShape, IncrementalCpu, LayerShape, Tail};
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub use launch::Geometry;
 pub(crate) use noise::{level_noise, LevelNoise};
 pub(crate) use stats::unit_sums;
@@ -47,7 +47,7 @@ pub(crate) use stats::unit_sums;
 use candle_core::{Layout, Result, Tensor};
 
 /// The level clamp op on any device, for the device-equivalence tests; not part of the API.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn level_clamp_for_tests(
     x: &Tensor,
     keep: &Tensor,
@@ -59,7 +59,7 @@ pub fn level_clamp_for_tests(
 
 /// The level noise op on any device, for the device-equivalence tests; not part of the API.
 /// `offsets` is `(level_offset, sample_offset, total_samples)`.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn level_noise_for_tests(
     x: &Tensor,
     std: &Tensor,
@@ -82,28 +82,28 @@ pub fn level_noise_for_tests(
 
 /// The statistics pass's per-unit sums on any device, for the device-equivalence tests; not
 /// part of the API. Returns `(2 + classes, units)` f64: sums, sums of squares, class sums.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn unit_sums_for_tests(x: &Tensor, labels: &Tensor, classes: usize) -> Result<Tensor> {
     unit_sums(x, labels, classes)
 }
 
 /// Geometry of a level clamp or noise launch over an input of shape `dims`, as the CUDA
 /// launcher passes it, for the host emulation of the kernels; not part of the API.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn level_geometry_for_tests(dims: &[usize], levels: usize, expand: bool) -> Result<Geometry> {
     Geometry::new(dims, levels, expand)
 }
 
 /// Threads per block and `grid.x` of a level clamp or noise launch over `elements` output
 /// elements, for the host emulation of the kernels; not part of the API.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn level_launch_for_tests(elements: usize) -> (usize, usize) {
     (launch::LEVEL_BLOCK, launch::level_grid(elements))
 }
 
 /// Threads per block and `(grid.x, grid.y)` of the statistics launch for an activation
 /// `(rows, units, inner)`, for the host emulation of the kernels; not part of the API.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn unit_sums_launch_for_tests(
     rows: usize,
     units: usize,

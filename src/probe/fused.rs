@@ -24,7 +24,8 @@
 
 use super::{lock, Action, Probe};
 use crate::ops::{rows_units_inner, ConvShape, IncrementalCpu, LayerShape, Tail};
-use candle_core::{DType, Module, Result, Tensor};
+use crate::Result;
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2d, Linear};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,7 +53,7 @@ impl From<Conv2d> for NextLayer {
 }
 
 impl Module for NextLayer {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             NextLayer::Linear(l) if xs.rank() == 4 => l.forward(&xs.flatten_from(1)?),
             NextLayer::Linear(l) => l.forward(xs),
@@ -94,7 +95,7 @@ pub enum AfterLayer {
 }
 
 impl AfterLayer {
-    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+    fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match *self {
             AfterLayer::Relu => xs.relu(),
             AfterLayer::MaxPool2d(0) => candle_core::bail!("ProbedLayer: max-pool kernel 0"),
@@ -222,7 +223,14 @@ impl ProbedLayer {
 }
 
 impl Module for ProbedLayer {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_measured(xs)
+            .map_err(|e| self.probe.fail_forward(e))
+    }
+}
+
+impl ProbedLayer {
+    fn forward_measured(&self, xs: &Tensor) -> Result<Tensor> {
         let shared = &self.probe.shared;
         if !shared.active.load(Ordering::Acquire) {
             return self.finish(self.layer.forward(xs)?);
@@ -488,7 +496,7 @@ fn weight_and_bias(c: &Conv2d) -> Result<Tensor> {
         Some(b) => b.reshape((out, 1))?,
         None => Tensor::zeros((out, 1), w.dtype(), w.device())?,
     };
-    Tensor::cat(&[&rows, &bias], 1)?.contiguous()
+    Ok(Tensor::cat(&[&rows, &bias], 1)?.contiguous()?)
 }
 
 /// The padded batched plan for devices other than the CPU.
@@ -585,7 +593,7 @@ fn incremental(
                 Some(f) => f.clone(),
                 None => layer.forward(xs)?.contiguous()?,
             };
-            return first.apply_op3_no_bwd(&d.contiguous()?, weights, &op);
+            return Ok(first.apply_op3_no_bwd(&d.contiguous()?, weights, &op)?);
         }
         PlanKind::Batched {
             gather,
@@ -626,7 +634,7 @@ fn incremental(
     let out = unclamped.unsqueeze(0)?.broadcast_sub(&along_chain)?;
     let mut dims = per_variant;
     dims[0] *= v;
-    out.reshape(dims)
+    Ok(out.reshape(dims)?)
 }
 
 #[cfg(test)]

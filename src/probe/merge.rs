@@ -16,8 +16,10 @@
 //! [`Measurement::importance`]: crate::Measurement::importance
 
 use super::{Action, Pass};
+use crate::error::bail;
 use crate::ops::{level_clamp, level_clamp_shared};
-use candle_core::{Result, Tensor};
+use crate::Result;
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -57,7 +59,7 @@ pub(crate) fn advance(pass: &mut Pass, i: usize) -> Result<Arc<MergeStep>> {
 
 fn build(pass: &Pass, i: usize, incoming: Option<Arc<[u32]>>) -> Result<MergeStep> {
     let Action::Clamp { keep, host, .. } = &pass.action else {
-        candle_core::bail!("merged rows apply to clamp passes only");
+        bail!(Probe, "merged rows apply to clamp passes only");
     };
     let variants = pass.variants;
     let rows = &host[i];
@@ -124,7 +126,13 @@ pub(crate) fn clamp(
     expand: bool,
 ) -> Result<Tensor> {
     match &step.source {
-        Some((host, device)) => level_clamp_shared(xs, (host, device), rows_in, &step.keep, values),
-        None => level_clamp(xs, &step.keep, values, expand),
+        Some((host, device)) => Ok(level_clamp_shared(
+            xs,
+            (host, device),
+            rows_in,
+            &step.keep,
+            values,
+        )?),
+        None => Ok(level_clamp(xs, &step.keep, values, expand)?),
     }
 }

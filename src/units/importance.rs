@@ -2,10 +2,12 @@
 //! rank correlation with class selectivity, mutual information and the norm of the unit's
 //! incoming weights (Morcos et al. 2018, §3.4: selectivity is a poor predictor of importance).
 
+use crate::error::bail;
 use crate::measurement::Clamp;
 use crate::units::{layout, MutualInformation, PerProbe, PerUnit, Selectivity};
 use crate::Measurement;
-use candle_core::{DType, Module, Result, Tensor};
+use crate::Result;
+use candle_core::{DType, Module, Tensor};
 use serde::{Deserialize, Serialize};
 use statrs::statistics::{Data, OrderStatistics, RankTieBreaker};
 
@@ -122,18 +124,19 @@ pub fn incoming_l1(weight: &Tensor, layout: WeightLayout) -> Result<Vec<f64>> {
         WeightLayout::Conv2d => 4,
     };
     if weight.rank() != want {
-        candle_core::bail!(
+        bail!(
+            Data,
             "incoming_l1: a {layout:?} weight has rank {want}, got shape {:?}",
             weight.dims()
         );
     }
-    weight
+    Ok(weight
         .detach()
         .to_dtype(DType::F64)?
         .abs()?
         .flatten_from(1)?
         .sum(1)?
-        .to_vec1::<f64>()
+        .to_vec1::<f64>()?)
 }
 
 /// Spearman's rank correlation: the Pearson correlation of the average ranks (ties share the
@@ -232,18 +235,28 @@ pub fn importance_correlations(
 ) -> Result<ImportanceCorrelations> {
     let shapes = layout(&importance.probes);
     if shapes != layout(&selectivity.probes) {
-        candle_core::bail!("importance and selectivity come from different probes");
+        bail!(
+            Data,
+            "importance and selectivity come from different probes"
+        );
     }
     if information.is_some_and(|mi| shapes != layout(&mi.probes)) {
-        candle_core::bail!("importance and mutual information come from different probes");
+        bail!(
+            Data,
+            "importance and mutual information come from different probes"
+        );
     }
     let mut l1: Vec<Option<&Vec<f64>>> = vec![None; shapes.len()];
     for (name, norms) in incoming_l1 {
         let Some(i) = shapes.iter().position(|(n, _)| n == name) else {
-            candle_core::bail!("incoming_l1 names probe `{name}`, which is not measured");
+            bail!(
+                Data,
+                "incoming_l1 names probe `{name}`, which is not measured"
+            );
         };
         if norms.len() != shapes[i].1 {
-            candle_core::bail!(
+            bail!(
+                Data,
                 "incoming_l1 for probe `{name}` has {} values for {} units",
                 norms.len(),
                 shapes[i].1

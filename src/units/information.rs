@@ -1,10 +1,12 @@
 //! Mutual information between single units' activity and the class label, from per-sample
 //! activity recorded at the probes.
 
+use crate::error::bail;
 use crate::probe::Action;
 use crate::units::{PerProbe, PerUnit};
 use crate::Measurement;
-use candle_core::{DType, Device, Module, Result};
+use crate::Result;
+use candle_core::{DType, Device, Module};
 use serde::{Deserialize, Serialize};
 
 /// Default number of equal-count bins of the mutual-information estimator.
@@ -146,7 +148,7 @@ impl MutualInformation {
     /// Estimates from recorded activity with `bins` equal-count bins (≥ 1).
     pub fn from_activity(activity: &UnitActivity, bins: usize) -> Result<Self> {
         if bins == 0 {
-            candle_core::bail!("mutual information needs at least 1 bin");
+            bail!(Data, "mutual information needs at least 1 bin");
         }
         let probes = activity
             .probes
@@ -196,7 +198,7 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
             let xs = data.chunk(start, batch_size)?;
             let rows = xs.dim(0)?;
             guard.start_forward(start, n)?;
-            self.model().forward(&xs)?;
+            self.forward_model(&xs)?;
             guard.finish_forward()?;
             for (i, t) in guard.take_captured()?.into_iter().enumerate() {
                 let name = &names[i];
@@ -204,7 +206,10 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
                     candle_core::Context::context(t, format!("probe `{name}` recorded nothing"))?;
                 let (r, units) = t.dims2()?;
                 if r != rows {
-                    candle_core::bail!("probe `{name}` saw {r} rows for a chunk of {rows} samples");
+                    bail!(
+                        Data,
+                        "probe `{name}` saw {r} rows for a chunk of {rows} samples"
+                    );
                 }
                 let v = t
                     .detach()
@@ -219,7 +224,8 @@ impl<M: Module + ?Sized> Measurement<'_, M> {
                     value: Vec::with_capacity(n * units),
                 });
                 if slot.units != units {
-                    candle_core::bail!(
+                    bail!(
+                        Data,
                         "probe `{name}`: unit count changed between batches: {} then {units}",
                         slot.units
                     );

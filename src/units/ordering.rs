@@ -4,7 +4,8 @@
 use crate::measurement::Clamp;
 use crate::units::PerUnit;
 use crate::Measurement;
-use candle_core::{Module, Result};
+use crate::Result;
+use candle_core::Module;
 
 /// All probed units, most (`descending`) or least selective first; ties by unit index.
 pub(crate) fn by_selectivity<M: Module + ?Sized>(

@@ -1,6 +1,8 @@
 //! A differentiable class-selectivity penalty for the training loss (Leavitt & Morcos 2021).
 
-use candle_core::{DType, Result, Tensor};
+use crate::error::bail;
+use crate::Result;
+use candle_core::{DType, Tensor};
 
 /// Units whose `μ_max + μ_−max` is at most this contribute 0 (and no gradient) to
 /// [`selectivity_regularizer`].
@@ -42,7 +44,7 @@ pub const REGULARIZER_MIN_ACTIVITY: f64 = 1e-6;
 /// ```
 pub fn selectivity_regularizer(acts: &[Tensor], labels: &Tensor, classes: usize) -> Result<Tensor> {
     let Some(first) = acts.first() else {
-        candle_core::bail!("selectivity_regularizer: no activations given");
+        bail!(Data, "selectivity_regularizer: no activations given");
     };
     let (dtype, device) = (first.dtype(), first.device().clone());
     let labels = labels
@@ -50,7 +52,10 @@ pub fn selectivity_regularizer(acts: &[Tensor], labels: &Tensor, classes: usize)
         .to_dtype(DType::U32)?
         .to_vec1::<u32>()?;
     if let Some(bad) = labels.iter().find(|&&l| l as usize >= classes) {
-        candle_core::bail!("selectivity_regularizer: label {bad} is not below {classes} classes");
+        bail!(
+            Data,
+            "selectivity_regularizer: label {bad} is not below {classes} classes"
+        );
     }
     // Columns for the classes present in the batch only.
     let mut column = vec![usize::MAX; classes];
@@ -65,7 +70,7 @@ pub fn selectivity_regularizer(acts: &[Tensor], labels: &Tensor, classes: usize)
     }
     let k = counts.len();
     if k < 2 {
-        return Tensor::zeros((), dtype, &device);
+        return Ok(Tensor::zeros((), dtype, &device)?);
     }
     let n = labels.len();
     let mut oh = vec![0f64; n * k];
@@ -87,12 +92,13 @@ pub fn selectivity_regularizer(acts: &[Tensor], labels: &Tensor, classes: usize)
         let a = match a.rank() {
             2 => a.clone(),
             4 => a.mean((2, 3))?,
-            r => candle_core::bail!(
+            r => bail!(Data,
                 "selectivity_regularizer: activation {i} has rank {r}; expected (N, U) or (N, C, H, W)"
             ),
         };
         if a.dim(0)? != n {
-            candle_core::bail!(
+            bail!(
+                Data,
                 "selectivity_regularizer: activation {i} has {} rows for {n} labels",
                 a.dim(0)?
             );
@@ -110,5 +116,5 @@ pub fn selectivity_regularizer(acts: &[Tensor], labels: &Tensor, classes: usize)
             Some(t) => (t + term)?,
         });
     }
-    total.expect("at least one activation") / acts.len() as f64
+    Ok((total.expect("at least one activation") / acts.len() as f64)?)
 }

@@ -12,7 +12,8 @@
 use crate::measurement::UnitStatistics;
 use crate::units::{mean, PerProbe, PerUnit};
 use crate::Measurement;
-use candle_core::{Module, Result};
+use crate::Result;
+use candle_core::Module;
 use serde::{Deserialize, Serialize};
 
 /// The `ε` added to the denominator of the selectivity index, so that an all-zero unit gets 0.

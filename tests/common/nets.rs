@@ -133,7 +133,7 @@ pub fn labelled(rng: &mut SplitMix64, model: &impl Module, xs: Tensor) -> Result
             }
         })
         .collect();
-    ProbeData::new(xs, Tensor::new(ys.as_slice(), &DEV)?)
+    Ok(ProbeData::new(xs, Tensor::new(ys.as_slice(), &DEV)?)?)
 }
 
 pub fn spec(clamp: Clamp, orders: usize, seed: u64) -> AblationSpec {

@@ -122,14 +122,14 @@ pub fn train_epoch(varmap: &VarMap, epoch: usize) -> Result<()> {
 }
 
 pub fn config(dir: &Path, extra: &str) -> Result<RelianceConfig> {
-    RelianceConfig::from_yaml_str(&format!(
+    Ok(RelianceConfig::from_yaml_str(&format!(
         "schedule: {{check_every: 1, warmup_epochs: 1}}\n\
          ablation: {{fractions: 9, orders: 4, seed: 5}}\n\
          stopping: {{metric: auc, tolerance: 0.0, label_wave: {{window: 1, patience: 2}}}}\n\
          output: {{history_file: {h}, state_file: {s}}}\n{extra}",
         h = dir.join("hist.jsonl").display(),
         s = dir.join("state.json").display(),
-    ))
+    ))?)
 }
 
 pub fn values(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
@@ -203,5 +203,5 @@ pub fn state_after(dir: &Path, epochs: usize) -> Result<candle_reliance::Monitor
     let (varmap, net, probes, data) = setup()?;
     let mut monitor = RelianceMonitor::new(config(dir, "")?, probes, data)?;
     run(&mut monitor, &varmap, &net, 1, epochs)?;
-    monitor.state()
+    Ok(monitor.state()?)
 }
