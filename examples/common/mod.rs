@@ -12,11 +12,20 @@ use idx::{load_mnist_dir, Mnist};
 
 /// The 10 000 shipped digits: 8 000 for training, the last 2 000 as the test set.
 pub fn mnist() -> Result<Mnist> {
-    load_mnist_dir(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/data"),
-        2000,
-        &Device::Cpu,
-    )
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/data");
+    if !std::path::Path::new(dir)
+        .join("mnist-10k-images-idx3-ubyte.gz")
+        .exists()
+    {
+        // The crates.io package leaves the digits out (they are data, not code).
+        candle_core::bail!(
+            "{dir}/mnist-10k-images-idx3-ubyte.gz is missing: the 10,000 MNIST digits the \
+             examples train on ship in the repository's data/ folder, not in the crates.io \
+             package; run the examples from a clone of the repository (data/README.md says \
+             where the digits come from)"
+        );
+    }
+    load_mnist_dir(dir, 2000, &Device::Cpu)
 }
 
 /// The crate's seeded generator, for initialization, shuffling and label noise.
