@@ -196,29 +196,120 @@ pub(crate) struct IncrementalCpu<'a> {
     pub tail: Tail,
 }
 
-/// A raw pointer the sample blocks share; each writes only its own rows of every variant.
-struct Out<T>(*mut T);
-
-impl<T> Clone for Out<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
+/// The op's output while the sample blocks write it in parallel: a raw pointer to `variants ·
+/// m · q_out` values, where block `[start, start + rows)` writes only rows `start..start + rows`
+/// of every variant (with a tail, through a scratch of its own). Its methods are the only places
+/// that dereference the pointer.
+struct Rows<T> {
+    ptr: *mut T,
+    /// Samples per variant.
+    m: usize,
+    /// Values per sample of the layer's output (`q`) and of the op's, after the tail (`q_out`).
+    q: usize,
+    q_out: usize,
 }
-impl<T> Copy for Out<T> {}
-unsafe impl<T> Send for Out<T> {}
-unsafe impl<T> Sync for Out<T> {}
 
-impl<T> Out<T> {
-    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
-    fn get(self) -> *mut T {
-        self.0
+// SAFETY: the blocks that share `Rows` write disjoint sample ranges (see the type's docs), so
+// sending and sharing the pointer between the threads of one parallel loop is sound.
+unsafe impl<T: Send> Send for Rows<T> {}
+unsafe impl<T: Send> Sync for Rows<T> {}
+
+impl<T: WithDType> Rows<T> {
+    /// Copies variant `v`'s base rows `start..start + rows` (`unclamped`: those rows of the
+    /// unclamped output) to where its own rows are computed, and returns that place: its rows of
+    /// the output, or with `pre` (one sample), its slot there (a scratch holding one sample of
+    /// every variant).
+    ///
+    /// # Safety
+    /// `start + rows ≤ m`; no other thread touches rows `start..start + rows` of any variant;
+    /// `bases[v]`, if any, is an earlier variant whose same rows (or slot of `pre`) this caller
+    /// has already computed; `unclamped` addresses `rows · q` values; `pre` holds `variants · q`.
+    unsafe fn start(
+        &self,
+        bases: &[Option<usize>],
+        v: usize,
+        (start, rows): (usize, usize),
+        unclamped: *const T,
+        pre: Option<&mut [T]>,
+    ) -> *mut T {
+        // Variant `w`'s place is `w · stride + offset` values in.
+        let (scratch, stride, offset) = match pre {
+            None => (self.ptr, self.m * self.q, start * self.q),
+            Some(p) => (p.as_mut_ptr(), self.q, 0),
+        };
+        let row = |w: usize| w * stride + offset;
+        // SAFETY: by the contract, `row(v)` and `row(b)` start `rows · q` values inside the
+        // output (or `pre`), in rows only this caller writes, and the base's were written.
+        unsafe {
+            let dst = scratch.add(row(v));
+            let src = match bases[v] {
+                Some(b) => scratch.add(row(b)) as *const T,
+                None => unclamped,
+            };
+            std::ptr::copy_nonoverlapping(src, dst, rows * self.q);
+            dst
+        }
+    }
+
+    /// Variant `w`'s rows `start..start + rows` of the output.
+    ///
+    /// # Safety
+    /// As for [`Rows::start`]: the rows exist and only the caller's thread touches them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn variant_rows(&self, w: usize, start: usize, rows: usize) -> &mut [T] {
+        // SAFETY: in bounds and exclusive by the contract.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.ptr.add((w * self.m + start) * self.q),
+                rows * self.q,
+            )
+        }
+    }
+
+    /// Sample `s` of variant `v` after the tail, in the output.
+    ///
+    /// # Safety
+    /// `s < m`, and only the caller's thread touches sample `s`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn tail_out(&self, v: usize, s: usize) -> &mut [T] {
+        // SAFETY: in bounds and exclusive by the contract.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add((v * self.m + s) * self.q_out), self.q_out)
+        }
     }
 }
 
 /// The fewest sample rows per dense block: below that the product's packing dominates.
 const DENSE_BLOCK: usize = 8;
 
+/// Where each variant's newly clamped inputs start among the weights, how many there are in
+/// all, and the most of one variant.
+struct Added {
+    first: Vec<usize>,
+    total: usize,
+    widest: usize,
+}
+
+impl Added {
+    fn of(added: &[Vec<u32>]) -> Self {
+        let mut first = Vec::with_capacity(added.len());
+        let mut total = 0usize;
+        for a in added {
+            first.push(total);
+            total += a.len();
+        }
+        let widest = added.iter().map(Vec::len).max().unwrap_or(0);
+        Self {
+            first,
+            total,
+            widest,
+        }
+    }
+}
+
 impl IncrementalCpu<'_> {
+    /// Every variant's output for `m` samples: the unclamped output (or a convolution's weight and
+    /// bias, `first_in`), the removed inputs `d` and the added inputs' weights.
     fn run<T: WithDType>(
         &self,
         first_in: &[T],
@@ -226,204 +317,221 @@ impl IncrementalCpu<'_> {
         weights: &[T],
         m: usize,
     ) -> Result<Vec<T>> {
-        let variants = self.bases.len();
         let (q, q_out) = self.row_lengths()?;
-        // Where each variant's inputs start among the weights.
-        let mut first = Vec::with_capacity(variants);
-        let mut total = 0usize;
-        for a in self.added {
-            first.push(total);
-            total += a.len();
-        }
-        let widest = self.added.iter().map(Vec::len).max().unwrap_or(0);
-        let len = variants * m * q_out;
-        let minus_one = T::from_f64(-1.0);
-        let tail = (!self.tail.is_identity()).then_some(self.tail);
+        let len = self.bases.len() * m * q_out;
+        let added = Added::of(self.added);
         let mut out: Vec<T> = Vec::with_capacity(len);
-        let ptr = Out(out.as_mut_ptr());
-        // Copies variant `v`'s base rows `start..start + rows` (`unclamped`: those rows of the
-        // unclamped output) to where its own rows are computed, and returns that place: its rows
-        // of the output, or with `pre` (one sample), its slot there (a scratch holding one
-        // sample of every variant).
-        // Safety: blocks are disjoint sample ranges, and a variant's base is an earlier variant
-        // whose same rows this block wrote before.
-        let start_rows = |v: usize, (start, rows), unclamped: *const T, pre: Option<&mut [T]>| {
-            let (scratch, in_out) = match pre {
-                None => (ptr.get(), true),
-                Some(p) => (p.as_mut_ptr(), false),
-            };
-            let row = |w: usize| if in_out { (w * m + start) * q } else { w * q };
-            let dst = unsafe { scratch.add(row(v)) };
-            let src = match self.bases[v] {
-                Some(b) => unsafe { scratch.add(row(b)) as *const T },
-                None => unclamped,
-            };
-            unsafe { std::ptr::copy_nonoverlapping(src, dst, rows * q) };
-            dst
-        };
-        // With a tail, writes it of a variant's finished sample to the output.
-        let finish = |v: usize, s: usize, c: &ConvShape, pre: *const T| {
-            let Some(tail) = tail else { return };
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(ptr.get().add((v * m + s) * q_out), q_out)
-            };
-            let pre = unsafe { std::slice::from_raw_parts(pre, q) };
-            tail.apply(pre, c.outputs, c.out_hw(), out);
+        let rows = Rows {
+            ptr: out.as_mut_ptr(),
+            m,
+            q,
+            q_out,
         };
         match self.shape {
             LayerShape::Dense { inputs, outputs } => {
-                let unclamped = first_in;
-                if weights.len() != total * outputs
-                    || d.len() != m * inputs
-                    || unclamped.len() != m * outputs
-                {
-                    candle_core::bail!("incremental dense layer: inconsistent sizes");
-                }
-                // One block per thread, in whole multiples of 8 rows (the kernel's height is a
-                // multiple of 8), so that the threads get even shares.
-                let threads = rayon::current_num_threads().max(1);
-                let block = m.div_ceil(threads).next_multiple_of(8).max(DENSE_BLOCK);
-                let blocks: Vec<usize> = (0..m).step_by(block).collect();
-                // A ReLU tail rectifies a variant's rows in place, in cache, once the last
-                // variant that starts from them has: after variant `v`, those in `released[v]`.
-                let mut released = vec![vec![]; variants];
-                if tail.is_some() {
-                    // (`row_lengths` refused a pool.)
-                    let mut last: Vec<usize> = (0..variants).collect();
-                    for (v, b) in self.bases.iter().enumerate() {
-                        if let Some(b) = *b {
-                            last[b] = last[b].max(v);
-                        }
-                    }
-                    for (w, &v) in last.iter().enumerate() {
-                        released[v].push(w);
-                    }
-                }
-                let rectify = |v: usize, start: usize, rows: usize| {
-                    for &w in &released[v] {
-                        let at = (w * m + start) * q;
-                        let rows =
-                            unsafe { std::slice::from_raw_parts_mut(ptr.get().add(at), rows * q) };
-                        Tail::rectify(rows);
-                    }
-                };
-                blocks.into_par_iter().for_each_init(
-                    || vec![T::zero(); block * widest],
-                    |lhs, start| {
-                        let rows = block.min(m - start);
-                        for v in 0..variants {
-                            let rows_in = unclamped[start * q..].as_ptr();
-                            let dst = start_rows(v, (start, rows), rows_in, None);
-                            let cols = &self.added[v];
-                            let k = cols.len();
-                            if k == 0 {
-                                rectify(v, start, rows);
-                                continue;
-                            }
-                            for r in 0..rows {
-                                let src = &d[(start + r) * inputs..(start + r + 1) * inputs];
-                                let row = &mut lhs[r * k..(r + 1) * k];
-                                row.iter_mut()
-                                    .zip(cols)
-                                    .for_each(|(o, &c)| *o = src[c as usize]);
-                            }
-                            // dst (rows × outputs) −= lhs (rows × k) · w (k × outputs)
-                            let w = &weights[first[v] * outputs..];
-                            unsafe {
-                                add_product(
-                                    (rows, outputs, k),
-                                    (dst, outputs),
-                                    (lhs.as_ptr(), k),
-                                    (w.as_ptr(), outputs),
-                                    minus_one,
-                                )
-                            };
-                            rectify(v, start, rows);
-                        }
-                    },
-                );
+                self.dense(&rows, &added, (inputs, outputs), first_in, d, weights)?
             }
-            LayerShape::Conv(c) => {
-                let (oh, ow) = c.out_hw();
-                let (kk, positions) = (c.kh * c.kw, oh * ow);
-                let per_in = c.channels * c.height * c.width;
-                // The weight's rows, each followed by its output's bias.
-                let (full, ck) = (first_in, c.channels * kk);
-                let first_len = match self.conv_from_weight {
-                    true => c.outputs * (ck + 1),
-                    false => m * q,
-                };
-                if weights.len() != c.outputs * total * kk
-                    || d.len() != m * per_in
-                    || first_in.len() != first_len
-                {
-                    candle_core::bail!("incremental convolution: inconsistent sizes");
-                }
-                let scratch = if tail.is_some() { variants * q } else { 0 };
-                (0..m).into_par_iter().for_each_init(
-                    || {
-                        (
-                            vec![T::zero(); ck * positions],
-                            vec![T::zero(); widest * kk * positions],
-                            vec![T::zero(); q],
-                            vec![T::zero(); scratch],
-                        )
-                    },
-                    |(patches, rhs, unclamped, pre), s| {
-                        c.patches(&d[s * per_in..(s + 1) * per_in], patches);
-                        let unclamped = if self.conv_from_weight {
-                            // Bias, plus weight · patches (the patches of the activation itself).
-                            for (o, row) in unclamped.chunks_mut(positions).enumerate() {
-                                row.fill(full[o * (ck + 1) + ck]);
-                            }
-                            unsafe {
-                                add_product(
-                                    (c.outputs, positions, ck),
-                                    (unclamped.as_mut_ptr(), positions),
-                                    (full.as_ptr(), ck + 1),
-                                    (patches.as_ptr(), positions),
-                                    T::from_f64(1.0),
-                                )
-                            };
-                            unclamped.as_ptr()
-                        } else {
-                            first_in[s * q..].as_ptr()
-                        };
-                        for v in 0..variants {
-                            let pre = tail.is_some().then_some(&mut pre[..]);
-                            let dst = start_rows(v, (s, 1), unclamped, pre);
-                            let units = &self.added[v];
-                            if !units.is_empty() {
-                                let block = kk * positions;
-                                for (j, &u) in units.iter().enumerate() {
-                                    let u = u as usize;
-                                    rhs[j * block..(j + 1) * block]
-                                        .copy_from_slice(&patches[u * block..(u + 1) * block]);
-                                }
-                                let k = units.len() * kk;
-                                // dst (outputs × positions) −= w (outputs × k) · rhs (k ×
-                                // positions); the weights of all variants share rows of
-                                // `total · kk` values.
-                                let w = &weights[first[v] * kk..];
-                                unsafe {
-                                    add_product(
-                                        (c.outputs, positions, k),
-                                        (dst, positions),
-                                        (w.as_ptr(), total * kk),
-                                        (rhs.as_ptr(), positions),
-                                        minus_one,
-                                    )
-                                };
-                            }
-                            finish(v, s, &c, dst);
-                        }
-                    },
-                );
-            }
+            LayerShape::Conv(c) => self.conv(&rows, &added, &c, first_in, d, weights)?,
         }
-        // Every element was written: each variant's rows by its base copy, or by its tail.
+        // SAFETY: `dense` and `conv` wrote all `len` values: each variant's rows by its base copy,
+        // or with a tail, by the tail.
         unsafe { out.set_len(len) };
         Ok(out)
+    }
+
+    /// Variants after which each variant's rows are final: a ReLU tail rectifies variant `w`'s
+    /// rows in place, in cache, once the last variant that starts from them (`released[v]` lists
+    /// the `w` that variant `v` is the last user of).
+    fn released(&self) -> Vec<Vec<usize>> {
+        let variants = self.bases.len();
+        let mut last: Vec<usize> = (0..variants).collect();
+        for (v, b) in self.bases.iter().enumerate() {
+            if let Some(b) = *b {
+                last[b] = last[b].max(v);
+            }
+        }
+        let mut released = vec![vec![]; variants];
+        for (w, &v) in last.iter().enumerate() {
+            released[v].push(w);
+        }
+        released
+    }
+
+    /// A dense layer: blocks of samples in parallel, each variant's rows its base's minus the
+    /// product of its newly clamped inputs with their weight rows.
+    fn dense<T: WithDType>(
+        &self,
+        out: &Rows<T>,
+        added: &Added,
+        (inputs, outputs): (usize, usize),
+        unclamped: &[T],
+        d: &[T],
+        weights: &[T],
+    ) -> Result<()> {
+        let (variants, m, q) = (self.bases.len(), out.m, out.q);
+        if weights.len() != added.total * outputs
+            || d.len() != m * inputs
+            || unclamped.len() != m * outputs
+        {
+            candle_core::bail!("incremental dense layer: inconsistent sizes");
+        }
+        // One block per thread, in whole multiples of 8 rows (the kernel's height is a multiple
+        // of 8), so that the threads get even shares.
+        let threads = rayon::current_num_threads().max(1);
+        let block = m.div_ceil(threads).next_multiple_of(8).max(DENSE_BLOCK);
+        let blocks: Vec<usize> = (0..m).step_by(block).collect();
+        // (`row_lengths` refused a pool: a dense tail is a ReLU.)
+        let released = match self.tail.is_identity() {
+            true => vec![vec![]; variants],
+            false => self.released(),
+        };
+        let minus_one = T::from_f64(-1.0);
+        blocks.into_par_iter().for_each_init(
+            || vec![T::zero(); block * added.widest],
+            |lhs, start| {
+                let rows = block.min(m - start);
+                for v in 0..variants {
+                    let rows_in = unclamped[start * q..].as_ptr();
+                    // SAFETY: this block alone owns samples `start..start + rows`, and variants
+                    // run in order, so the base's rows are done; `rows_in` holds `rows · q`.
+                    let dst = unsafe { out.start(self.bases, v, (start, rows), rows_in, None) };
+                    let cols = &self.added[v];
+                    let k = cols.len();
+                    if k > 0 {
+                        for r in 0..rows {
+                            let src = &d[(start + r) * inputs..(start + r + 1) * inputs];
+                            let row = &mut lhs[r * k..(r + 1) * k];
+                            row.iter_mut()
+                                .zip(cols)
+                                .for_each(|(o, &c)| *o = src[c as usize]);
+                        }
+                        // dst (rows × outputs) −= lhs (rows × k) · w (k × outputs)
+                        let w = &weights[added.first[v] * outputs..];
+                        // SAFETY: `dst` is this block's `rows × outputs` of variant `v`, `lhs`
+                        // holds `rows × k` and `w` at least `k × outputs`; none overlap.
+                        unsafe {
+                            add_product(
+                                (rows, outputs, k),
+                                (dst, outputs),
+                                (lhs.as_ptr(), k),
+                                (w.as_ptr(), outputs),
+                                minus_one,
+                            )
+                        };
+                    }
+                    for &w in &released[v] {
+                        // SAFETY: variant `w`'s rows of this block, finished (no later variant
+                        // starts from them) and touched by no other thread.
+                        Tail::rectify(unsafe { out.variant_rows(w, start, rows) });
+                    }
+                }
+            },
+        );
+        Ok(())
+    }
+
+    /// A convolution: samples in parallel, each building its patch matrix once; a variant's
+    /// output is its base's minus the weights of its newly clamped channels times their patches.
+    fn conv<T: WithDType>(
+        &self,
+        out: &Rows<T>,
+        added: &Added,
+        c: &ConvShape,
+        first_in: &[T],
+        d: &[T],
+        weights: &[T],
+    ) -> Result<()> {
+        let (variants, m, q) = (self.bases.len(), out.m, out.q);
+        let (oh, ow) = c.out_hw();
+        let (kk, positions) = (c.kh * c.kw, oh * ow);
+        let per_in = c.channels * c.height * c.width;
+        // The weight's rows, each followed by its output's bias.
+        let (full, ck) = (first_in, c.channels * kk);
+        let first_len = match self.conv_from_weight {
+            true => c.outputs * (ck + 1),
+            false => m * q,
+        };
+        if weights.len() != c.outputs * added.total * kk
+            || d.len() != m * per_in
+            || first_in.len() != first_len
+        {
+            candle_core::bail!("incremental convolution: inconsistent sizes");
+        }
+        let tail = (!self.tail.is_identity()).then_some(self.tail);
+        let scratch = if tail.is_some() { variants * q } else { 0 };
+        let minus_one = T::from_f64(-1.0);
+        (0..m).into_par_iter().for_each_init(
+            || {
+                (
+                    vec![T::zero(); ck * positions],
+                    vec![T::zero(); added.widest * kk * positions],
+                    vec![T::zero(); q],
+                    vec![T::zero(); scratch],
+                )
+            },
+            |(patches, rhs, unclamped, pre), s| {
+                c.patches(&d[s * per_in..(s + 1) * per_in], patches);
+                let unclamped = if self.conv_from_weight {
+                    // Bias, plus weight · patches (the patches of the activation itself).
+                    for (o, row) in unclamped.chunks_mut(positions).enumerate() {
+                        row.fill(full[o * (ck + 1) + ck]);
+                    }
+                    // SAFETY: `unclamped` is `outputs × positions`, `full` `outputs` rows of
+                    // `ck + 1` and `patches` `ck × positions`; all this thread's own buffers.
+                    unsafe {
+                        add_product(
+                            (c.outputs, positions, ck),
+                            (unclamped.as_mut_ptr(), positions),
+                            (full.as_ptr(), ck + 1),
+                            (patches.as_ptr(), positions),
+                            T::from_f64(1.0),
+                        )
+                    };
+                    unclamped.as_ptr()
+                } else {
+                    first_in[s * q..].as_ptr()
+                };
+                for v in 0..variants {
+                    let pre = tail.is_some().then_some(&mut pre[..]);
+                    // SAFETY: sample `s` is this thread's alone, variants run in order (the
+                    // base's sample is done), `unclamped` holds `q` values, `pre` `variants · q`.
+                    let dst = unsafe { out.start(self.bases, v, (s, 1), unclamped, pre) };
+                    let units = &self.added[v];
+                    if !units.is_empty() {
+                        let block = kk * positions;
+                        for (j, &u) in units.iter().enumerate() {
+                            let u = u as usize;
+                            rhs[j * block..(j + 1) * block]
+                                .copy_from_slice(&patches[u * block..(u + 1) * block]);
+                        }
+                        let k = units.len() * kk;
+                        // dst (outputs × positions) −= w (outputs × k) · rhs (k × positions);
+                        // the weights of all variants share rows of `total · kk` values.
+                        let w = &weights[added.first[v] * kk..];
+                        // SAFETY: `dst` is sample `s` of variant `v` (`outputs × positions`),
+                        // `w` `outputs` rows of stride `total · kk` holding `k` each, `rhs`
+                        // `k × positions`; `dst` overlaps neither.
+                        unsafe {
+                            add_product(
+                                (c.outputs, positions, k),
+                                (dst, positions),
+                                (w.as_ptr(), added.total * kk),
+                                (rhs.as_ptr(), positions),
+                                minus_one,
+                            )
+                        };
+                    }
+                    if let Some(tail) = tail {
+                        // SAFETY: `dst` is variant `v`'s slot of `pre`, `q` values this thread
+                        // just wrote; sample `s` of the output is this thread's alone.
+                        let (pre, done) =
+                            unsafe { (std::slice::from_raw_parts(dst, q), out.tail_out(v, s)) };
+                        tail.apply(pre, c.outputs, c.out_hw(), done);
+                    }
+                }
+            },
+        );
+        Ok(())
     }
 
     /// Values per sample of the layer's output and of the op's (after the tail).
