@@ -13,7 +13,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{Device, Module, ModuleT, Result, Tensor};
 use candle_nn::Optimizer;
 use candle_nn::VarMap;
 use candle_reliance::curves::{AblationOrder, AblationSpec, Clamp};
@@ -234,7 +234,7 @@ fn check_per_epoch(reps: usize) -> Result<String> {
     for kind in ["mlp", "mlp_steps_outside", "cnn", "cnn_steps_outside"] {
         let varmap = VarMap::new();
         let probes = ProbeSet::new();
-        let model: Box<dyn Module> = if kind.starts_with("mlp") {
+        let model: Box<dyn ModuleT> = if kind.starts_with("mlp") {
             let mlp = common::Mlp::new(&varmap, &[512, 512], 0.0, &probes, 0)?;
             Box::new(match kind {
                 "mlp" => mlp,
@@ -251,7 +251,7 @@ fn check_per_epoch(reps: usize) -> Result<String> {
         let epoch = if kind.starts_with("mlp") {
             let mut opt = common::adamw(varmap.all_vars(), 1e-3)?;
             let plain = time(reps, || {
-                common::train_epoch(|x| model.forward(x), &mut opt, xs, ys, 64, &mut rng)
+                common::train_epoch(|x| model.forward_t(x, true), &mut opt, xs, ys, 64, &mut rng)
             })?;
             if kind == "mlp" {
                 let mut changes = PredictionChanges::new(xs.dim(0)?);
@@ -261,7 +261,14 @@ fn check_per_epoch(reps: usize) -> Result<String> {
                         train_epoch_observed(&*model, &mut opt, xs, ys, &mut rng, &mut changes)
                     })?);
                     without.push(once(|| {
-                        common::train_epoch(|x| model.forward(x), &mut opt, xs, ys, 64, &mut rng)
+                        common::train_epoch(
+                            |x| model.forward_t(x, true),
+                            &mut opt,
+                            xs,
+                            ys,
+                            64,
+                            &mut rng,
+                        )
                     })?);
                 }
                 let (with, without) = (median(with), median(without));
@@ -274,7 +281,7 @@ fn check_per_epoch(reps: usize) -> Result<String> {
         } else {
             let mut opt = candle_nn::SGD::new(varmap.all_vars(), 0.05)?;
             time(reps, || {
-                common::train_epoch(|x| model.forward(x), &mut opt, xs, ys, 64, &mut rng)
+                common::train_epoch(|x| model.forward_t(x, true), &mut opt, xs, ys, 64, &mut rng)
             })?
         };
         let m = || Measurement::new(&*model, &probes, &data);
@@ -361,7 +368,7 @@ impl Module for SmallCnn {
 /// `common::train_epoch` for the MNIST MLP with each batch's predictions recorded, as
 /// `RelianceMonitor::observe` records them; the epoch's changes are counted at its end.
 fn train_epoch_observed(
-    model: &dyn Module,
+    model: &dyn ModuleT,
     opt: &mut impl Optimizer,
     xs: &Tensor,
     ys: &Tensor,
@@ -373,7 +380,7 @@ fn train_epoch_observed(
     rng.shuffle(&mut order);
     for b in order.chunks(64) {
         let idx = Tensor::new(b, xs.device())?;
-        let logits = model.forward(&xs.index_select(&idx, 0)?)?;
+        let logits = model.forward_t(&xs.index_select(&idx, 0)?, true)?;
         changes.record(b, &logits)?;
         let l = candle_nn::loss::cross_entropy(&logits, &ys.index_select(&idx, 0)?)?;
         opt.backward_step(&l)?;

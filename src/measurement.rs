@@ -27,7 +27,7 @@ use crate::probe::{Action, PassGuard, ProbeSet, UnitSums};
 use crate::units::PerProbe;
 use crate::ProbeData;
 use crate::Result;
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, ModuleT, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::cell::OnceCell;
 use std::ops::Range;
@@ -225,8 +225,9 @@ impl UnitStatistics {
 /// variant instead, one plain forward over the data cheaper.
 ///
 /// The model must call every probe of `probes` exactly once per forward pass and return logits
-/// `(N, classes)`; any [`Module`] works, including a closure.
-pub struct Measurement<'a, M: Module + ?Sized> {
+/// `(N, classes)`; any [`ModuleT`] works, measured with `train = false` — a [`Module`](candle_core::Module)
+/// (every one is a `ModuleT`), a closure, or a model with batch norm or dropout as it is.
+pub struct Measurement<'a, M: ModuleT + ?Sized> {
     model: &'a M,
     probes: &'a ProbeSet,
     data: &'a ProbeData,
@@ -235,7 +236,7 @@ pub struct Measurement<'a, M: Module + ?Sized> {
     collective: Option<&'a dyn Collective>,
 }
 
-impl<M: Module + ?Sized> std::fmt::Debug for Measurement<'_, M> {
+impl<M: ModuleT + ?Sized> std::fmt::Debug for Measurement<'_, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Measurement")
             .field("probes", self.probes)
@@ -246,7 +247,7 @@ impl<M: Module + ?Sized> std::fmt::Debug for Measurement<'_, M> {
     }
 }
 
-impl<'a, M: Module + ?Sized> Measurement<'a, M> {
+impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
     /// A measurement of `model` through `probes` on `data`, with default [`Batching`].
     pub fn new(model: &'a M, probes: &'a ProbeSet, data: &'a ProbeData) -> Self {
         Self {
@@ -268,17 +269,18 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         self
     }
 
-    /// The global indices of the samples this rank measures (all of them without a
-    /// collective).
-    /// The model's forward pass; an error a probe raised inside it comes back as that probe's.
+    /// The model's forward pass in evaluation mode (`train = false`: batch norm on its running
+    /// statistics, no dropout); an error a probe raised inside it comes back as that probe's.
     pub(crate) fn forward_model(&self, xs: &Tensor) -> Result<Tensor> {
         // A failure left by a forward whose error was handled (an expansion that fell back).
         let _ = self.probes.take_failure();
         self.model
-            .forward(xs)
+            .forward_t(xs, false)
             .map_err(|e| self.probes.take_failure().unwrap_or(Error::Candle(e)))
     }
 
+    /// The global indices of the samples this rank measures (all of them without a
+    /// collective).
     fn shard(&self) -> Range<usize> {
         let n = self.data.len();
         match self.collective {
@@ -861,7 +863,10 @@ impl<'a, M: Module + ?Sized> Measurement<'a, M> {
         guard
             .start_forward_labelled(start, data.len(), labels)
             .map_err(|e| e.to_string())?;
-        let logits = self.model.forward(&xs).map_err(|e| e.to_string())?;
+        let logits = self
+            .model
+            .forward_t(&xs, false)
+            .map_err(|e| e.to_string())?;
         guard.finish_forward().map_err(|e| e.to_string())?;
         let (rows, _) = logits_dims(&logits).map_err(|e| e.to_string())?;
         if rows != variants * rows_in {

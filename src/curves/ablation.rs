@@ -8,7 +8,7 @@ use crate::measurement::Clamp;
 use crate::units::ordering;
 use crate::Measurement;
 use crate::Result;
-use candle_core::Module;
+use candle_core::ModuleT;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The most fractions a curve may have (steps of 1/1024).
@@ -413,7 +413,7 @@ pub struct AblationCurve {
     pub incremental: bool,
 }
 
-impl<M: Module + ?Sized> Measurement<'_, M> {
+impl<M: ModuleT + ?Sized> Measurement<'_, M> {
     /// The cumulative ablation curve.
     ///
     /// At fraction `f`, the first `round(f · N_total)` units of each order are clamped after the

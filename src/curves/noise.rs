@@ -7,7 +7,7 @@ use crate::invalid::{Checked, Invalid};
 use crate::probe::Action;
 use crate::Measurement;
 use crate::Result;
-use candle_core::{Module, Tensor};
+use candle_core::{ModuleT, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// What noise to add: the `noise:` section of the monitor's configuration (absent: no noise
@@ -121,7 +121,7 @@ pub struct NoiseCurve {
     pub batched: bool,
 }
 
-impl<M: Module + ?Sized> Measurement<'_, M> {
+impl<M: ModuleT + ?Sized> Measurement<'_, M> {
     /// The noise curve: zero-mean Gaussian noise with standard deviation `scale × σ_unit` added
     /// to every probed unit, for each scale and draw (the variants), all in one expanded pass per
     /// chunk of samples.

@@ -45,7 +45,7 @@ use crate::measurement::UnitStatistics;
 use crate::units::Selectivity;
 use crate::Result;
 use crate::{Measurement, ProbeData, ProbeSet};
-use candle_core::{Module, Tensor};
+use candle_core::{ModuleT, Tensor};
 use candle_nn::VarMap;
 use files::{append_json_line, io_err, move_aside, write_atomic, DirLock};
 use persistence::*;
@@ -521,7 +521,7 @@ impl RelianceMonitor {
     pub fn on_epoch_end(
         &mut self,
         epoch: usize,
-        model: &impl Module,
+        model: &impl ModuleT,
         varmap: &VarMap,
     ) -> Result<Decision> {
         let r = self.epoch_end(epoch, model, Some(varmap));
@@ -530,7 +530,7 @@ impl RelianceMonitor {
 
     /// [`RelianceMonitor::on_epoch_end`] for models whose weights are not in a [`VarMap`]: the
     /// best weights cannot be restored.
-    pub fn check(&mut self, epoch: usize, model: &impl Module) -> Result<Decision> {
+    pub fn check(&mut self, epoch: usize, model: &impl ModuleT) -> Result<Decision> {
         let r = self.epoch_end(epoch, model, None);
         self.abort_on_error(epoch, r)
     }
@@ -547,7 +547,7 @@ impl RelianceMonitor {
     fn epoch_end(
         &mut self,
         epoch: usize,
-        model: &impl Module,
+        model: &impl ModuleT,
         varmap: Option<&VarMap>,
     ) -> Result<Decision> {
         if let Some(c) = &self.collective {
@@ -656,7 +656,7 @@ impl RelianceMonitor {
     fn prepare(
         &mut self,
         epoch: usize,
-        model: &impl Module,
+        model: &impl ModuleT,
         varmap: Option<&VarMap>,
     ) -> Result<(Decision, Option<CheckOutcome>)> {
         let training_changes = self.training_changes(epoch)?;
@@ -809,7 +809,7 @@ impl RelianceMonitor {
     fn measure(
         &mut self,
         epoch: usize,
-        model: &impl Module,
+        model: &impl ModuleT,
         varmap: Option<&VarMap>,
     ) -> Result<Measured> {
         let t0 = Instant::now();

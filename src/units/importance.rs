@@ -7,7 +7,7 @@ use crate::measurement::Clamp;
 use crate::units::{layout, MutualInformation, PerProbe, PerUnit, Selectivity};
 use crate::Measurement;
 use crate::Result;
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, ModuleT, Tensor};
 use serde::{Deserialize, Serialize};
 use statrs::statistics::{Data, OrderStatistics, RankTieBreaker};
 
@@ -56,7 +56,7 @@ impl UnitImportance {
     }
 }
 
-impl<M: Module + ?Sized> Measurement<'_, M> {
+impl<M: ModuleT + ?Sized> Measurement<'_, M> {
     /// The drop in accuracy when each probed unit alone is clamped to `clamp`: one ablation set
     /// per unit, evaluated batched by [`Measurement::ablation_accuracies`] in chunks of units.
     /// Logs the mean and largest importance per probe.

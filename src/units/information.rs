@@ -6,7 +6,7 @@ use crate::probe::Action;
 use crate::units::{PerProbe, PerUnit};
 use crate::Measurement;
 use crate::Result;
-use candle_core::{DType, Device, Module};
+use candle_core::{DType, Device, ModuleT};
 use serde::{Deserialize, Serialize};
 
 /// Default number of equal-count bins of the mutual-information estimator.
@@ -180,7 +180,7 @@ impl MutualInformation {
     }
 }
 
-impl<M: Module + ?Sized> Measurement<'_, M> {
+impl<M: ModuleT + ?Sized> Measurement<'_, M> {
     /// Records every probed unit's activity on every sample (feature maps averaged over
     /// positions) in one forward pass over chunks of [`Batching::batch_size`] samples. Memory:
     /// see [`UnitActivity`].

@@ -5,10 +5,10 @@ use crate::measurement::Clamp;
 use crate::units::PerUnit;
 use crate::Measurement;
 use crate::Result;
-use candle_core::Module;
+use candle_core::ModuleT;
 
 /// All probed units, most (`descending`) or least selective first; ties by unit index.
-pub(crate) fn by_selectivity<M: Module + ?Sized>(
+pub(crate) fn by_selectivity<M: ModuleT + ?Sized>(
     m: &Measurement<'_, M>,
     descending: bool,
 ) -> Result<Vec<usize>> {
@@ -18,7 +18,7 @@ pub(crate) fn by_selectivity<M: Module + ?Sized>(
 
 /// All probed units, most (`descending`) or least important first under `clamp` (one extra
 /// batched pass with one unit clamped per variant); ties by unit index.
-pub(crate) fn by_importance<M: Module + ?Sized>(
+pub(crate) fn by_importance<M: ModuleT + ?Sized>(
     m: &Measurement<'_, M>,
     clamp: Clamp,
     descending: bool,

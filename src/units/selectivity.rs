@@ -13,7 +13,7 @@ use crate::measurement::UnitStatistics;
 use crate::units::{mean, PerProbe, PerUnit};
 use crate::Measurement;
 use crate::Result;
-use candle_core::Module;
+use candle_core::ModuleT;
 use serde::{Deserialize, Serialize};
 
 /// The `ε` added to the denominator of the selectivity index, so that an all-zero unit gets 0.
@@ -128,7 +128,7 @@ impl Selectivity {
     }
 }
 
-impl<M: Module + ?Sized> Measurement<'_, M> {
+impl<M: ModuleT + ?Sized> Measurement<'_, M> {
     /// Class selectivity of every probed unit, from the statistics pass (no extra forward);
     /// logs the mean per probe.
     pub fn selectivity(&self) -> Result<Selectivity> {
