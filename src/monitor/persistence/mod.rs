@@ -45,7 +45,8 @@ pub struct MonitorState {
     /// prediction changes against them.
     pub predictions: Option<Vec<u32>>,
     /// The training loop's predictions in the last epoch it reported them
-    /// ([`RelianceMonitor::observe`]; `u32::MAX` for an example not seen).
+    /// ([`RelianceMonitor::observe`](super::RelianceMonitor::observe); `u32::MAX` for an
+    /// example not seen).
     pub training_predictions: Option<Vec<u32>>,
     /// What the checks ran on: a resume on other probe data is refused.
     #[serde(default)]
