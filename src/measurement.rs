@@ -151,7 +151,8 @@ pub enum Clamp {
 /// Per-unit moments of one probe over the probe data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnitMoments {
-    /// Positions per unit and sample: 1 for a dense layer, `H·W` for a feature map.
+    /// Positions per unit and sample: 1 for a dense layer, `T` for a sequence, `H·W` for a
+    /// feature map.
     pub positions: usize,
     /// Mean activation per unit (over samples, and positions for a feature map).
     pub mean: Vec<f64>,
@@ -703,6 +704,7 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
             agreeing: vec![0; variants],
             fallback: None,
             incremental: false,
+            shared_rows: false,
         };
         if self.batching.batched && variants > 0 {
             let group = variants.min(max_rows);
@@ -776,6 +778,7 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
                 }
             }
             run.incremental = guard.incremental_used()?;
+            run.shared_rows = guard.merged()?;
             let sums = guard.take_sums()?;
             drop(guard);
             match failure {
@@ -966,6 +969,8 @@ pub(crate) struct VariantRun {
     pub fallback: Option<String>,
     /// Whether a probed layer was computed incrementally.
     pub incremental: bool,
+    /// Whether variants that agree on the probes reached so far shared rows.
+    pub shared_rows: bool,
 }
 
 /// What a statistics pass accumulates besides the probes' sums: counts over the unclamped

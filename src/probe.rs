@@ -1,8 +1,10 @@
 //! Probe layers: identity modules placed after activations, through which a measurement clamps,
 //! perturbs or records units.
 //!
-//! A unit is the last dimension of a rank-2 activation `(N, U)` and a channel (dimension 1, a
-//! whole feature map) of a rank-4 activation `(N, C, H, W)`. Units are numbered globally across
+//! A unit is the last dimension of a rank-2 activation `(N, U)`, the last dimension of a
+//! sequence `(N, T, U)` at every position (a transformer's hidden or feed-forward units; clamping
+//! it clamps all `T` positions, and its per-sample value is its mean over them), and a channel
+//! (dimension 1, a whole feature map) of a rank-4 activation `(N, C, H, W)`. Units are numbered globally across
 //! a [`ProbeSet`] in the order the probes were added: probe 0's units first.
 //!
 //! ```
@@ -526,7 +528,25 @@ impl Probe {
         }
         pass.seen[i] = true;
         pass.call_order.push(i);
-        let (rows, _, _) = rows_units_inner(xs.dims()).map_err(in_probe(&name))?;
+        let rows = samples(xs.dims()).map_err(in_probe(&name))?;
+        // A sequence activation `(N, T, D)` goes through the ops as `N·T` rows of `D` units:
+        // every unit clamped (or noised) at every position, a sample's rows kept together.
+        let tokens = match xs.dims() {
+            [_, t, _] => *t,
+            _ => 1,
+        };
+        let flat = |x: &Tensor| -> Result<Tensor> {
+            match x.dims() {
+                [n, t, d] => Ok(x.reshape((n * t, *d))?),
+                _ => Ok(x.clone()),
+            }
+        };
+        let unflat = |x: Tensor| -> Result<Tensor> {
+            match (xs.dims(), x.dims()) {
+                ([_, t, _], [r, d]) => Ok(x.reshape((r / t, *t, *d))?),
+                _ => Ok(x),
+            }
+        };
         let first = pass.rows_in.is_none();
         let expand = first && pass.expand;
         if first {
@@ -554,12 +574,14 @@ impl Probe {
             }
             Action::Clamp { keep, values, .. } => {
                 if !pass.expand {
-                    return level_clamp(xs, &keep[i], &values[i], false).map_err(in_probe(&name));
+                    let out = level_clamp(&flat(xs)?, &keep[i], &values[i], false);
+                    return unflat(out.map_err(in_probe(&name))?);
                 }
                 let values = values[i].clone();
                 let step = merge::advance(pass, i).map_err(in_probe(&name))?;
-                let rows_in = pass.rows_in.unwrap_or(rows);
-                merge::clamp(xs, &step, rows_in, &values, expand).map_err(in_probe(&name))
+                let rows_in = pass.rows_in.unwrap_or(rows) * tokens;
+                let out = merge::clamp(&flat(xs)?, &step, rows_in, &values, expand);
+                unflat(out.map_err(in_probe(&name))?)
             }
             Action::Noise {
                 std,
@@ -571,20 +593,37 @@ impl Probe {
                     expand,
                     seed: crate::rng::derive_seed(*seed, i as u64),
                     level_offset: *variant_offset,
-                    sample_offset: pass.sample_offset,
-                    total_samples: pass.total_samples,
+                    // Counted in rows: a sequence's tokens each draw their own noise.
+                    sample_offset: pass.sample_offset * tokens,
+                    total_samples: pass.total_samples * tokens,
                 };
-                level_noise(xs, &std[i], op).map_err(in_probe(&name))
+                unflat(level_noise(&flat(xs)?, &std[i], op).map_err(in_probe(&name))?)
             }
             Action::Capture => {
-                pass.captured[i] = Some(if xs.rank() == 4 {
-                    xs.mean((2, 3))?
-                } else {
-                    xs.clone()
+                // A sample's value of a unit: its mean over positions.
+                pass.captured[i] = Some(match xs.rank() {
+                    4 => xs.mean((2, 3))?,
+                    3 => xs.mean(1)?,
+                    _ => xs.clone(),
                 });
                 Ok(xs.clone())
             }
         }
+    }
+}
+
+/// The samples of an activation: `(N, U)`, `(N, T, U)` (a sequence) or `(N, C, H, W)`.
+pub(crate) fn samples(dims: &[usize]) -> Result<usize> {
+    match dims {
+        [n, _, _] => Ok(*n),
+        _ => match rows_units_inner(dims) {
+            Ok((n, _, _)) => Ok(n),
+            Err(_) => bail!(
+                Data,
+                "an activation must have shape (N, units), (N, T, units) or (N, C, H, W), got \
+                 {dims:?}"
+            ),
+        },
     }
 }
 
@@ -610,6 +649,12 @@ fn record_sums(
     xs: &Tensor,
     labels: Option<&(Tensor, usize)>,
 ) -> Result<()> {
+    // A sequence `(N, T, D)` is summed as a feature map `(N, D, T, 1)`: the unit's values at
+    // every position count, and a sample's value for class sums is its mean over positions.
+    let xs = &match xs.dims() {
+        [n, t, d] => xs.transpose(1, 2)?.contiguous()?.reshape((*n, *d, *t, 1))?,
+        _ => xs.clone(),
+    };
     let (rows, units, inner) = rows_units_inner(xs.dims())?;
     // One pass over the activation (one kernel on CUDA): sums, sums of squares, class sums.
     let (labels, classes) = match labels {

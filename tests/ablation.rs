@@ -406,14 +406,19 @@ fn probe_misuse_is_reported() -> Result<()> {
     assert!(e.contains("`twice` ran twice"), "{e}");
 
     let probes = ProbeSet::new();
-    let p = probes.add("seq")?;
-    let model = |x: &Tensor| p.forward(&x.unsqueeze(1)?)?.squeeze(1);
+    let p = probes.add("rank5")?;
+    // (N, 1, 1, 1, U): no supported layout.
+    let model = |x: &Tensor| {
+        p.forward(&x.unsqueeze(1)?.unsqueeze(1)?.unsqueeze(1)?)?
+            .flatten_to(1)?
+            .flatten_from(1)
+    };
     let e = Measurement::new(&model, &probes, &data)
         .ablation_curve(&spec)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("`seq`") && e.contains("(N, units) or (N, C, H, W)"),
+        e.contains("`rank5`") && e.contains("(N, units), (N, T, units) or (N, C, H, W)"),
         "{e}"
     );
 

@@ -411,6 +411,10 @@ pub struct AblationCurve {
     /// masks (the first probe reached is a [`ProbedLayer`](crate::probe::ProbedLayer)).
     #[serde(default)]
     pub incremental: bool,
+    /// Whether variants that agree on the probes reached so far shared rows (see
+    /// [`Batching::shared_rows`](crate::measurement::Batching::shared_rows)).
+    #[serde(default)]
+    pub shared_rows: bool,
 }
 
 impl<M: ModuleT + ?Sized> Measurement<'_, M> {
@@ -529,6 +533,7 @@ impl<M: ModuleT + ?Sized> Measurement<'_, M> {
             finite: stats.finite,
             batched: self.batching().batched && run.fallback.is_none(),
             incremental: run.incremental,
+            shared_rows: run.shared_rows,
         })
     }
 }

@@ -838,7 +838,7 @@ impl RelianceMonitor {
             bail!(
                 Probe,
                 "reliance check at epoch {epoch}: no probe has a unit to ablate: {}; a probe \
-                 must see activations of shape (N, U) or (N, C, H, W) with U, C > 0",
+                 must see activations of shape (N, U), (N, T, U) or (N, C, H, W) with U, C > 0",
                 probe_list(&found)
             );
         }

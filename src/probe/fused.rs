@@ -23,7 +23,7 @@
 //! ```
 
 use super::{lock, Action, Probe};
-use crate::ops::{rows_units_inner, ConvShape, IncrementalCpu, LayerShape, Tail};
+use crate::ops::{ConvShape, IncrementalCpu, LayerShape, Tail};
 use crate::Result;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2d, Linear};
@@ -75,6 +75,8 @@ impl NextLayer {
     fn supports(&self, xs: &Tensor) -> bool {
         match (self, xs.rank()) {
             (NextLayer::Linear(l), 2) => l.weight().dim(1).ok() == xs.dim(1).ok(),
+            // A sequence `(N, T, D)`: the layer reads each position's `D` units.
+            (NextLayer::Linear(l), 3) => l.weight().dim(1).ok() == xs.dim(2).ok(),
             (NextLayer::Linear(l), 4) => {
                 l.weight().dim(1).ok() == Some(xs.dims()[1..].iter().product())
             }
@@ -241,7 +243,19 @@ impl ProbedLayer {
                     PlanKind::Cpu { shape, .. } => self.tail(*shape),
                     PlanKind::Batched { .. } => None,
                 };
-                let out = incremental(xs, &self.layer, &plan, &values, tail.unwrap_or_default())?;
+                // A sequence goes through as `N·T` rows; each variant's rows come back as its
+                // `N` samples of `T` positions.
+                let out = incremental(
+                    &flat(xs)?,
+                    &self.layer,
+                    &plan,
+                    &values,
+                    tail.unwrap_or_default(),
+                )?;
+                let out = match (xs.dims(), out.dims()) {
+                    ([_, t, _], [r, o]) => out.reshape((r / t, *t, *o))?,
+                    _ => out,
+                };
                 match tail {
                     Some(_) => Ok(out),
                     None => self.finish(out),
@@ -249,6 +263,14 @@ impl ProbedLayer {
             }
             None => self.finish(self.layer.forward(&self.probe.forward(xs)?)?),
         }
+    }
+}
+
+/// A sequence activation `(N, T, D)` as `N·T` rows of `D` units; any other as it is.
+fn flat(xs: &Tensor) -> Result<Tensor> {
+    match xs.dims() {
+        [n, t, d] => Ok(xs.reshape((n * t, *d))?),
+        _ => Ok(xs.clone()),
     }
 }
 
@@ -322,7 +344,7 @@ impl ProbedLayer {
             return Ok(None);
         }
         let values = values[i].clone();
-        let (rows, _, _) = rows_units_inner(xs.dims())?;
+        let rows = super::samples(xs.dims())?;
         pass.seen[i] = true;
         pass.call_order.push(i);
         pass.rows_in = Some(rows);
@@ -331,7 +353,12 @@ impl ProbedLayer {
         let plan = match &pass.plans[i] {
             Some(p) => p.clone(),
             None => {
-                let p = Arc::new(build_plan(&step.keep, &values, xs.dims(), &self.layer)?);
+                let p = Arc::new(build_plan(
+                    &step.keep,
+                    &values,
+                    flat(xs)?.dims(),
+                    &self.layer,
+                )?);
                 pass.plans[i] = Some(p.clone());
                 p
             }
