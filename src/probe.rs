@@ -508,6 +508,43 @@ impl Probe {
 }
 
 impl Probe {
+    /// `skip + branch` for a residual connection whose branch holds this probe (a ResNet block,
+    /// a transformer's feed-forward or attention block). Outside a measurement it is the add.
+    /// During one, the branch carries the rows of every ablation variant while the skip does
+    /// not: the skip is brought to the branch's rows first, so that the check stays one batched
+    /// pass. (A plain `skip + branch` works too, at the cost of one forward pass per variant.)
+    ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// use candle_reliance::ProbeSet;
+    ///
+    /// let probes = ProbeSet::new();
+    /// let probe = probes.add("block")?;
+    /// let x = Tensor::new(&[[1f32, -2.0]], &Device::Cpu)?;
+    /// // out = x + probe(relu(x))
+    /// let out = probe.residual(&x, &probe.forward(&x.relu()?)?)?;
+    /// assert_eq!(out.to_vec2::<f32>()?, vec![vec![2.0, -2.0]]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn residual(&self, skip: &Tensor, branch: &Tensor) -> candle_core::Result<Tensor> {
+        self.residual_measured(skip, branch)
+            .map_err(|e| self.fail_forward(e))
+    }
+
+    fn residual_measured(&self, skip: &Tensor, branch: &Tensor) -> Result<Tensor> {
+        if !self.shared.active.load(Ordering::Acquire) {
+            return Ok((skip + branch)?);
+        }
+        let joined = {
+            let inner = lock(&self.shared)?;
+            match inner.pass.as_ref() {
+                Some(pass) => merge::join(pass, skip, branch.dim(0)?)?,
+                None => skip.clone(),
+            }
+        };
+        Ok((joined + branch)?)
+    }
+
     fn forward_measured(&self, xs: &Tensor) -> Result<Tensor> {
         if !self.shared.active.load(Ordering::Acquire) {
             // Idle: a reference-counted handle to the same storage.

@@ -340,7 +340,10 @@ fn data(n: usize, dev: &Device, dtype: DType) -> Result<ProbeData> {
         .iter()
         .map(|v| ((v.abs() * 1000.0) as u32) % 5)
         .collect();
-    ProbeData::new(xs.to_device(dev)?, Tensor::from_vec(ys, n, dev)?)
+    Ok(ProbeData::new(
+        xs.to_device(dev)?,
+        Tensor::from_vec(ys, n, dev)?,
+    )?)
 }
 
 #[test]
@@ -354,7 +357,7 @@ fn ablation_curve_is_identical_on_cuda() -> Result<()> {
         let spec = AblationSpec::default()
             .with_order(AblationOrder::Random { orders: 3, seed: 5 })
             .with_clamp(clamp);
-        Measurement::new(&model, &probes, &data(n, dev, DType::F64)?).ablation_curve(&spec)
+        Ok(Measurement::new(&model, &probes, &data(n, dev, DType::F64)?).ablation_curve(&spec)?)
     };
     for clamp in [Clamp::Zero, Clamp::Mean] {
         let (c, g) = (curve(&Device::Cpu, clamp)?, curve(&gpu, clamp)?);
@@ -374,7 +377,7 @@ fn noise_curve_agrees_on_cuda() -> Result<()> {
         let probes = ProbeSet::new();
         let model = Mlp::new(&probes, dev, DType::F32)?;
         let spec = NoiseSpec::default().with_draws(2).with_seed(11);
-        Measurement::new(&model, &probes, &data(n, dev, DType::F32)?).noise_curve(&spec)
+        Ok(Measurement::new(&model, &probes, &data(n, dev, DType::F32)?).noise_curve(&spec)?)
     };
     let (c, g) = (curve(&Device::Cpu)?, curve(&gpu)?);
     assert_eq!(c.accuracy.len(), g.accuracy.len());

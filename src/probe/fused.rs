@@ -232,6 +232,12 @@ impl Module for ProbedLayer {
 }
 
 impl ProbedLayer {
+    /// `skip + branch` for a residual connection whose branch holds this layer: see
+    /// [`Probe::residual`].
+    pub fn residual(&self, skip: &Tensor, branch: &Tensor) -> candle_core::Result<Tensor> {
+        self.probe.residual(skip, branch)
+    }
+
     fn forward_measured(&self, xs: &Tensor) -> Result<Tensor> {
         let shared = &self.probe.shared;
         if !shared.active.load(Ordering::Acquire) {

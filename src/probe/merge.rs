@@ -16,7 +16,7 @@
 //! [`Measurement::importance`]: crate::Measurement::importance
 
 use super::{Action, Pass};
-use crate::error::bail;
+use crate::error::{bail, fail};
 use crate::ops::{level_clamp, level_clamp_shared};
 use crate::Result;
 use candle_core::Tensor;
@@ -134,5 +134,60 @@ pub(crate) fn clamp(
             values,
         )?),
         None => Ok(level_clamp(xs, &step.keep, values, expand)?),
+    }
+}
+
+/// A skip connection `skip` brought to the rows of a branch of `branch_rows` rows that went
+/// through the probes reached so far, so that the two can be added: tiled when it comes from
+/// before the first probe (the unexpanded batch, the same for every variant); gathered along
+/// the last probe's step when it holds that probe's incoming blocks; as it is when it already
+/// has the branch's blocks. Anything else is an error, after which a measurement runs again
+/// without shared rows, where every expanded tensor holds one block per variant.
+pub(crate) fn join(pass: &Pass, skip: &Tensor, branch_rows: usize) -> Result<Tensor> {
+    let rows = skip.dim(0)?;
+    let Some(m) = pass.rows_in.filter(|&m| pass.expand && m > 0) else {
+        return Ok(skip.clone());
+    };
+    let refuse = || {
+        fail!(
+            Probe,
+            "a skip connection of {rows} rows cannot join a branch of {branch_rows} rows after \
+             the probes reached (the batch has {m} samples)"
+        )
+    };
+    if rows == m && branch_rows != m {
+        if !branch_rows.is_multiple_of(m) {
+            return Err(refuse());
+        }
+        let copies = vec![skip.clone(); branch_rows / m];
+        return Ok(Tensor::cat(&copies, 0)?);
+    }
+    let Some(step) = &pass.step else {
+        return match rows == branch_rows {
+            true => Ok(skip.clone()),
+            false => Err(refuse()),
+        };
+    };
+    let blocks_in = match &step.incoming {
+        None => 1,
+        Some(p) => p.iter().max().map_or(0, |&b| b as usize + 1),
+    };
+    let (from_incoming, as_branch) = (rows == blocks_in * m, rows == branch_rows);
+    match (&step.source, from_incoming, as_branch) {
+        // Already the branch's blocks (from after the last probe), or the incoming ones kept
+        // where they were.
+        (_, false, true) | (None, true, true) => Ok(skip.clone()),
+        // The skip holds the incoming blocks: each outgoing block reads its source.
+        (Some((_, on_device)), true, false) if branch_rows == step.blocks * m => {
+            let mut dims = skip.dims().to_vec();
+            dims[0] = branch_rows;
+            Ok(skip
+                .contiguous()?
+                .reshape((blocks_in, skip.elem_count() / blocks_in))?
+                .index_select(on_device, 0)?
+                .reshape(dims)?)
+        }
+        // Incoming or outgoing blocks, the rows cannot tell: refuse rather than guess.
+        _ => Err(refuse()),
     }
 }

@@ -1,0 +1,293 @@
+//! A small ResNet (convolution → batch norm → ReLU, identity skips) with the reliance monitor in
+//! its loop: a probe after each residual block, on the block's whole output (a unit is a
+//! feature map). On Fashion-MNIST when Debian's `dataset-fashion-mnist` is installed
+//! (`/usr/share/datasets/fashion-mnist/`), else on the shipped MNIST digits. The model has batch
+//! norm, so it is a `ModuleT`: the monitor measures it as it is, in evaluation mode.
+//!
+//! ```text
+//! cargo run --release --example resnet -- --epochs 2
+//! ```
+//! The monitor only sees training data; the test accuracy printed each epoch is for the reader.
+
+#[path = "common/idx.rs"]
+mod idx;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, D};
+use candle_nn::{
+    batch_norm, conv2d_no_bias, linear, loss, AdamW, BatchNorm, BatchNormConfig, Conv2d,
+    Conv2dConfig, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
+};
+use candle_reliance::data::corrupt_labels;
+use candle_reliance::rng::SplitMix64;
+use candle_reliance::{Probe, ProbeData, ProbeSet, RelianceConfig, RelianceMonitor};
+use clap::Parser;
+use idx::load_mnist_dir;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(about = "Train a small ResNet with reliance-based early stopping")]
+struct Args {
+    /// Folder with MNIST-format IDX files. Default: Fashion-MNIST when installed, else the
+    /// shipped digits.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Training samples taken from the data (its first ones), to keep epochs short.
+    #[arg(long, default_value_t = 8000)]
+    train_size: usize,
+    /// Test samples (the standard test split's first ones, or the shipped set's last ones).
+    #[arg(long, default_value_t = 2000)]
+    test_size: usize,
+    /// Monitor configuration (YAML). Default: examples/reliance.yaml with its output files
+    /// under reliance-out/resnet/.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Probability of replacing each training label with a uniformly random class.
+    #[arg(long, default_value_t = 0.4)]
+    label_noise: f64,
+    /// Most epochs to train.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Channels of the first stage (the second has twice as many).
+    #[arg(long, default_value_t = 16)]
+    channels: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+
+/// 3 × 3 convolution (padding 1) → batch norm.
+struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl ConvBn {
+    fn new(vb: VarBuilder, inputs: usize, outputs: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: conv2d_no_bias(inputs, outputs, 3, cfg, vb.pp("conv"))?,
+            bn: batch_norm(outputs, BatchNormConfig::default(), vb.pp("bn"))?,
+        })
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(xs)?, train)
+    }
+}
+
+/// A basic residual block: relu(x + bn(conv(relu(bn(conv(x)))))), its output probed.
+struct Block {
+    a: ConvBn,
+    b: ConvBn,
+    probe: Probe,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, channels: usize, probe: Probe) -> Result<Self> {
+        Ok(Self {
+            a: ConvBn::new(vb.pp("a"), channels, channels)?,
+            b: ConvBn::new(vb.pp("b"), channels, channels)?,
+            probe,
+        })
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let branch = self
+            .b
+            .forward_t(&self.a.forward_t(xs, train)?.relu()?, train)?;
+        // The probe sees the block's output, which the next block's skip carries too.
+        self.probe.forward(&(xs + branch)?.relu()?)
+    }
+}
+
+struct ResNet {
+    stem: ConvBn,
+    block1: Block,
+    down: ConvBn,
+    block2: Block,
+    head: Linear,
+}
+
+impl ResNet {
+    fn new(vb: VarBuilder, c: usize, probes: &ProbeSet) -> Result<Self> {
+        Ok(Self {
+            stem: ConvBn::new(vb.pp("stem"), 1, c)?,
+            block1: Block::new(vb.pp("block1"), c, probes.add("block1")?)?,
+            down: ConvBn::new(vb.pp("down"), c, 2 * c)?,
+            block2: Block::new(vb.pp("block2"), 2 * c, probes.add("block2")?)?,
+            head: linear(2 * c, 10, vb.pp("head"))?,
+        })
+    }
+}
+
+impl ModuleT for ResNet {
+    /// `xs`: `(N, 784)` pixels of 28 × 28 images.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let n = xs.dim(0)?;
+        let h = self
+            .stem
+            .forward_t(&xs.reshape((n, 1, 28, 28))?, train)?
+            .relu()?;
+        let h = self.block1.forward_t(&h, train)?; // (N, c, 28, 28)
+        let h = self.down.forward_t(&h.max_pool2d(2)?, train)?.relu()?; // (N, 2c, 14, 14)
+        let h = self.block2.forward_t(&h, train)?;
+        self.head.forward(&h.mean((2, 3))?)
+    }
+}
+
+/// Test loss and accuracy, in chunks, in evaluation mode.
+fn evaluate(model: &ResNet, xs: &Tensor, ys: &Tensor) -> Result<(f64, f64)> {
+    let n = xs.dim(0)?;
+    let (mut loss_sum, mut correct) = (0f64, 0f64);
+    for start in (0..n).step_by(500) {
+        let len = 500.min(n - start);
+        let (x, y) = (xs.narrow(0, start, len)?, ys.narrow(0, start, len)?);
+        let logits = model.forward_t(&x, false)?;
+        loss_sum += loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * len as f64;
+        correct += logits
+            .argmax(D::Minus1)?
+            .eq(&y)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok((loss_sum / n as f64, correct / n as f64))
+}
+
+fn config(args: &Args) -> Result<RelianceConfig> {
+    Ok(match &args.config {
+        Some(path) => RelianceConfig::from_yaml_file(path)?,
+        None => {
+            let mut c = RelianceConfig::from_yaml_file(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/reliance.yaml"
+            ))?;
+            c.output.history_file = Some("reliance-out/resnet/history.jsonl".into());
+            c.output.state_file = Some("reliance-out/resnet/state.json".into());
+            c
+        }
+    })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(ansi)
+            .init();
+    }
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.label_noise),
+        "--label-noise must be in [0, 1]"
+    );
+    anyhow::ensure!(
+        args.batch_size > 0 && args.epochs > 0 && args.channels > 0 && args.train_size > 0,
+        "sizes must be positive"
+    );
+
+    let device = Device::Cpu;
+    let dir = match &args.data {
+        Some(d) => d.clone(),
+        None if std::path::Path::new(FASHION).is_dir() => FASHION.into(),
+        None => concat!(env!("CARGO_MANIFEST_DIR"), "/data").into(),
+    };
+    let mnist = load_mnist_dir(&dir, args.test_size, &device)
+        .with_context(|| format!("loading MNIST-format data from {}", dir.display()))?;
+    let take = |x: &Tensor, n: usize| x.narrow(0, 0, n.min(x.dim(0).unwrap_or(0)));
+    let train_x = take(&mnist.train.images, args.train_size)?;
+    let clean = take(&mnist.train.labels, args.train_size)?.to_vec1::<u32>()?;
+    let (test_x, test_y) = (
+        take(&mnist.test.images, args.test_size)?,
+        take(&mnist.test.labels, args.test_size)?,
+    );
+    let noisy = corrupt_labels(&clean, 10, args.label_noise, args.seed);
+    let train_y = Tensor::from_vec(noisy, clean.len(), &device)?;
+    let n = train_x.dim(0)?;
+    tracing::info!(data = %dir.display(), train = n, test = test_x.dim(0)?, "data loaded");
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let probes = ProbeSet::new();
+    let model = ResNet::new(vb, args.channels, &probes)?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: args.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+
+    // (1) The monitor, measuring on the (noisy) training data only.
+    let mut monitor = RelianceMonitor::new(
+        config(&args)?,
+        probes,
+        ProbeData::new(train_x.clone(), train_y.clone())?,
+    )?;
+
+    let mut last_epoch = 0;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let mut rng = SplitMix64::new(args.seed);
+    for epoch in 1..=args.epochs {
+        last_epoch = epoch;
+        let t0 = std::time::Instant::now();
+        rng.shuffle(&mut order);
+        let (mut loss_sum, mut batches) = (0f64, 0usize);
+        for batch in order.chunks(args.batch_size) {
+            let idx = Tensor::new(batch, &device)?;
+            let logits = model.forward_t(&train_x.index_select(&idx, 0)?, true)?;
+            // (2) Optional: the batch's predictions, for Label Wave over every training sample.
+            monitor.observe(batch, &logits)?;
+            let loss = loss::cross_entropy(&logits, &train_y.index_select(&idx, 0)?)?;
+            opt.backward_step(&loss)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            batches += 1;
+        }
+        let train_seconds = t0.elapsed().as_secs_f64();
+        let (test_loss, test_acc) = evaluate(&model, &test_x, &test_y)?;
+        tracing::info!(
+            epoch,
+            train_loss = loss_sum / batches as f64,
+            test_loss,
+            test_acc,
+            train_seconds,
+            "epoch"
+        );
+        // (3) Ask the monitor after every epoch; it measures the model in evaluation mode.
+        if monitor.on_epoch_end(epoch, &model, &varmap)?.is_stop() {
+            break;
+        }
+    }
+
+    // (4) Put the kept epoch's weights back.
+    let best = monitor.finish(&varmap)?;
+    let (test_loss, test_acc) = evaluate(&model, &test_x, &test_y)?;
+    let best = best.map_or("none (no check ran)".to_string(), |e| e.to_string());
+    println!(
+        "trained {last_epoch} epochs; restored epoch {best} (the epoch the rule kept); \
+         final test accuracy {test_acc:.4}, test loss {test_loss:.4}"
+    );
+    Ok(())
+}

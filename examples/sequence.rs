@@ -1,0 +1,328 @@
+//! A small transformer encoder on the shipped MNIST digits read as sequences: each digit is 28
+//! tokens (its rows) of 28 pixels. Two encoder layers (model width 64, 4 heads, feed-forward
+//! 128) built from candle-nn layers, with the reliance monitor added exactly as in the MNIST
+//! example: a probe in each feed-forward block, after its ReLU, fused with the layer it feeds.
+//! A probed unit is one of the 128 feed-forward units, clamped at all 28 positions at once; the
+//! feed-forward block's skip connection is `ff2.residual(&xs, &branch)` instead of `xs + branch`.
+//!
+//! ```text
+//! cargo run --release --example sequence -- --epochs 3
+//! ```
+//! The monitor only sees training data; the test accuracy printed each epoch is for the reader.
+
+#[path = "common/idx.rs"]
+mod idx;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{
+    layer_norm, linear, loss, AdamW, LayerNorm, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
+};
+use candle_reliance::data::corrupt_labels;
+use candle_reliance::rng::SplitMix64;
+use candle_reliance::{ProbeData, ProbeSet, ProbedLayer, RelianceConfig, RelianceMonitor};
+use clap::Parser;
+use idx::load_mnist_dir;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(about = "Train a transformer on MNIST rows with reliance-based early stopping")]
+struct Args {
+    /// Folder with MNIST IDX files (gz or not): the standard four, or one images/labels pair.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data"))]
+    data: PathBuf,
+    /// Monitor configuration (YAML). Default: examples/reliance.yaml with its output files
+    /// under reliance-out/sequence/.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Probability of replacing each training label with a uniformly random class.
+    #[arg(long, default_value_t = 0.4)]
+    label_noise: f64,
+    /// Most epochs to train.
+    #[arg(long, default_value_t = 40)]
+    epochs: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    /// Attention heads (must divide the width).
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Encoder layers.
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Held-out samples when the folder holds a single set (the shipped 10k digits).
+    #[arg(long, default_value_t = 2000)]
+    test_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// Tokens per digit (its rows) and pixels per token.
+const TOKENS: usize = 28;
+const PIXELS: usize = 28;
+
+/// A pre-norm encoder layer: self-attention, then a feed-forward block whose hidden ReLU units
+/// are probed (`ff2` is the probe fused with the layer that reads them).
+struct EncoderLayer {
+    ln1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    ln2: LayerNorm,
+    ff1: Linear,
+    ff2: ProbedLayer,
+    heads: usize,
+}
+
+impl EncoderLayer {
+    fn new(
+        vb: VarBuilder,
+        width: usize,
+        heads: usize,
+        probes: &ProbeSet,
+        name: &str,
+    ) -> Result<Self> {
+        let ff = 2 * width;
+        Ok(Self {
+            ln1: layer_norm(width, 1e-5, vb.pp("ln1"))?,
+            qkv: linear(width, 3 * width, vb.pp("qkv"))?,
+            proj: linear(width, width, vb.pp("proj"))?,
+            ln2: layer_norm(width, 1e-5, vb.pp("ln2"))?,
+            ff1: linear(width, ff, vb.pp("ff1"))?,
+            ff2: probes.add(name)?.feeding(linear(ff, width, vb.pp("ff2"))?),
+            heads,
+        })
+    }
+
+    fn attention(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, t, width) = xs.dims3()?;
+        let dh = width / self.heads;
+        // (N, T, 3·W) → three (N, heads, T, dh)
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((n, t, 3, self.heads, dh))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            qkv.get(0)?.contiguous()?,
+            qkv.get(1)?.contiguous()?,
+            qkv.get(2)?.contiguous()?,
+        );
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((n, t, width))?;
+        self.proj.forward(&out)
+    }
+}
+
+impl Module for EncoderLayer {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = (xs + self.attention(&self.ln1.forward(xs)?)?)?;
+        let hidden = self.ff1.forward(&self.ln2.forward(&xs)?)?.relu()?;
+        // The probe sees (N, T, 2·W): each hidden unit at every position. `residual` is the
+        // skip connection's add, which keeps a check one batched pass.
+        let branch = self.ff2.forward(&hidden)?;
+        self.ff2.residual(&xs, &branch)
+    }
+}
+
+struct Transformer {
+    embed: Linear,
+    positions: Tensor,
+    layers: Vec<EncoderLayer>,
+    ln: LayerNorm,
+    head: Linear,
+}
+
+impl Transformer {
+    fn new(vb: VarBuilder, args: &Args, probes: &ProbeSet) -> Result<Self> {
+        let w = args.width;
+        Ok(Self {
+            embed: linear(PIXELS, w, vb.pp("embed"))?,
+            positions: vb.get_with_hints(
+                (TOKENS, w),
+                "positions",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            layers: (0..args.layers)
+                .map(|i| {
+                    EncoderLayer::new(
+                        vb.pp(format!("layer{i}")),
+                        w,
+                        args.heads,
+                        probes,
+                        &format!("ff{i}"),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            ln: layer_norm(w, 1e-5, vb.pp("ln"))?,
+            head: linear(w, 10, vb.pp("head"))?,
+        })
+    }
+}
+
+impl Module for Transformer {
+    /// `xs`: `(N, 784)` pixels, read as 28 tokens of 28.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let n = xs.dim(0)?;
+        let tokens = self.embed.forward(&xs.reshape((n, TOKENS, PIXELS))?)?;
+        let mut h = tokens.broadcast_add(&self.positions)?;
+        for layer in &self.layers {
+            h = layer.forward(&h)?;
+        }
+        // Mean over the tokens, then the classifier.
+        self.head.forward(&self.ln.forward(&h.mean(1)?)?)
+    }
+}
+
+/// Test loss and accuracy, in chunks.
+fn evaluate(model: &Transformer, xs: &Tensor, ys: &Tensor) -> Result<(f64, f64)> {
+    let n = xs.dim(0)?;
+    let (mut loss_sum, mut correct) = (0f64, 0f64);
+    for start in (0..n).step_by(500) {
+        let len = 500.min(n - start);
+        let (x, y) = (xs.narrow(0, start, len)?, ys.narrow(0, start, len)?);
+        let logits = model.forward(&x)?;
+        loss_sum += loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * len as f64;
+        correct += logits
+            .argmax(D::Minus1)?
+            .eq(&y)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok((loss_sum / n as f64, correct / n as f64))
+}
+
+fn config(args: &Args) -> Result<RelianceConfig> {
+    Ok(match &args.config {
+        Some(path) => RelianceConfig::from_yaml_file(path)?,
+        None => {
+            let mut c = RelianceConfig::from_yaml_file(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/reliance.yaml"
+            ))?;
+            c.output.history_file = Some("reliance-out/sequence/history.jsonl".into());
+            c.output.state_file = Some("reliance-out/sequence/state.json".into());
+            c
+        }
+    })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(ansi)
+            .init();
+    }
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.label_noise),
+        "--label-noise must be in [0, 1]"
+    );
+    anyhow::ensure!(
+        args.batch_size > 0 && args.epochs > 0 && args.layers > 0 && args.heads > 0,
+        "sizes must be positive"
+    );
+    anyhow::ensure!(
+        args.width % args.heads == 0,
+        "--width {} is not a multiple of --heads {}",
+        args.width,
+        args.heads
+    );
+
+    let device = Device::Cpu;
+    let mnist = load_mnist_dir(&args.data, args.test_size, &device)
+        .with_context(|| format!("loading MNIST from {}", args.data.display()))?;
+    let clean = mnist.train.labels.to_vec1::<u32>()?;
+    let noisy = corrupt_labels(&clean, 10, args.label_noise, args.seed);
+    let train_y = Tensor::from_vec(noisy, clean.len(), &device)?;
+    let train_x = mnist.train.images.clone();
+    let n = train_x.dim(0)?;
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let probes = ProbeSet::new();
+    let model = Transformer::new(vb, &args, &probes)?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: args.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+
+    // (1) The monitor, measuring on the (noisy) training data only.
+    let mut monitor = RelianceMonitor::new(
+        config(&args)?,
+        probes,
+        ProbeData::new(train_x.clone(), train_y.clone())?,
+    )?;
+
+    let mut last_epoch = 0;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let mut rng = SplitMix64::new(args.seed);
+    for epoch in 1..=args.epochs {
+        last_epoch = epoch;
+        let t0 = std::time::Instant::now();
+        rng.shuffle(&mut order);
+        let (mut loss_sum, mut batches) = (0f64, 0usize);
+        for batch in order.chunks(args.batch_size) {
+            let idx = Tensor::new(batch, &device)?;
+            let logits = model.forward(&train_x.index_select(&idx, 0)?)?;
+            // (2) Optional: the batch's predictions, for Label Wave over every training sample.
+            monitor.observe(batch, &logits)?;
+            let loss = loss::cross_entropy(&logits, &train_y.index_select(&idx, 0)?)?;
+            opt.backward_step(&loss)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            batches += 1;
+        }
+        let train_seconds = t0.elapsed().as_secs_f64();
+        let (test_loss, test_acc) = evaluate(&model, &mnist.test.images, &mnist.test.labels)?;
+        tracing::info!(
+            epoch,
+            train_loss = loss_sum / batches as f64,
+            test_loss,
+            test_acc,
+            train_seconds,
+            "epoch"
+        );
+        // (3) Ask the monitor after every epoch.
+        if monitor.on_epoch_end(epoch, &model, &varmap)?.is_stop() {
+            break;
+        }
+    }
+
+    // (4) Put the kept epoch's weights back.
+    let best = monitor.finish(&varmap)?;
+    let (test_loss, test_acc) = evaluate(&model, &mnist.test.images, &mnist.test.labels)?;
+    let best = best.map_or("none (no check ran)".to_string(), |e| e.to_string());
+    println!(
+        "trained {last_epoch} epochs; restored epoch {best} (the epoch the rule kept); \
+         final test accuracy {test_acc:.4}, test loss {test_loss:.4}"
+    );
+    Ok(())
+}
