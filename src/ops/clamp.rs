@@ -244,6 +244,10 @@ pub(crate) fn level_clamp(
     if !expand && rows % levels.max(1) != 0 {
         candle_core::bail!("level clamp: {rows} rows is not a multiple of {levels} levels");
     }
+    if super::fallback::needed(x.device()) {
+        check(x, keep, values)?;
+        return super::fallback::level_clamp(x, keep, values, expand);
+    }
     let op = LevelClamp {
         levels,
         expand,
@@ -270,7 +274,7 @@ pub(crate) fn level_clamp_shared(
             x.dim(0)?
         );
     }
-    if !x.device().is_cpu() {
+    if !x.device().is_cpu() || super::fallback::needed(x.device()) {
         let mut out = x.dims().to_vec();
         out[0] = levels * rows_in;
         let blocks = x.dim(0)? / rows_in;
@@ -291,6 +295,14 @@ pub(crate) fn level_clamp_shared(
 
 /// Checks the mask and values against the activation's units, then runs `op`.
 fn apply(x: &Tensor, keep: &Tensor, values: &Tensor, op: LevelClamp) -> Result<Tensor> {
+    check(x, keep, values)?;
+    let values = values.to_dtype(x.dtype())?;
+    x.contiguous()?
+        .apply_op3_no_bwd(&keep.contiguous()?, &values.contiguous()?, &op)
+}
+
+/// The mask `(L, units)` u8 and the values `(units,)` must fit the activation.
+fn check(x: &Tensor, keep: &Tensor, values: &Tensor) -> Result<()> {
     let (_, units, _) = rows_units_inner(x.dims())?;
     if keep.dims2()?.1 != units || values.dims1()? != units {
         candle_core::bail!(
@@ -302,9 +314,7 @@ fn apply(x: &Tensor, keep: &Tensor, values: &Tensor, op: LevelClamp) -> Result<T
     if keep.dtype() != DType::U8 {
         candle_core::bail!("level clamp: keep mask must be u8, got {:?}", keep.dtype());
     }
-    let values = values.to_dtype(x.dtype())?;
-    x.contiguous()?
-        .apply_op3_no_bwd(&keep.contiguous()?, &values.contiguous()?, &op)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -30,6 +30,9 @@ macro_rules! with_float_data {
 mod clamp;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod fallback;
+#[cfg(feature = "test-hooks")]
+pub use fallback::force_for_tests as force_fallback_for_tests;
 mod incremental;
 // Launch geometry: the CUDA kernels and the host emulation of them in the tests.
 #[cfg(any(feature = "cuda", feature = "test-hooks"))]

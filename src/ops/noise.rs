@@ -163,6 +163,10 @@ pub(crate) fn level_noise(x: &Tensor, std: &Tensor, op: LevelNoise) -> Result<Te
         candle_core::bail!("level noise: {rows} rows is not a multiple of {levels} levels");
     }
     let std = std.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    if super::fallback::needed(x.device()) {
+        let std = std.to_device(&candle_core::Device::Cpu)?;
+        return super::fallback::on_host(x, |h| h.contiguous()?.apply_op2_no_bwd(&std, &op));
+    }
     x.contiguous()?.apply_op2_no_bwd(&std, &op)
 }
 

@@ -130,8 +130,14 @@ pub(crate) fn unit_sums(x: &Tensor, labels: &Tensor, classes: usize) -> Result<T
     if labels.dtype() != DType::U32 {
         candle_core::bail!("unit sums: labels must be u32, got {:?}", labels.dtype());
     }
-    x.contiguous()?
-        .apply_op2_no_bwd(&labels.contiguous()?, &UnitSums { classes })
+    let op = UnitSums { classes };
+    if super::fallback::needed(x.device()) {
+        let labels = labels.to_device(&candle_core::Device::Cpu)?;
+        return super::fallback::on_host(x, |h| {
+            h.contiguous()?.apply_op2_no_bwd(&labels.contiguous()?, &op)
+        });
+    }
+    x.contiguous()?.apply_op2_no_bwd(&labels.contiguous()?, &op)
 }
 
 #[cfg(test)]
