@@ -43,6 +43,7 @@ fn with_steps(
         layer = match *step {
             AfterLayer::Relu => layer.then_relu(),
             AfterLayer::MaxPool2d(k) => layer.then_max_pool2d(k),
+            other => unreachable!("no {other:?} step in these tests"),
         };
     }
     (layer, vec![])
@@ -55,6 +56,7 @@ impl<L: Module> Module for Stepped<L> {
             h = match *step {
                 AfterLayer::Relu => h.relu()?,
                 AfterLayer::MaxPool2d(k) => h.max_pool2d(k)?,
+                other => unreachable!("no {other:?} step in these tests"),
             };
         }
         self.third.forward(&h)

@@ -89,11 +89,15 @@ impl NextLayer {
 /// A step a [`ProbedLayer`] applies to its layer's output, as the model's forward would right
 /// after the layer (see [`ProbedLayer::then_relu`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AfterLayer {
     /// `relu()`.
     Relu,
     /// `max_pool2d(k)`: a `k × k` max-pool with stride `k` over each channel of a feature map.
     MaxPool2d(usize),
+    /// candle-nn's `BatchNorm`, the next one given to [`ProbedLayer::then_batch_norm`]:
+    /// `forward_t(xs, train)`.
+    BatchNorm,
 }
 
 impl AfterLayer {
@@ -102,6 +106,9 @@ impl AfterLayer {
             AfterLayer::Relu => xs.relu(),
             AfterLayer::MaxPool2d(0) => candle_core::bail!("ProbedLayer: max-pool kernel 0"),
             AfterLayer::MaxPool2d(k) => xs.max_pool2d(k),
+            AfterLayer::BatchNorm => {
+                candle_core::bail!("ProbedLayer: a batch norm without its layer")
+            }
         }
     }
 }
@@ -126,6 +133,8 @@ pub struct ProbedLayer {
     probe: Probe,
     layer: NextLayer,
     after: Vec<AfterLayer>,
+    /// The batch norms of the [`AfterLayer::BatchNorm`] steps, in order.
+    norms: Vec<candle_nn::BatchNorm>,
 }
 
 impl Probe {
@@ -136,6 +145,7 @@ impl Probe {
             probe: self,
             layer: layer.into(),
             after: Vec::new(),
+            norms: Vec::new(),
         }
     }
 }
@@ -191,15 +201,36 @@ impl ProbedLayer {
         self
     }
 
+    /// Also applies candle-nn's batch norm to the layer's output (a convolution's channels or a
+    /// dense layer's outputs), as `conv → batch norm → ReLU` blocks do:
+    /// `.then_batch_norm(bn).then_relu()`. A model with such a step is a `ModuleT`: call
+    /// [`ProbedLayer::forward_t`] with its `train` flag (`Module::forward` is evaluation mode).
+    ///
+    /// During a clamp measurement (evaluation mode, where batch norm is an affine map per
+    /// channel) the layer is still computed incrementally for every variant; the batch norm and
+    /// the steps after it then run as candle ops on that output.
+    pub fn then_batch_norm(mut self, bn: candle_nn::BatchNorm) -> Self {
+        self.after.push(AfterLayer::BatchNorm);
+        self.norms.push(bn);
+        self
+    }
+
     /// The steps applied after the layer, in order.
     pub fn after(&self) -> &[AfterLayer] {
         &self.after
     }
 
-    /// The steps after the layer, with candle's ops.
-    fn finish(&self, mut xs: Tensor) -> Result<Tensor> {
+    /// The steps after the layer, with candle's ops; batch norm in training mode if `train`.
+    fn finish(&self, mut xs: Tensor, train: bool) -> Result<Tensor> {
+        let mut norms = self.norms.iter();
         for a in &self.after {
-            xs = a.apply(&xs)?;
+            xs = match a {
+                AfterLayer::BatchNorm => match norms.next() {
+                    Some(bn) => candle_core::ModuleT::forward_t(bn, &xs, train)?,
+                    None => a.apply(&xs)?,
+                },
+                _ => a.apply(&xs)?,
+            };
         }
         Ok(xs)
     }
@@ -217,6 +248,7 @@ impl ProbedLayer {
                 AfterLayer::Relu => tail.relu = true,
                 // ReLU and max-pooling commute: one pool anywhere in the steps.
                 AfterLayer::MaxPool2d(k) if tail.pool.is_none() && pools(k) => tail.pool = Some(k),
+                // (A batch norm runs as candle ops after the op.)
                 _ => return None,
             }
         }
@@ -225,23 +257,30 @@ impl ProbedLayer {
 }
 
 impl Module for ProbedLayer {
+    /// The probe, the layer and its steps; a batch-norm step in evaluation mode.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_measured(xs)
-            .map_err(|e| self.probe.fail_forward(e))
+        self.forward_t(xs, false)
     }
 }
 
 impl ProbedLayer {
+    /// The probe, the layer and its steps, batch-norm steps in training mode if `train` (as
+    /// candle's `ModuleT::forward_t`); without such a step, `train` changes nothing.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_measured(xs, train)
+            .map_err(|e| self.probe.fail_forward(e))
+    }
+
     /// `skip + branch` for a residual connection whose branch holds this layer: see
     /// [`Probe::residual`].
     pub fn residual(&self, skip: &Tensor, branch: &Tensor) -> candle_core::Result<Tensor> {
         self.probe.residual(skip, branch)
     }
 
-    fn forward_measured(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward_measured(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let shared = &self.probe.shared;
         if !shared.active.load(Ordering::Acquire) {
-            return self.finish(self.layer.forward(xs)?);
+            return self.finish(self.layer.forward(xs)?, train);
         }
         match self.claim(xs)? {
             Some((plan, values)) => {
@@ -264,10 +303,10 @@ impl ProbedLayer {
                 };
                 match tail {
                     Some(_) => Ok(out),
-                    None => self.finish(out),
+                    None => self.finish(out, train),
                 }
             }
-            None => self.finish(self.layer.forward(&self.probe.forward(xs)?)?),
+            None => self.finish(self.layer.forward(&self.probe.forward(xs)?)?, train),
         }
     }
 }
