@@ -9,20 +9,19 @@
 //! ```
 //! The monitor only sees training data; the test accuracy printed each epoch is for the reader.
 
-#[path = "common/idx.rs"]
-mod idx;
+mod common;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Module, ModuleT, Tensor, D};
+use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{
     batch_norm, conv2d_no_bias, linear, loss, AdamW, BatchNorm, BatchNormConfig, Conv2d,
     Conv2dConfig, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
 };
 use candle_reliance::data::corrupt_labels;
 use candle_reliance::rng::SplitMix64;
-use candle_reliance::{Probe, ProbeData, ProbeSet, RelianceConfig, RelianceMonitor};
+use candle_reliance::{Probe, ProbeData, ProbeSet, RelianceMonitor};
 use clap::Parser;
-use idx::load_mnist_dir;
+use common::idx::load_mnist_dir;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -147,57 +146,9 @@ impl ModuleT for ResNet {
     }
 }
 
-/// Test loss and accuracy, in chunks, in evaluation mode.
-fn evaluate(model: &ResNet, xs: &Tensor, ys: &Tensor) -> Result<(f64, f64)> {
-    let n = xs.dim(0)?;
-    let (mut loss_sum, mut correct) = (0f64, 0f64);
-    for start in (0..n).step_by(500) {
-        let len = 500.min(n - start);
-        let (x, y) = (xs.narrow(0, start, len)?, ys.narrow(0, start, len)?);
-        let logits = model.forward_t(&x, false)?;
-        loss_sum += loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * len as f64;
-        correct += logits
-            .argmax(D::Minus1)?
-            .eq(&y)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
-    }
-    Ok((loss_sum / n as f64, correct / n as f64))
-}
-
-fn config(args: &Args) -> Result<RelianceConfig> {
-    Ok(match &args.config {
-        Some(path) => RelianceConfig::from_yaml_file(path)?,
-        None => {
-            let mut c = RelianceConfig::from_yaml_file(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/examples/reliance.yaml"
-            ))?;
-            c.output.history_file = Some("reliance-out/resnet/history.jsonl".into());
-            c.output.state_file = Some("reliance-out/resnet/state.json".into());
-            c
-        }
-    })
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_target(false)
-            .with_ansi(ansi)
-            .init();
-    }
+    common::init_logging(args.log_json);
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.label_noise),
         "--label-noise must be in [0, 1]"
@@ -242,11 +193,13 @@ fn main() -> Result<()> {
 
     // (1) The monitor, measuring on the (noisy) training data only.
     let mut monitor = RelianceMonitor::new(
-        config(&args)?,
+        common::example_config(args.config.as_deref(), "resnet")?,
         probes,
         ProbeData::new(train_x.clone(), train_y.clone())?,
     )?;
 
+    // The model in evaluation mode, for the test set.
+    let eval = |x: &Tensor| model.forward_t(x, false);
     let mut last_epoch = 0;
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut rng = SplitMix64::new(args.seed);
@@ -266,7 +219,7 @@ fn main() -> Result<()> {
             batches += 1;
         }
         let train_seconds = t0.elapsed().as_secs_f64();
-        let (test_loss, test_acc) = evaluate(&model, &test_x, &test_y)?;
+        let (test_loss, test_acc) = common::evaluate(&eval, &test_x, &test_y)?;
         tracing::info!(
             epoch,
             train_loss = loss_sum / batches as f64,
@@ -283,7 +236,7 @@ fn main() -> Result<()> {
 
     // (4) Put the kept epoch's weights back.
     let best = monitor.finish(&varmap)?;
-    let (test_loss, test_acc) = evaluate(&model, &test_x, &test_y)?;
+    let (test_loss, test_acc) = common::evaluate(&eval, &test_x, &test_y)?;
     let best = best.map_or("none (no check ran)".to_string(), |e| e.to_string());
     println!(
         "trained {last_epoch} epochs; restored epoch {best} (the epoch the rule kept); \

@@ -10,19 +10,18 @@
 //! ```
 //! The monitor only sees training data; the test accuracy printed each epoch is for the reader.
 
-#[path = "common/idx.rs"]
-mod idx;
+mod common;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{
     layer_norm, linear, loss, AdamW, LayerNorm, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
 };
 use candle_reliance::data::corrupt_labels;
 use candle_reliance::rng::SplitMix64;
-use candle_reliance::{ProbeData, ProbeSet, ProbedLayer, RelianceConfig, RelianceMonitor};
+use candle_reliance::{ProbeData, ProbeSet, ProbedLayer, RelianceMonitor};
 use clap::Parser;
-use idx::load_mnist_dir;
+use common::idx::load_mnist_dir;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -187,57 +186,9 @@ impl Module for Transformer {
     }
 }
 
-/// Test loss and accuracy, in chunks.
-fn evaluate(model: &Transformer, xs: &Tensor, ys: &Tensor) -> Result<(f64, f64)> {
-    let n = xs.dim(0)?;
-    let (mut loss_sum, mut correct) = (0f64, 0f64);
-    for start in (0..n).step_by(500) {
-        let len = 500.min(n - start);
-        let (x, y) = (xs.narrow(0, start, len)?, ys.narrow(0, start, len)?);
-        let logits = model.forward(&x)?;
-        loss_sum += loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * len as f64;
-        correct += logits
-            .argmax(D::Minus1)?
-            .eq(&y)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
-    }
-    Ok((loss_sum / n as f64, correct / n as f64))
-}
-
-fn config(args: &Args) -> Result<RelianceConfig> {
-    Ok(match &args.config {
-        Some(path) => RelianceConfig::from_yaml_file(path)?,
-        None => {
-            let mut c = RelianceConfig::from_yaml_file(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/examples/reliance.yaml"
-            ))?;
-            c.output.history_file = Some("reliance-out/sequence/history.jsonl".into());
-            c.output.state_file = Some("reliance-out/sequence/state.json".into());
-            c
-        }
-    })
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_target(false)
-            .with_ansi(ansi)
-            .init();
-    }
+    common::init_logging(args.log_json);
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.label_noise),
         "--label-noise must be in [0, 1]"
@@ -277,7 +228,7 @@ fn main() -> Result<()> {
 
     // (1) The monitor, measuring on the (noisy) training data only.
     let mut monitor = RelianceMonitor::new(
-        config(&args)?,
+        common::example_config(args.config.as_deref(), "sequence")?,
         probes,
         ProbeData::new(train_x.clone(), train_y.clone())?,
     )?;
@@ -301,7 +252,8 @@ fn main() -> Result<()> {
             batches += 1;
         }
         let train_seconds = t0.elapsed().as_secs_f64();
-        let (test_loss, test_acc) = evaluate(&model, &mnist.test.images, &mnist.test.labels)?;
+        let (test_loss, test_acc) =
+            common::evaluate(&model, &mnist.test.images, &mnist.test.labels)?;
         tracing::info!(
             epoch,
             train_loss = loss_sum / batches as f64,
@@ -318,7 +270,7 @@ fn main() -> Result<()> {
 
     // (4) Put the kept epoch's weights back.
     let best = monitor.finish(&varmap)?;
-    let (test_loss, test_acc) = evaluate(&model, &mnist.test.images, &mnist.test.labels)?;
+    let (test_loss, test_acc) = common::evaluate(&model, &mnist.test.images, &mnist.test.labels)?;
     let best = best.map_or("none (no check ran)".to_string(), |e| e.to_string());
     println!(
         "trained {last_epoch} epochs; restored epoch {best} (the epoch the rule kept); \

@@ -218,3 +218,43 @@ pub fn results_dir() -> std::path::PathBuf {
             std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/results"))
         })
 }
+
+/// The monitor configuration of the model examples: `path`, or examples/reliance.yaml with its
+/// output files under `reliance-out/{name}/`.
+pub fn example_config(
+    path: Option<&std::path::Path>,
+    name: &str,
+) -> anyhow::Result<candle_reliance::RelianceConfig> {
+    use candle_reliance::RelianceConfig;
+    Ok(match path {
+        Some(path) => RelianceConfig::from_yaml_file(path)?,
+        None => {
+            let mut c = RelianceConfig::from_yaml_file(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/reliance.yaml"
+            ))?;
+            c.output.history_file = Some(format!("reliance-out/{name}/history.jsonl").into());
+            c.output.state_file = Some(format!("reliance-out/{name}/state.json").into());
+            c
+        }
+    })
+}
+
+/// `tracing` to the terminal (colours only on one), or as JSON lines; `RUST_LOG` filters.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(ansi)
+            .init();
+    }
+}
