@@ -484,30 +484,26 @@ impl Probe {
     /// Keeps `e` for [`ProbeSet::take_failure`] and returns its message as candle's error, which
     /// the model's forward passes on.
     pub(crate) fn fail_forward(&self, e: Error) -> candle_core::Error {
-        {
-            // Every error raised here is this probe's.
-            let e = match e {
-                Error::Probe {
-                    probe: None,
-                    message,
-                } => Error::Probe {
-                    probe: lock(&self.shared)
-                        .ok()
-                        .and_then(|i| i.names.get(self.index).cloned()),
-                    message,
-                },
-                e => e,
-            };
-            let message = candle_core::Error::Msg(e.to_string());
-            if let Ok(mut slot) = self.shared.failure.lock() {
-                *slot = Some(e);
-            }
-            message
+        // Every error raised here is this probe's.
+        let e = match e {
+            Error::Probe {
+                probe: None,
+                message,
+            } => Error::Probe {
+                probe: lock(&self.shared)
+                    .ok()
+                    .and_then(|i| i.names.get(self.index).cloned()),
+                message,
+            },
+            e => e,
+        };
+        let message = candle_core::Error::Msg(e.to_string());
+        if let Ok(mut slot) = self.shared.failure.lock() {
+            *slot = Some(e);
         }
+        message
     }
-}
 
-impl Probe {
     /// `skip + branch` for a residual connection whose branch holds this probe (a ResNet block,
     /// a transformer's feed-forward or attention block). Outside a measurement it is the add.
     /// During one, the branch carries the rows of every ablation variant while the skip does
