@@ -117,6 +117,18 @@ struct Net {
 }
 
 impl Net {
+    /// The network over `w`'s layers with two probes added to `probes`.
+    fn new(w: &Weights, probes: &ProbeSet, residual: bool) -> candle_core::Result<Self> {
+        Ok(Net {
+            l: (0..6)
+                .map(|i| w.linear(i))
+                .collect::<candle_core::Result<_>>()?,
+            p1: probes.add("block1")?,
+            p2: probes.add("block2")?,
+            residual,
+        })
+    }
+
     fn join(&self, p: &Probe, skip: &Tensor, branch: &Tensor) -> candle_core::Result<Tensor> {
         match self.residual {
             true => p.residual(skip, branch),
@@ -206,14 +218,7 @@ fn residual_branches_are_checked_in_one_batched_pass_as_loops_compute_them() -> 
             .with_order(AblationOrder::Explicit(order.clone()));
         for residual in [true, false] {
             let probes = ProbeSet::new();
-            let net = Net {
-                l: (0..6)
-                    .map(|i| w.linear(i))
-                    .collect::<candle_core::Result<_>>()?,
-                p1: probes.add("block1")?,
-                p2: probes.add("block2")?,
-                residual,
-            };
+            let net = Net::new(&w, &probes, residual)?;
             let curve = Measurement::new(&net, &probes, &data).ablation_curve(&spec)?;
             assert_eq!(curve.accuracy, want, "residual {residual}, {clamp:?}");
             // With the helper: one batched pass, rows shared; without: a pass per variant.
@@ -248,25 +253,21 @@ fn residual_branches_are_checked_in_one_batched_pass_as_loops_compute_them() -> 
 fn residual_is_the_add_outside_a_measurement_and_in_a_statistics_pass() -> TestResult {
     let w = Weights::new();
     let x = values(N * F, 99, 1.0);
-    let probes = ProbeSet::new();
-    let net = Net {
-        l: (0..6)
-            .map(|i| w.linear(i))
-            .collect::<candle_core::Result<_>>()?,
-        p1: probes.add("block1")?,
-        p2: probes.add("block2")?,
-        residual: true,
-    };
     let xs = Tensor::from_slice(&x, (N, F), &Device::Cpu)?;
-    let plain = Net {
-        residual: false,
-        l: (0..6)
-            .map(|i| w.linear(i))
-            .collect::<candle_core::Result<_>>()?,
-        p1: probes.add("other1")?,
-        p2: probes.add("other2")?,
-    };
+    let (probes, plain_probes) = (ProbeSet::new(), ProbeSet::new());
+    let (net, plain) = (
+        Net::new(&w, &probes, true)?,
+        Net::new(&w, &plain_probes, false)?,
+    );
     let (a, b) = (net.forward(&xs)?, plain.forward(&xs)?);
     assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+    // A statistics pass does not expand the batch: the same moments as with the plain add.
+    let data = ProbeData::new(xs, a.argmax(1)?)?;
+    let stats = Measurement::new(&net, &probes, &data).statistics()?.clone();
+    let plain_stats = Measurement::new(&plain, &plain_probes, &data)
+        .statistics()?
+        .clone();
+    assert_eq!(stats.probes, plain_stats.probes);
+    assert_eq!(stats.accuracy, 1.0);
     Ok(())
 }
