@@ -703,3 +703,25 @@ fn a_kill_during_snapshot_writes_leaves_nothing_a_start_keeps() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_history_line_written_before_shared_rows_existed_still_reads() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    state_after(dir.path(), 3)?;
+    let path = dir.path().join("hist.jsonl");
+    let old: Vec<String> = std::fs::read_to_string(&path)?
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let curve = v["curve"].as_object_mut().expect("a curve in every line");
+            assert!(curve.remove("shared_rows").is_some());
+            v.to_string()
+        })
+        .collect();
+    assert!(!old.is_empty());
+    std::fs::write(&path, old.join("\n"))?;
+    let read = read_history(&path)?;
+    assert_eq!(read.len(), old.len());
+    assert!(read.iter().all(|r| !r.curve.shared_rows));
+    Ok(())
+}
