@@ -12,16 +12,14 @@
 mod common;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Module, ModuleT, Tensor};
-use candle_nn::{
-    batch_norm, conv2d_no_bias, linear, loss, AdamW, BatchNorm, BatchNormConfig, Conv2d,
-    Conv2dConfig, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
-};
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::{loss, AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use candle_reliance::data::corrupt_labels;
 use candle_reliance::rng::SplitMix64;
-use candle_reliance::{Probe, ProbeData, ProbeSet, RelianceMonitor};
+use candle_reliance::{ProbeData, ProbeSet, RelianceMonitor};
 use clap::Parser;
 use common::idx::load_mnist_dir;
+use common::resnet::ResNet;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -62,89 +60,6 @@ struct Args {
 }
 
 const FASHION: &str = "/usr/share/datasets/fashion-mnist";
-
-/// 3 × 3 convolution (padding 1) → batch norm.
-struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
-}
-
-impl ConvBn {
-    fn new(vb: VarBuilder, inputs: usize, outputs: usize) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        Ok(Self {
-            conv: conv2d_no_bias(inputs, outputs, 3, cfg, vb.pp("conv"))?,
-            bn: batch_norm(outputs, BatchNormConfig::default(), vb.pp("bn"))?,
-        })
-    }
-
-    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(xs)?, train)
-    }
-}
-
-/// A basic residual block: relu(x + bn(conv(relu(bn(conv(x)))))), its output probed.
-struct Block {
-    a: ConvBn,
-    b: ConvBn,
-    probe: Probe,
-}
-
-impl Block {
-    fn new(vb: VarBuilder, channels: usize, probe: Probe) -> Result<Self> {
-        Ok(Self {
-            a: ConvBn::new(vb.pp("a"), channels, channels)?,
-            b: ConvBn::new(vb.pp("b"), channels, channels)?,
-            probe,
-        })
-    }
-
-    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let branch = self
-            .b
-            .forward_t(&self.a.forward_t(xs, train)?.relu()?, train)?;
-        // The probe sees the block's output, which the next block's skip carries too.
-        self.probe.forward(&(xs + branch)?.relu()?)
-    }
-}
-
-struct ResNet {
-    stem: ConvBn,
-    block1: Block,
-    down: ConvBn,
-    block2: Block,
-    head: Linear,
-}
-
-impl ResNet {
-    fn new(vb: VarBuilder, c: usize, probes: &ProbeSet) -> Result<Self> {
-        Ok(Self {
-            stem: ConvBn::new(vb.pp("stem"), 1, c)?,
-            block1: Block::new(vb.pp("block1"), c, probes.add("block1")?)?,
-            down: ConvBn::new(vb.pp("down"), c, 2 * c)?,
-            block2: Block::new(vb.pp("block2"), 2 * c, probes.add("block2")?)?,
-            head: linear(2 * c, 10, vb.pp("head"))?,
-        })
-    }
-}
-
-impl ModuleT for ResNet {
-    /// `xs`: `(N, 784)` pixels of 28 × 28 images.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let n = xs.dim(0)?;
-        let h = self
-            .stem
-            .forward_t(&xs.reshape((n, 1, 28, 28))?, train)?
-            .relu()?;
-        let h = self.block1.forward_t(&h, train)?; // (N, c, 28, 28)
-        let h = self.down.forward_t(&h.max_pool2d(2)?, train)?.relu()?; // (N, 2c, 14, 14)
-        let h = self.block2.forward_t(&h, train)?;
-        self.head.forward(&h.mean((2, 3))?)
-    }
-}
 
 fn main() -> Result<()> {
     let args = Args::parse();

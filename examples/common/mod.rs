@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod idx;
+pub mod resnet;
+pub mod transformer;
 
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
 // `ModuleT` for candle-nn's Dropout.
@@ -33,10 +35,15 @@ pub use candle_reliance::rng::SplitMix64 as Rng;
 
 /// Re-initializes every variable from `seed` (candle's CPU initializers cannot be seeded):
 /// weights of a layer with fan-in `f` uniform in ±1/√f, as candle's default Linear init.
-/// Batch-norm variables (names starting with `bn`) keep their own initialization.
+/// Normalization variables (a name with a part starting with `bn` or `ln`: batch and layer norm,
+/// whose scales start at one) keep their own initialization.
 pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
     let vars = varmap.data().lock().unwrap();
-    let mut names: Vec<&String> = vars.keys().filter(|n| !n.starts_with("bn")).collect();
+    let norm = |n: &str| {
+        n.split('.')
+            .any(|p| p.starts_with("bn") || p.starts_with("ln"))
+    };
+    let mut names: Vec<&String> = vars.keys().filter(|n| !norm(n)).collect();
     names.sort();
     let mut rng = Rng::new(seed);
     for name in names {

@@ -25,7 +25,7 @@ mod diagnose;
 mod report;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
 use candle_nn::{
     batch_norm, conv2d, conv2d_no_bias, linear, loss, BatchNorm, BatchNormConfig, Conv2d,
     Conv2dConfig, Linear, Optimizer, VarBuilder, VarMap,
@@ -35,6 +35,8 @@ use candle_reliance::data::corrupt_labels;
 use candle_reliance::{Measurement, Probe, ProbeData, ProbeSet, ProbedLayer, RelianceConfig};
 use clap::{Parser, Subcommand};
 use common::idx::load_mnist_dir;
+use common::resnet::ResNet;
+use common::transformer::Transformer;
 use common::{seeded_init, Mlp, Rng};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -69,7 +71,10 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_value = "mnist")]
     data: Vec<DataSet>,
     /// Models: mlp (784-512-512-10), cnn (two 3×3 conv layers with batch norm) and/or
-    /// cnn-plain (two 3×3 conv layers without batch norm, probes fused as the README shows).
+    /// cnn-plain (two 3×3 conv layers without batch norm, probes fused as the README shows),
+    /// transformer (the `sequence` example's encoder: digits as 28 tokens of 28 pixels, width
+    /// 64, 4 heads, 2 layers, probes in the feed-forward blocks) and/or resnet (the `resnet`
+    /// example's network with 4 channels in its first stage, probes after its two blocks).
     #[arg(long, value_delimiter = ',', default_value = "mlp")]
     model: Vec<ModelKind>,
     /// Optimizers: sgd (lr 0.05), momentum (SGD, momentum 0.9, lr 0.01), adamw (lr 1e-3,
@@ -132,6 +137,8 @@ enum ModelKind {
     Mlp,
     Cnn,
     CnnPlain,
+    Transformer,
+    Resnet,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -377,10 +384,16 @@ impl Module for PlainCnn {
     }
 }
 
+/// Channels of the benchmark ResNet's first stage (the `resnet` example's default is 16; 4 keeps
+/// an epoch near 15 s on one core, so that a matrix of runs fits a 2-core machine).
+const RESNET_CHANNELS: usize = 4;
+
 enum Net {
     Mlp(Mlp),
     Cnn(Box<Cnn>),
     CnnPlain(Box<PlainCnn>),
+    Transformer(Box<Transformer>),
+    Resnet(Box<ResNet>),
 }
 
 impl Net {
@@ -389,6 +402,9 @@ impl Net {
             Net::Mlp(m) => m.forward_t(xs, train),
             Net::Cnn(c) => c.forward_t(xs, train),
             Net::CnnPlain(c) => c.forward(xs),
+            // No dropout: the same forward in both modes.
+            Net::Transformer(t) => t.forward(xs),
+            Net::Resnet(r) => r.forward_t(xs, train),
         }
     }
 }
@@ -639,6 +655,18 @@ fn run_one(key: &Key, data: &Data, args: &RunArgs, pb: &indicatif::ProgressBar) 
         }
         ModelKind::Cnn => Net::Cnn(Box::new(Cnn::new(&varmap, &probes, key.seed)?)),
         ModelKind::CnnPlain => Net::CnnPlain(Box::new(PlainCnn::new(&varmap, &probes, key.seed)?)),
+        ModelKind::Transformer => {
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let t = Transformer::new(vb, 64, 4, 2, &probes)?;
+            seeded_init(&varmap, key.seed)?;
+            Net::Transformer(Box::new(t))
+        }
+        ModelKind::Resnet => {
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let r = ResNet::new(vb, RESNET_CHANNELS, &probes)?;
+            seeded_init(&varmap, key.seed)?;
+            Net::Resnet(Box::new(r))
+        }
     };
     let mut opt = Opt::new(key.optim, &varmap)?;
     let mut rng = Rng::new(key.seed ^ 0xABCD);

@@ -1,0 +1,136 @@
+//! The small transformer encoder of the `sequence` example and the stopping benchmark: MNIST
+//! digits read as 28 tokens (rows) of 28 pixels, pre-norm encoder layers from candle-nn layers, a
+//! probe in each feed-forward block after its ReLU, fused with the layer it feeds.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_reliance::{ProbeSet, ProbedLayer};
+
+/// Tokens per digit (its rows) and pixels per token.
+pub const TOKENS: usize = 28;
+pub const PIXELS: usize = 28;
+
+/// A pre-norm encoder layer: self-attention, then a feed-forward block whose hidden ReLU units
+/// are probed (`ff2` is the probe fused with the layer that reads them).
+pub struct EncoderLayer {
+    ln1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    ln2: LayerNorm,
+    ff1: Linear,
+    ff2: ProbedLayer,
+    heads: usize,
+}
+
+impl EncoderLayer {
+    fn new(
+        vb: VarBuilder,
+        width: usize,
+        heads: usize,
+        probes: &ProbeSet,
+        name: &str,
+    ) -> Result<Self> {
+        let ff = 2 * width;
+        Ok(Self {
+            ln1: layer_norm(width, 1e-5, vb.pp("ln1"))?,
+            qkv: linear(width, 3 * width, vb.pp("qkv"))?,
+            proj: linear(width, width, vb.pp("proj"))?,
+            ln2: layer_norm(width, 1e-5, vb.pp("ln2"))?,
+            ff1: linear(width, ff, vb.pp("ff1"))?,
+            ff2: probes.add(name)?.feeding(linear(ff, width, vb.pp("ff2"))?),
+            heads,
+        })
+    }
+
+    fn attention(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, t, width) = xs.dims3()?;
+        let dh = width / self.heads;
+        // (N, T, 3·W) → three (N, heads, T, dh)
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((n, t, 3, self.heads, dh))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            qkv.get(0)?.contiguous()?,
+            qkv.get(1)?.contiguous()?,
+            qkv.get(2)?.contiguous()?,
+        );
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((n, t, width))?;
+        self.proj.forward(&out)
+    }
+}
+
+impl Module for EncoderLayer {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = (xs + self.attention(&self.ln1.forward(xs)?)?)?;
+        let hidden = self.ff1.forward(&self.ln2.forward(&xs)?)?.relu()?;
+        // The probe sees (N, T, 2·W): each hidden unit at every position. `residual` is the
+        // skip connection's add, which keeps a check one batched pass.
+        let branch = self.ff2.forward(&hidden)?;
+        self.ff2.residual(&xs, &branch)
+    }
+}
+
+pub struct Transformer {
+    embed: Linear,
+    positions: Tensor,
+    layers: Vec<EncoderLayer>,
+    ln: LayerNorm,
+    head: Linear,
+}
+
+impl Transformer {
+    pub fn new(
+        vb: VarBuilder,
+        width: usize,
+        heads: usize,
+        layers: usize,
+        probes: &ProbeSet,
+    ) -> Result<Self> {
+        let w = width;
+        Ok(Self {
+            embed: linear(PIXELS, w, vb.pp("embed"))?,
+            positions: vb.get_with_hints(
+                (TOKENS, w),
+                "positions",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            layers: (0..layers)
+                .map(|i| {
+                    EncoderLayer::new(
+                        vb.pp(format!("layer{i}")),
+                        w,
+                        heads,
+                        probes,
+                        &format!("ff{i}"),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            ln: layer_norm(w, 1e-5, vb.pp("ln"))?,
+            head: linear(w, 10, vb.pp("head"))?,
+        })
+    }
+}
+
+impl Module for Transformer {
+    /// `xs`: `(N, 784)` pixels, read as 28 tokens of 28.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let n = xs.dim(0)?;
+        let tokens = self.embed.forward(&xs.reshape((n, TOKENS, PIXELS))?)?;
+        let mut h = tokens.broadcast_add(&self.positions)?;
+        for layer in &self.layers {
+            h = layer.forward(&h)?;
+        }
+        // Mean over the tokens, then the classifier.
+        self.head.forward(&self.ln.forward(&h.mean(1)?)?)
+    }
+}
