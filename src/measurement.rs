@@ -105,8 +105,7 @@ pub fn auto_batch_rows(device: &candle_core::Device, widest: usize) -> usize {
     }
 }
 
-/// Sets glibc's allocator thresholds as a process that has freed one large buffer has them, once
-/// per process, before the first CPU measurement.
+/// Sets glibc's allocator thresholds, once per process, before the first CPU measurement.
 ///
 /// glibc serves blocks above its *mmap threshold* with fresh mappings and returns the free top
 /// of the heap to the OS above its *trim threshold*; both start at 128 KiB and grow only when a
@@ -114,19 +113,40 @@ pub fn auto_batch_rows(device: &candle_core::Device, widest: usize) -> usize {
 /// threshold to twice that). A check allocates and frees tensors of a few MiB chunk after chunk:
 /// with the initial thresholds every one of them is page-faulted afresh, which made the
 /// benchmark's 256-wide check 2.4× slower (0.33 s against 0.14 s, 318 000 page faults against
-/// 24 000). Freeing one 31 MiB mapped block sets the thresholds to 31 and 62 MiB, as loading a
-/// data set usually does anyway; freed memory below that is then kept for reuse. Another
-/// allocator, or thresholds set with `mallopt` or `GLIBC_TUNABLES`, are left as they are.
+/// 24 000). And candle keeps every intermediate of a forward through a model's variables alive
+/// until its output is dropped, so a chunk through a deep model (a transformer's layers after
+/// the first probe) peaks above even 64 MiB, and the top of the heap went back to the OS after
+/// every chunk: the sequence example's check took 5.5 s instead of 1.9 s (500 samples, one
+/// thread, 2.5 million page faults against 59 000). So: the mmap threshold at 32 MiB and the
+/// trim threshold at [`TRIM_THRESHOLD`]; freed memory below that is kept for reuse. Thresholds
+/// set through `GLIBC_TUNABLES` are left as they are; a program that sets its own with
+/// `mallopt` should do so after the first measurement.
 fn settle_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            let block: Vec<u8> = Vec::with_capacity(31 << 20);
-            std::hint::black_box(&block);
+            if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
+                return;
+            }
+            extern "C" {
+                fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+            }
+            const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+            const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+            // SAFETY: glibc's `mallopt` takes the allocator's lock and only changes its
+            // parameters; it is safe to call from any thread at any time.
+            unsafe {
+                mallopt(M_MMAP_THRESHOLD, 32 << 20);
+                mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD as std::ffi::c_int);
+            }
         });
     }
 }
+
+/// The trim threshold [`settle_allocator`] sets: freed heap memory up to this much stays in the
+/// process for the next chunk.
+const TRIM_THRESHOLD: usize = 256 << 20;
 
 /// How many times [`auto_batch_rows`] a chunk holds once the incremental path is in use: its
 /// products of the newly clamped inputs gain from more samples per chunk, the element-wise
