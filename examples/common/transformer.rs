@@ -116,7 +116,7 @@ impl Transformer {
                 })
                 .collect::<Result<_>>()?,
             ln: layer_norm(w, 1e-5, vb.pp("ln"))?,
-            head: linear(w, 10, vb.pp("head"))?,
+            head: linear(TOKENS * w, 10, vb.pp("head"))?,
         })
     }
 }
@@ -130,7 +130,9 @@ impl Module for Transformer {
         for layer in &self.layers {
             h = layer.forward(&h)?;
         }
-        // Mean over the tokens, then the classifier.
-        self.head.forward(&self.ln.forward(&h.mean(1)?)?)
+        // The classifier reads every token: a mean over them would start the network as a
+        // classifier of the digit's column profile, blind to which row is where; it learned
+        // slowly (47% test accuracy after 8 epochs on clean digits, 90-91% this way).
+        self.head.forward(&self.ln.forward(&h)?.flatten_from(1)?)
     }
 }
