@@ -118,9 +118,9 @@ pub fn auto_batch_rows(device: &candle_core::Device, widest: usize) -> usize {
 /// the first probe) peaks above even 64 MiB, and the top of the heap went back to the OS after
 /// every chunk: the sequence example's check took 5.5 s instead of 1.9 s (500 samples, one
 /// thread, 2.5 million page faults against 59 000). So: the mmap threshold at 32 MiB and the
-/// trim threshold at [`TRIM_THRESHOLD`]; freed memory below that is kept for reuse. Thresholds
-/// set through `GLIBC_TUNABLES` are left as they are; a program that sets its own with
-/// `mallopt` should do so after the first measurement.
+/// trim threshold at [`TRIM_THRESHOLD`]; freed memory below that is kept for reuse. When
+/// `GLIBC_TUNABLES` sets any `glibc.malloc.*` tunable the allocator is left as it is; a program
+/// that sets its own thresholds with `mallopt` should do so after the first measurement.
 fn settle_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
