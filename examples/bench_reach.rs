@@ -9,16 +9,18 @@
 //! ```
 //! Synthetic inputs and labels, untrained weights: a check's cost depends on shapes, not values.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{
-    batch_norm, conv2d, conv2d_no_bias, layer_norm, linear, loss, AdamW, BatchNorm,
-    BatchNormConfig, Conv2d, Conv2dConfig, LayerNorm, Linear, Optimizer, ParamsAdamW, VarBuilder,
-    VarMap,
+    batch_norm, conv2d, layer_norm, linear, loss, AdamW, BatchNormConfig, Conv2d, Conv2dConfig,
+    LayerNorm, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
 };
 use candle_reliance::rng::SplitMix64;
-use candle_reliance::{AblationSpec, Measurement, Probe, ProbeData, ProbeSet, ProbedLayer};
+use candle_reliance::{AblationSpec, Measurement, ProbeData, ProbeSet, ProbedLayer};
 use clap::Parser;
+use common::resnet::ResNet;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -81,69 +83,6 @@ impl ModuleT for BnCnn {
         let n = xs.dim(0)?;
         let h = self.c1.forward(&xs.reshape((n, 1, 28, 28))?)?.relu()?;
         self.f3.forward(&self.f2.forward_t(&h, train)?)
-    }
-}
-
-struct ConvBn(Conv2d, BatchNorm);
-
-impl ConvBn {
-    fn new(vb: VarBuilder, i: usize, o: usize) -> Result<Self> {
-        let pad = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        Ok(Self(
-            conv2d_no_bias(i, o, 3, pad, vb.pp("conv"))?,
-            batch_norm(o, BatchNormConfig::default(), vb.pp("bn"))?,
-        ))
-    }
-    fn f(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.1.forward_t(&self.0.forward(xs)?, train)
-    }
-}
-
-/// The resnet example's network: stem, a block at 16 channels, pool, 32 channels, a block.
-struct ResNet {
-    stem: ConvBn,
-    b1: (ConvBn, ConvBn, Probe),
-    down: ConvBn,
-    b2: (ConvBn, ConvBn, Probe),
-    head: Linear,
-}
-
-impl ResNet {
-    fn new(vb: VarBuilder, probes: &ProbeSet) -> Result<Self> {
-        let c = 16;
-        Ok(Self {
-            stem: ConvBn::new(vb.pp("stem"), 1, c)?,
-            b1: (
-                ConvBn::new(vb.pp("b1a"), c, c)?,
-                ConvBn::new(vb.pp("b1b"), c, c)?,
-                probes.add("block1")?,
-            ),
-            down: ConvBn::new(vb.pp("down"), c, 2 * c)?,
-            b2: (
-                ConvBn::new(vb.pp("b2a"), 2 * c, 2 * c)?,
-                ConvBn::new(vb.pp("b2b"), 2 * c, 2 * c)?,
-                probes.add("block2")?,
-            ),
-            head: linear(2 * c, 10, vb.pp("head"))?,
-        })
-    }
-}
-
-impl ModuleT for ResNet {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let n = xs.dim(0)?;
-        let block = |b: &(ConvBn, ConvBn, Probe), x: &Tensor| -> candle_core::Result<Tensor> {
-            let branch = b.1.f(&b.0.f(x, train)?.relu()?, train)?;
-            b.2.forward(&(x + branch)?.relu()?)
-        };
-        let h = self.stem.f(&xs.reshape((n, 1, 28, 28))?, train)?.relu()?;
-        let h = block(&self.b1, &h)?;
-        let h = self.down.f(&h.max_pool2d(2)?, train)?.relu()?;
-        let h = block(&self.b2, &h)?;
-        self.head.forward(&h.mean((2, 3))?)
     }
 }
 
@@ -294,7 +233,7 @@ fn main() -> Result<()> {
     }
     if !args.transformer_only {
         let (varmap, vb, probes) = build();
-        let m = ResNet::new(vb, &probes)?;
+        let m = ResNet::new(vb, 16, &probes)?;
         measure(
             "resnet",
             serde_json::json!({"channels": 16}),
