@@ -10,6 +10,13 @@ use candle_core::{DType, Tensor};
 /// Reliance is measured on *training* data: no held-out data is needed. Keep the subset fixed
 /// across checks so that changes of the curve come from the network, not from the sample.
 ///
+/// Labels are either one class per sample, `(N,)`, or one class per token, `(N, T)`, for a
+/// token-level task (tagging, per-position prediction): the model then returns logits
+/// `(N, T, classes)` and every accuracy and agreement counts tokens. A label equal to
+/// [`ProbeData::PADDING`] is not counted anywhere (a padded position, or a sample to skip);
+/// [`ProbeData::with_mask`] sets it from an attention mask. At least one label must not be
+/// padding.
+///
 /// ```
 /// use candle_core::{Device, Tensor};
 /// use candle_reliance::ProbeData;
@@ -24,14 +31,38 @@ use candle_core::{DType, Tensor};
 pub struct ProbeData {
     xs: Tensor,
     labels: Tensor,
+    /// Row-major `N × tokens`.
     label_values: Vec<u32>,
+    /// Labels per sample: `T` for `(N, T)` labels, 1 for `(N,)`.
+    tokens: usize,
+    token_level: bool,
+    /// Labels that are not [`ProbeData::PADDING`].
+    targets: usize,
 }
 
 impl ProbeData {
-    /// `xs`: inputs with the samples along dimension 0; `labels`: `u32` of shape `(N,)`.
+    /// The label of a position (or sample) that no accuracy or agreement counts: `u32::MAX`.
+    pub const PADDING: u32 = u32::MAX;
+
+    /// `xs`: inputs with the samples along dimension 0; `labels`: `u32` of shape `(N,)` (a
+    /// class per sample) or `(N, T)` (a class per token, logits `(N, T, classes)`), with
+    /// [`ProbeData::PADDING`] where nothing is to be counted.
     ///
     /// Fails, naming the problem, on a label tensor of the wrong dtype or shape, a sample count
-    /// mismatch, an empty set, or non-finite inputs.
+    /// mismatch, an empty set, labels that are all padding, or non-finite inputs.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_reliance::ProbeData;
+    ///
+    /// // Two sequences of 3 tokens; the second has one padded position.
+    /// let xs = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &Device::Cpu)?;
+    /// let pad = ProbeData::PADDING;
+    /// let ys = Tensor::new(&[[1u32, 0, 2], [2, 2, pad]], &Device::Cpu)?;
+    /// let data = ProbeData::new(xs, ys)?;
+    /// assert_eq!((data.len(), data.tokens(), data.targets()), (2, 3, 5));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     pub fn new(xs: Tensor, labels: Tensor) -> Result<Self> {
         if labels.dtype() != DType::U32 {
             bail!(
@@ -40,9 +71,13 @@ impl ProbeData {
                 labels.dtype()
             );
         }
-        let n = match labels.dims() {
-            [n] => *n,
-            d => bail!(Data, "probe data: labels must have shape (N,), got {d:?}"),
+        let (n, tokens, token_level) = match labels.dims() {
+            [n] => (*n, 1, false),
+            [n, t] if *t > 0 => (*n, *t, true),
+            d => bail!(
+                Data,
+                "probe data: labels must have shape (N,) or (N, T) with T ≥ 1, got {d:?}"
+            ),
         };
         if xs.rank() == 0 {
             bail!(
@@ -70,17 +105,73 @@ impl ProbeData {
                 );
             }
         }
-        let label_values = labels.to_vec1::<u32>()?;
+        let label_values = labels.flatten_all()?.to_vec1::<u32>()?;
+        let targets = label_values.iter().filter(|&&l| l != Self::PADDING).count();
+        if targets == 0 {
+            bail!(
+                Data,
+                "probe data: every label is padding (ProbeData::PADDING); nothing would be counted"
+            );
+        }
         Ok(Self {
             xs,
             labels,
             label_values,
+            tokens,
+            token_level,
+            targets,
         })
+    }
+
+    /// [`ProbeData::new`] with the labels at `mask == 0` replaced by [`ProbeData::PADDING`]:
+    /// `mask` has the labels' shape and any dtype (an attention mask, 1 for a real token).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_reliance::ProbeData;
+    ///
+    /// let xs = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &Device::Cpu)?;
+    /// let ys = Tensor::new(&[[1u32, 0, 2], [2, 2, 0]], &Device::Cpu)?;
+    /// let mask = Tensor::new(&[[1u8, 1, 1], [1, 1, 0]], &Device::Cpu)?;
+    /// let data = ProbeData::with_mask(xs, ys, &mask)?;
+    /// assert_eq!(data.label_values()[5], ProbeData::PADDING);
+    /// assert_eq!(data.targets(), 5);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_mask(xs: Tensor, labels: Tensor, mask: &Tensor) -> Result<Self> {
+        if mask.dims() != labels.dims() {
+            bail!(
+                Data,
+                "probe data: the mask has shape {:?}, the labels {:?}",
+                mask.dims(),
+                labels.dims()
+            );
+        }
+        if labels.dtype() != DType::U32 {
+            bail!(
+                Data,
+                "probe data: labels must be u32, got {:?}",
+                labels.dtype()
+            );
+        }
+        let keep = mask.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        if keep.iter().any(|v| v.is_nan()) {
+            bail!(Data, "probe data: the mask contains NaN");
+        }
+        let values: Vec<u32> = labels
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .zip(keep)
+            .map(|(l, k)| if k == 0.0 { Self::PADDING } else { l })
+            .collect();
+        let labels = Tensor::from_vec(values, labels.shape(), labels.device())?;
+        Self::new(xs, labels)
     }
 
     /// Number of samples.
     pub fn len(&self) -> usize {
-        self.label_values.len()
+        self.label_values.len() / self.tokens
     }
 
     /// Always false: an empty subset is rejected by [`ProbeData::new`].
@@ -88,23 +179,45 @@ impl ProbeData {
         self.label_values.is_empty()
     }
 
+    /// Labels per sample: `T` for token labels `(N, T)`, 1 for `(N,)`.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Whether the labels are per token, `(N, T)`: the model's logits are then
+    /// `(N, T, classes)`.
+    pub fn token_level(&self) -> bool {
+        self.token_level
+    }
+
+    /// Labels that are counted (not [`ProbeData::PADDING`]): the denominator of every accuracy
+    /// and agreement.
+    pub fn targets(&self) -> usize {
+        self.targets
+    }
+
     /// The inputs.
     pub fn xs(&self) -> &Tensor {
         &self.xs
     }
 
-    /// The labels, `u32` `(N,)`.
+    /// The labels, `u32` `(N,)` or `(N, T)`.
     pub fn labels(&self) -> &Tensor {
         &self.labels
     }
 
-    /// The labels as host values.
+    /// The labels as host values, row-major (`N × T` for token labels).
     pub fn label_values(&self) -> &[u32] {
         &self.label_values
     }
 
+    /// The labels of samples `start..start + samples`, `samples × T` values.
+    pub(crate) fn labels_of(&self, start: usize, samples: usize) -> &[u32] {
+        &self.label_values[start * self.tokens..(start + samples) * self.tokens]
+    }
+
     /// A fixed pseudo-random subset of `n` samples (all of them when `n >= len`), chosen by
-    /// `seed`, in their original order.
+    /// `seed`, in their original order. Fails when every label of the subset is padding.
     pub fn subset(&self, n: usize, seed: u64) -> Result<Self> {
         if n == 0 {
             bail!(Data, "probe data: a subset needs at least one sample");
@@ -120,11 +233,29 @@ impl ProbeData {
         let ids = Tensor::new(idx.as_slice(), self.xs.device())?;
         let xs = self.xs.index_select(&ids, 0)?;
         let labels = self.labels.index_select(&ids, 0)?;
-        let label_values = idx.iter().map(|&i| self.label_values[i as usize]).collect();
+        let t = self.tokens;
+        let label_values: Vec<u32> = idx
+            .iter()
+            .flat_map(|&i| {
+                self.label_values[i as usize * t..(i as usize + 1) * t]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let targets = label_values.iter().filter(|&&l| l != Self::PADDING).count();
+        if targets == 0 {
+            bail!(
+                Data,
+                "probe data: every label of the {n}-sample subset is padding; use a larger subset"
+            );
+        }
         Ok(Self {
             xs,
             labels,
             label_values,
+            tokens: t,
+            token_level: self.token_level,
+            targets,
         })
     }
 

@@ -198,7 +198,8 @@ impl UnitMoments {
 pub struct UnitStatistics {
     /// One entry per probe, in the order the probes were added.
     pub probes: Vec<PerProbe<UnitMoments>>,
-    /// Share of samples whose arg-max logit equals the label, nothing clamped.
+    /// Share of the labels (samples, or tokens for token labels; padding not counted) that the
+    /// arg-max logit equals, nothing clamped.
     pub accuracy: f64,
     /// Number of classes (logits per sample).
     pub classes: usize,
@@ -206,12 +207,16 @@ pub struct UnitStatistics {
     pub finite: bool,
     /// Number of samples.
     pub samples: usize,
-    /// Samples per class label (`0..=max label`).
+    /// Labels counted: [`ProbeData::targets`] (the samples, or their tokens, without padding).
+    #[serde(default)]
+    pub targets: usize,
+    /// Labels per class (`0..=max label`): samples, or tokens for token labels.
     pub class_counts: Vec<u64>,
     /// Index of the probe the forward pass reaches first (it expands batched measurements).
     pub first_probe: usize,
-    /// The arg-max class of each sample, nothing clamped: what the agreement of a perturbed
-    /// network is counted against.
+    /// The arg-max class of each sample (row-major `N × T` for token labels; a padded position
+    /// holds [`ProbeData::PADDING`]), nothing clamped: what the agreement of a perturbed network
+    /// is counted against.
     pub predictions: Vec<u32>,
     /// Whether the model's logits for the first sample differed between a forward of that
     /// sample alone and one of its chunk: batch norm in training mode, active dropout or
@@ -399,7 +404,7 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
         let shard = self.shard();
         for start in shard.clone().step_by(batch_size) {
             let xs = self.chunk(start, batch_size)?;
-            let chunk_labels = &data.label_values()[start..start + xs.dim(0)?];
+            let chunk_labels = data.labels_of(start, xs.dim(0)?);
             guard.start_forward_labelled(
                 start,
                 n,
@@ -407,18 +412,12 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
             )?;
             let logits = self.forward_model(&xs)?;
             guard.finish_forward()?;
-            checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?;
+            checked_logits(&logits, xs.dim(0)?, data, start)?;
             let first = (start == shard.start)
                 .then(|| guard.call_order())
                 .transpose()?;
-            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            acc.observe(
-                start,
-                (&logits, &pred),
-                &data.label_values()[start..],
-                &alone,
-                first.as_deref(),
-            )?;
+            let pred = arg_max(&logits)?;
+            acc.observe(start, (&logits, &pred), data, &alone, first.as_deref())?;
         }
         let sums = guard.take_sums()?;
         drop(guard);
@@ -456,8 +455,14 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
                 alone
             }
         };
-        let (_, model_classes) = logits_dims(&alone)?;
-        let max_label = data.label_values().iter().copied().max().unwrap_or(0);
+        let (_, model_classes) = logits_dims(&alone, data)?;
+        let labelled = || {
+            data.label_values()
+                .iter()
+                .copied()
+                .filter(|&l| l != ProbeData::PADDING)
+        };
+        let max_label = labelled().max().unwrap_or(0);
         if max_label as usize >= model_classes {
             bail!(
                 Data,
@@ -466,9 +471,7 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
         }
         let label_classes = max_label as usize + 1;
         let mut class_counts = vec![0u64; label_classes];
-        data.label_values()
-            .iter()
-            .for_each(|&l| class_counts[l as usize] += 1);
+        labelled().for_each(|l| class_counts[l as usize] += 1);
         let acc = StatsAcc {
             label_classes,
             class_counts,
@@ -477,7 +480,7 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
             finite: true,
             first_probe: 0,
             batch_dependent: false,
-            predictions: vec![0u32; n],
+            predictions: vec![0u32; n * data.tokens()],
         };
         Ok((alone, acc))
     }
@@ -538,13 +541,14 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
                  are chunked; measure the model in evaluation mode"
             );
         }
-        let probes = moments(probes.names(), sums, n, &class_counts)?;
+        let probes = moments(probes.names(), sums, &class_counts)?;
         Ok(UnitStatistics {
             probes,
-            accuracy: correct as f64 / n as f64,
+            accuracy: correct as f64 / self.data.targets() as f64,
             classes,
             finite,
             samples: n,
+            targets: self.data.targets(),
             class_counts,
             first_probe,
             predictions,
@@ -570,11 +574,12 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
         let mut sums = Vec::new();
         let (alone, acc) = self.first_sample(Some(&mut sums))?;
         let shapes = UnitStatistics {
-            probes: moments(self.probes.names(), sums, 1, &[])?,
+            probes: moments(self.probes.names(), sums, &[])?,
             accuracy: 0.0,
             classes: 0,
             finite: true,
             samples: 1,
+            targets: 0,
             class_counts: vec![],
             first_probe: 0,
             predictions: vec![],
@@ -608,7 +613,7 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
                 }
             }
         })?;
-        let n = self.data.len() as f64;
+        let n = self.data.targets() as f64;
         Ok(run.correct.iter().map(|&c| c as f64 / n).collect())
     }
 
@@ -837,11 +842,12 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
                 guard.start_forward(start, n)?;
                 let logits = self.forward_model(&xs)?;
                 guard.finish_forward()?;
-                let rows = checked_logits(&logits, xs.dim(0)?, &data.label_values()[start..])?.0;
-                let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-                let span = start..start + rows;
-                run.correct[variant] += count_hits(&pred, &data.label_values()[span.clone()], 1)[0];
-                run.agreeing[variant] += count_hits(&pred, &predictions[span], 1)[0];
+                let rows = checked_logits(&logits, xs.dim(0)?, data, start)?.0;
+                let pred = arg_max(&logits)?;
+                let t = data.tokens();
+                run.correct[variant] += count_hits(&pred, data.labels_of(start, rows), 1)[0];
+                run.agreeing[variant] +=
+                    count_hits(&pred, &predictions[start * t..(start + rows) * t], 1)[0];
             }
         }
         self.reduced(run)
@@ -873,11 +879,12 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
         let data = self.data;
         let xs = self.chunk(start, m).map_err(|e| e.to_string())?;
         let rows_in = xs.dims()[0];
-        let span = start..start + rows_in;
+        let t = data.tokens();
+        let span = start * t..(start + rows_in) * t;
         // Labels for the unclamped variant's per-class sums.
         let labels = match &folded {
             Some(f) => Some((
-                Tensor::new(&data.label_values()[span.clone()], xs.device())
+                Tensor::new(data.labels_of(start, rows_in), xs.device())
                     .map_err(|e| e.to_string())?,
                 f.acc.label_classes,
             )),
@@ -891,7 +898,7 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
             .forward_t(&xs, false)
             .map_err(|e| e.to_string())?;
         guard.finish_forward().map_err(|e| e.to_string())?;
-        let (rows, _) = logits_dims(&logits).map_err(|e| e.to_string())?;
+        let (rows, _) = logits_dims(&logits, data).map_err(|e| e.to_string())?;
         if rows != variants * rows_in {
             return Err(format!(
                 "logits have {rows} rows, expected {variants} variants × {rows_in} samples = {}",
@@ -899,10 +906,7 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
             ));
         }
         // One copy of the arg-max to the host: `variants × rows_in` small integers.
-        let pred = logits
-            .argmax(D::Minus1)
-            .and_then(|p| p.to_vec1::<u32>())
-            .map_err(|e| e.to_string())?;
+        let pred = arg_max(&logits).map_err(|e| e.to_string())?;
         let targets = match folded {
             Some(f) => {
                 let first = (start == self.shard().start)
@@ -913,8 +917,8 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
                 f.acc
                     .observe(
                         start,
-                        (&unclamped, &pred[..rows_in]),
-                        &data.label_values()[start..],
+                        (&unclamped, &pred[..rows_in * t]),
+                        data,
                         &f.alone,
                         first.as_deref(),
                     )
@@ -941,27 +945,50 @@ fn differs(a: &Tensor, b: &Tensor) -> Result<bool> {
             .any(|(x, y)| x.is_finite() && y.is_finite() && (x - y).abs() > 1e-3 * scale))
 }
 
-fn logits_dims(logits: &Tensor) -> Result<(usize, usize)> {
-    match logits.dims() {
-        [r, c] if *c > 0 => Ok((*r, *c)),
-        d => bail!(
+/// `(rows, classes)` of logits: `(rows, classes)` for labels per sample, `(rows, T, classes)`
+/// for token labels `(N, T)`.
+fn logits_dims(logits: &Tensor, data: &ProbeData) -> Result<(usize, usize)> {
+    let t = data.tokens();
+    match (logits.dims(), data.token_level()) {
+        ([r, c], false) if *c > 0 => Ok((*r, *c)),
+        ([r, tt, c], true) if *c > 0 && *tt == t => Ok((*r, *c)),
+        (d, false) => bail!(
             Data,
             "the model must return logits of shape (N, classes), got {d:?}"
+        ),
+        (d, true) => bail!(
+            Data,
+            "with token labels (N, {t}) the model must return logits of shape (N, {t}, classes), \
+             got {d:?}"
         ),
     }
 }
 
-/// `(rows, classes)` of logits for a chunk of `samples` samples whose labels start `labels`;
+/// The arg-max class of every row (and token) of the logits, flattened.
+fn arg_max(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?)
+}
+
+/// `(rows, classes)` of logits for a chunk of `samples` samples starting at sample `start`;
 /// an error when the model returned another number of rows or a label exceeds the logits.
-fn checked_logits(logits: &Tensor, samples: usize, labels: &[u32]) -> Result<(usize, usize)> {
-    let (rows, classes) = logits_dims(logits)?;
+fn checked_logits(
+    logits: &Tensor,
+    samples: usize,
+    data: &ProbeData,
+    start: usize,
+) -> Result<(usize, usize)> {
+    let (rows, classes) = logits_dims(logits, data)?;
     if rows != samples {
         bail!(
             Data,
             "the model returned {rows} rows of logits for {samples} samples"
         );
     }
-    if let Some(bad) = labels[..rows].iter().find(|&&l| l as usize >= classes) {
+    let labels = data.labels_of(start, rows);
+    if let Some(bad) = labels
+        .iter()
+        .find(|&&l| l != ProbeData::PADDING && l as usize >= classes)
+    {
         bail!(
             Data,
             "label {bad} is out of range for a model with {classes} logits"
@@ -971,7 +998,8 @@ fn checked_logits(logits: &Tensor, samples: usize, labels: &[u32]) -> Result<(us
 }
 
 /// Per variant, how many of the predictions `pred` (`variants × m`, variant-major) equal
-/// `targets` (`m`: the labels, or the unablated predictions).
+/// `targets` (`m`: the labels, or the unablated predictions; a padded position holds
+/// [`ProbeData::PADDING`] in both, which no prediction equals).
 fn count_hits(pred: &[u32], targets: &[u32], variants: usize) -> Vec<u64> {
     pred.chunks(targets.len().max(1))
         .take(variants)
@@ -983,7 +1011,7 @@ fn count_hits(pred: &[u32], targets: &[u32], variants: usize) -> Vec<u64> {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct VariantRun {
     pub correct: Vec<u64>,
-    /// Samples whose prediction equals the unablated prediction.
+    /// Samples (tokens) whose prediction equals the unablated prediction.
     pub agreeing: Vec<u64>,
     /// Why the batched pass was abandoned for one pass per variant, if it was.
     pub fallback: Option<String>,
@@ -1007,19 +1035,20 @@ pub(crate) struct StatsAcc {
 }
 
 impl StatsAcc {
-    /// Counts the unclamped logits `(rows, classes)` of samples `start..` and their arg-max
-    /// `pred`, against labels starting `labels`. `call_order`: for the rank's first chunk, the
-    /// order its forward reached the probes; its first row is then compared with the first
-    /// sample's logits `alone`.
+    /// Counts the unclamped logits `(rows, classes)` (or `(rows, T, classes)`) of samples
+    /// `start..` and their arg-max `pred`, against their labels. `call_order`: for the rank's
+    /// first chunk, the order its forward reached the probes; its first row is then compared
+    /// with the first sample's logits `alone`.
     fn observe(
         &mut self,
         start: usize,
         (logits, pred): (&Tensor, &[u32]),
-        labels: &[u32],
+        data: &ProbeData,
         alone: &Tensor,
         call_order: Option<&[usize]>,
     ) -> Result<()> {
-        let (rows, classes) = logits_dims(logits)?;
+        let (rows, classes) = logits_dims(logits, data)?;
+        let labels = data.labels_of(start, rows);
         self.classes = classes;
         self.finite &= logits
             .to_dtype(DType::F32)?
@@ -1027,8 +1056,20 @@ impl StatsAcc {
             .to_vec1::<f32>()?
             .iter()
             .all(|v| v.is_finite());
-        self.correct += count_hits(pred, &labels[..rows], 1)[0];
-        self.predictions[start..start + rows].copy_from_slice(&pred[..rows]);
+        self.correct += count_hits(pred, labels, 1)[0];
+        // A padded position's prediction is padding too: no agreement counts it.
+        let t = data.tokens();
+        for ((p, &q), &l) in self.predictions[start * t..(start + rows) * t]
+            .iter_mut()
+            .zip(pred)
+            .zip(labels)
+        {
+            *p = if l == ProbeData::PADDING {
+                ProbeData::PADDING
+            } else {
+                q
+            };
+        }
         if let Some(order) = call_order {
             self.first_probe = order.first().copied().unwrap_or(0);
             self.batch_dependent = differs(alone, &logits.narrow(0, 0, 1)?)?;
@@ -1037,11 +1078,10 @@ impl StatsAcc {
     }
 }
 
-/// Per-unit moments of every probe from its sums over `n` samples.
+/// Per-unit moments of every probe from its sums.
 fn moments(
     names: Vec<String>,
     sums: Vec<Option<UnitSums>>,
-    n: usize,
     class_counts: &[u64],
 ) -> Result<Vec<PerProbe<UnitMoments>>> {
     let label_classes = class_counts.len();
@@ -1057,8 +1097,7 @@ fn moments(
             .zip(&mean)
             .map(|(q, m)| (q / c - m * m).max(0.0).sqrt())
             .collect();
-        // `count` is per unit: samples × positions.
-        let positions = (s.count as usize / n.max(1)).max(1);
+        let positions = s.positions.max(1);
         let class_mean = (0..label_classes)
             .map(|c| {
                 let k = class_counts[c];

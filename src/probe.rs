@@ -80,7 +80,9 @@ impl std::fmt::Debug for ProbeSet {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct UnitSums {
     pub units: usize,
-    /// Values per unit seen so far (samples × positions).
+    /// Positions per unit and sample: 1, `T` for a sequence, `H·W` for a feature map.
+    pub positions: usize,
+    /// Values per unit seen so far (samples × positions, without padded tokens).
     pub count: u64,
     pub sum: Vec<f64>,
     pub sum_sq: Vec<f64>,
@@ -677,21 +679,70 @@ pub(crate) fn record_unclamped(pass: &mut Pass, i: usize, xs: &Tensor, expand: b
     record_sums(&mut pass.sums[i], &unclamped, pass.labels.as_ref())
 }
 
+/// The rows of an activation that a statistics pass counts, with their labels: with labels per
+/// token (`N × T` of them for a sequence `(N, T, D)`), every token is a row `(N·T, D)`; rows
+/// whose label is [`ProbeData::PADDING`](crate::ProbeData::PADDING) are left out.
+fn labelled_rows(
+    xs: &Tensor,
+    labels: Option<&(Tensor, usize)>,
+) -> Result<(Tensor, Option<(Tensor, usize)>)> {
+    let Some((labels, classes)) = labels else {
+        return Ok((xs.clone(), None));
+    };
+    let n = xs.dim(0)?;
+    let values = labels
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<u32>()?;
+    let xs = match xs.dims() {
+        _ if values.len() == n => xs.clone(),
+        [_, t, d] if values.len() == n * t => xs.reshape((n * t, *d))?,
+        d => bail!(
+            Data,
+            "{} labels for an activation of shape {d:?}: with token labels (N, T) every probe \
+             must see (N, T, units)",
+            values.len()
+        ),
+    };
+    if !values.contains(&crate::ProbeData::PADDING) {
+        return Ok((xs, Some((labels.clone(), *classes))));
+    }
+    let keep: Vec<u32> = (0..values.len() as u32)
+        .filter(|&i| values[i as usize] != crate::ProbeData::PADDING)
+        .collect();
+    let kept: Vec<u32> = keep.iter().map(|&i| values[i as usize]).collect();
+    let device = xs.device().clone();
+    let (xs, labels) = if keep.is_empty() {
+        (xs.narrow(0, 0, 0)?, Tensor::zeros(0, DType::U32, &device)?)
+    } else {
+        let ids = Tensor::new(keep.as_slice(), &device)?;
+        (
+            xs.index_select(&ids, 0)?,
+            Tensor::new(kept.as_slice(), &device)?,
+        )
+    };
+    Ok((xs, Some((labels, *classes))))
+}
+
 fn record_sums(
     slot: &mut Option<UnitSums>,
     xs: &Tensor,
     labels: Option<&(Tensor, usize)>,
 ) -> Result<()> {
+    let positions = match xs.dims() {
+        [_, t, _] => *t,
+        d => rows_units_inner(d)?.2,
+    };
+    let (xs, labels) = labelled_rows(xs, labels)?;
     // A sequence `(N, T, D)` is summed as a feature map `(N, D, T, 1)`: the unit's values at
     // every position count, and a sample's value for class sums is its mean over positions.
     let xs = &match xs.dims() {
         [n, t, d] => xs.transpose(1, 2)?.contiguous()?.reshape((*n, *d, *t, 1))?,
-        _ => xs.clone(),
+        _ => xs,
     };
     let (rows, units, inner) = rows_units_inner(xs.dims())?;
     // One pass over the activation (one kernel on CUDA): sums, sums of squares, class sums.
     let (labels, classes) = match labels {
-        Some((l, c)) => (l.clone(), *c),
+        Some(lc) => lc,
         None => (Tensor::zeros(rows, DType::U32, xs.device())?, 0),
     };
     let sums = crate::ops::unit_sums(xs, &labels, classes)?.to_vec2::<f64>()?;
@@ -707,6 +758,7 @@ fn record_sums(
     });
     let s = slot.get_or_insert_with(|| UnitSums {
         units,
+        positions,
         count: 0,
         sum: vec![0.0; units],
         sum_sq: vec![0.0; units],

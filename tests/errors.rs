@@ -45,9 +45,12 @@ fn an_unknown_yaml_key_is_a_config_error_with_its_line() -> TestResult {
 #[test]
 fn labels_of_the_wrong_shape_are_a_data_error() -> TestResult {
     let xs = Tensor::zeros((4, 3), candle_core::DType::F32, &cpu())?;
-    let ys = Tensor::zeros((4, 2), candle_core::DType::U32, &cpu())?;
+    // (N, T) labels are token labels; a third dimension is nothing.
+    let ys = Tensor::zeros((4, 2, 1), candle_core::DType::U32, &cpu())?;
     match ProbeData::new(xs, ys) {
-        Err(Error::Data { message }) => assert!(message.contains("(N,)"), "{message}"),
+        Err(Error::Data { message }) => {
+            assert!(message.contains("(N,) or (N, T)"), "{message}")
+        }
         other => panic!("expected Error::Data, got {other:?}"),
     }
     Ok(())

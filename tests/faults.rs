@@ -158,22 +158,33 @@ fn a_check_with_no_right_answer_keeps_the_files_readable() -> Result<()> {
 fn a_huge_label_is_an_error_before_anything_is_sized_by_it() -> Result<()> {
     // Sized by the label first, the class sums of u32::MAX classes were a 34 GB allocation that
     // aborted the process.
+    // (u32::MAX itself is `ProbeData::PADDING`: a sample not counted.)
     let (_, net, probes, data) = setup()?;
     let mut labels = data.label_values().to_vec();
-    labels[3] = u32::MAX;
+    labels[3] = u32::MAX - 1;
     let n = labels.len();
     let bad = candle_reliance::ProbeData::new(
         data.xs().clone(),
-        Tensor::from_vec(labels, n, &Device::Cpu)?,
+        Tensor::from_vec(labels.clone(), n, &Device::Cpu)?,
     )?;
     let e = candle_reliance::Measurement::new(&net, &probes, &bad)
         .statistics()
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("label 4294967295 is out of range for a model with 2 logits"),
+        e.contains("label 4294967294 is out of range for a model with 2 logits"),
         "{e}"
     );
+    labels[3] = candle_reliance::ProbeData::PADDING;
+    let skipped = candle_reliance::ProbeData::new(
+        data.xs().clone(),
+        Tensor::from_vec(labels, n, &Device::Cpu)?,
+    )?;
+    let stats = candle_reliance::Measurement::new(&net, &probes, &skipped)
+        .statistics()?
+        .clone();
+    assert_eq!((stats.samples, stats.targets), (n, n - 1));
+    assert_eq!(stats.class_counts.iter().sum::<u64>(), n as u64 - 1);
     Ok(())
 }
 

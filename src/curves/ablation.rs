@@ -389,7 +389,7 @@ pub struct AblationCurve {
     /// `auc / unablated_accuracy`: reliance with plain accuracy factored out.
     #[serde(with = "crate::json::float")]
     pub normalized_auc: f64,
-    /// Agreement at each fraction, mean over orders: the share of samples whose prediction is
+    /// Agreement at each fraction, mean over orders: the share of samples (tokens) whose prediction is
     /// the unablated one (1 with nothing clamped). Labels play no part, so fitting wrong labels
     /// does not raise it: it measures how much of the network's own decisions survive ablation.
     #[serde(default)]
@@ -504,7 +504,7 @@ impl<M: ModuleT + ?Sized> Measurement<'_, M> {
                 .for_each(|(k, &rank)| *k = u8::from(rank >= cut));
         })?;
         let stats = self.statistics()?;
-        let n = self.data().len() as f64;
+        let n = self.data().targets() as f64;
         let by_order = |counts: &[u64]| -> Vec<Vec<f64>> {
             index
                 .iter()

@@ -151,7 +151,7 @@ impl<M: ModuleT + ?Sized> Measurement<'_, M> {
             })
         };
         let run = self.evaluate_variants(variants, &make_action)?;
-        let n = self.data().len() as f64;
+        let n = self.data().targets() as f64;
         let per_draw: Vec<Vec<f64>> = (0..spec.draws)
             .map(|r| {
                 (0..s_count)

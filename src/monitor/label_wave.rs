@@ -38,6 +38,13 @@ use serde::{Deserialize, Serialize};
 pub struct PredictionChanges {
     previous: Vec<u32>,
     current: Vec<u32>,
+    /// Predictions per example: `T` for a token-level task, 1 otherwise.
+    #[serde(default = "one")]
+    tokens: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Marks an example not yet seen in an epoch.
@@ -46,20 +53,67 @@ pub(crate) const UNSEEN: u32 = u32::MAX;
 impl PredictionChanges {
     /// A counter for a training set of `samples` examples.
     pub fn new(samples: usize) -> Self {
+        Self::with_tokens(samples, 1)
+    }
+
+    /// A counter for a token-level task: `samples` examples of `tokens` predictions each, from
+    /// logits `(batch, tokens, classes)`; a change is counted per token.
+    pub fn with_tokens(samples: usize, tokens: usize) -> Self {
+        let tokens = tokens.max(1);
         Self {
-            previous: vec![UNSEEN; samples],
-            current: vec![UNSEEN; samples],
+            previous: vec![UNSEEN; samples * tokens],
+            current: vec![UNSEEN; samples * tokens],
+            tokens,
         }
     }
 
     /// Records one training batch: `indices[i]` is the training-set index of row `i` of
-    /// `logits` `(batch, classes)`. An example seen twice in an epoch keeps its last prediction.
+    /// `logits` `(batch, classes)` (`(batch, T, classes)` for a counter made by
+    /// [`PredictionChanges::with_tokens`]). An example seen twice in an epoch keeps its last
+    /// prediction.
     pub fn record(&mut self, indices: &[u32], logits: &Tensor) -> Result<()> {
-        let rows = match logits.dims() {
-            [r, c] if *c > 0 => *r,
-            d => bail!(
+        self.record_masked(indices, logits, None)
+    }
+
+    /// [`PredictionChanges::record`] for a token-level task whose batch is padded: tokens where
+    /// `mask` (`(batch, T)`, any dtype) is zero are not recorded, so they never count as a
+    /// change.
+    pub fn record_masked(
+        &mut self,
+        indices: &[u32],
+        logits: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let t = self.tokens;
+        let rows = match (logits.dims(), t) {
+            ([r, c], 1) if *c > 0 && mask.is_none() => *r,
+            ([r, tt, c], _) if *c > 0 && *tt == t && self.current.len().is_multiple_of(t) => *r,
+            (d, 1) if mask.is_none() => bail!(
                 Data,
                 "prediction changes: logits must have shape (batch, classes), got {d:?}"
+            ),
+            (d, _) => bail!(
+                Data,
+                "prediction changes: logits must have shape (batch, {t}, classes), got {d:?}"
+            ),
+        };
+        let keep = match mask {
+            None => None,
+            Some(m) if m.dims() == [rows, t] => {
+                let v = m
+                    .to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?;
+                if v.iter().any(|x| x.is_nan()) {
+                    bail!(Data, "prediction changes: the mask contains NaN");
+                }
+                Some(v)
+            }
+            Some(m) => bail!(
+                Data,
+                "prediction changes: the mask has shape {:?}, the logits {:?}",
+                m.dims(),
+                logits.dims()
             ),
         };
         if rows != indices.len() {
@@ -69,16 +123,21 @@ impl PredictionChanges {
                 indices.len()
             );
         }
-        let samples = self.current.len();
+        let samples = self.current.len() / t;
         if let Some(bad) = indices.iter().find(|&&i| i as usize >= samples) {
             bail!(
                 Data,
                 "prediction changes: index {bad} is out of range for {samples} training examples"
             );
         }
-        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        for (&i, p) in indices.iter().zip(pred) {
-            self.current[i as usize] = p;
+        let pred = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+        for (row, &i) in indices.iter().enumerate() {
+            for k in 0..t {
+                let at = row * t + k;
+                if keep.as_ref().is_none_or(|m| m[at] != 0.0) {
+                    self.current[i as usize * t + k] = pred[at];
+                }
+            }
         }
         Ok(())
     }
@@ -115,13 +174,13 @@ impl PredictionChanges {
         Ok(seen_before.then_some(changed))
     }
 
-    /// Training examples counted.
+    /// Predictions counted: training examples × tokens.
     pub fn len(&self) -> usize {
         self.current.len()
     }
 
-    /// The predictions of the last ended epoch, per example (`u32::MAX`: not seen): what the
-    /// next epoch is compared with, and what to save for resuming.
+    /// The predictions of the last ended epoch, per example (and token; `u32::MAX`: not seen):
+    /// what the next epoch is compared with, and what to save for resuming.
     pub fn previous(&self) -> &[u32] {
         &self.previous
     }
@@ -129,9 +188,15 @@ impl PredictionChanges {
     /// A counter that continues after an epoch whose predictions were `previous` (from
     /// [`PredictionChanges::previous`]).
     pub fn with_previous(previous: Vec<u32>) -> Self {
+        Self::with_previous_tokens(previous, 1)
+    }
+
+    /// [`PredictionChanges::with_previous`] for a counter of `tokens` predictions per example.
+    pub fn with_previous_tokens(previous: Vec<u32>, tokens: usize) -> Self {
         Self {
             current: vec![UNSEEN; previous.len()],
             previous,
+            tokens: tokens.max(1),
         }
     }
 

@@ -312,23 +312,24 @@ impl RelianceMonitor {
                 Err(e) => resumed.load_error = Some(e.to_string()),
             }
             if let Some(p) = &state.predictions {
-                if p.len() != monitor.data.len() {
+                if p.len() != monitor.data.label_values().len() {
                     bail!(
                         Resume,
-                        "cannot resume: the state holds predictions for {} probe samples, the \
+                        "cannot resume: the state holds predictions for {} probe labels, the \
                          probe data has {}",
                         p.len(),
-                        monitor.data.len()
+                        monitor.data.label_values().len()
                     );
                 }
             }
             if let Some(p) = &state.training_predictions {
-                if p.len() != training_samples {
+                let tokens = monitor.observed_tokens();
+                if p.len() != training_samples * tokens {
                     bail!(
                         Resume,
                         "cannot resume: the state holds training predictions for {} examples, the \
                          data given has {}",
-                        p.len(),
+                        p.len() / tokens,
                         training_samples
                     );
                 }
@@ -351,9 +352,10 @@ impl RelianceMonitor {
             monitor.predictions = state.predictions;
             monitor.probe_widths = state.probes.clone();
             monitor.expect_probes = state.probes;
+            let tokens = monitor.observed_tokens();
             monitor.observed = state
                 .training_predictions
-                .map(label_wave::PredictionChanges::with_previous);
+                .map(|p| label_wave::PredictionChanges::with_previous_tokens(p, tokens));
         }
         monitor.strategy = strategy;
         Ok(monitor)
@@ -500,18 +502,44 @@ impl RelianceMonitor {
     /// training example from one epoch to the next (the forward passes the loop makes anyway),
     /// which decides the stop far more steadily than the probe data's changes between checks.
     /// Call it in every epoch once you start.
+    ///
+    /// With token labels (probe data `(N, T)`) the logits are `(batch, T, classes)` and every
+    /// token's prediction counts; use [`RelianceMonitor::observe_masked`] for padded batches.
     pub fn observe(&mut self, indices: &[u32], logits: &Tensor) -> Result<()> {
+        self.observe_masked(indices, logits, None)
+    }
+
+    /// [`RelianceMonitor::observe`] for a token-level task with padded batches: tokens where
+    /// `mask` (`(batch, T)`, any dtype; an attention mask) is zero are not counted.
+    pub fn observe_masked(
+        &mut self,
+        indices: &[u32],
+        logits: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<()> {
         let err = |e: Error| e.context("observe");
         match &mut self.observed {
-            Some(counter) => counter.record(indices, logits).map_err(err),
+            Some(counter) => counter.record_masked(indices, logits, mask).map_err(err),
             // The counter exists from the first batch recorded: a refused first call leaves the
             // monitor as if it had not been made.
             None => {
-                let mut counter = label_wave::PredictionChanges::new(self.training_samples);
-                counter.record(indices, logits).map_err(err)?;
+                let mut counter = label_wave::PredictionChanges::with_tokens(
+                    self.training_samples,
+                    self.observed_tokens(),
+                );
+                counter.record_masked(indices, logits, mask).map_err(err)?;
                 self.observed = Some(counter);
                 Ok(())
             }
+        }
+    }
+
+    /// Predictions per training example that [`RelianceMonitor::observe`] counts.
+    fn observed_tokens(&self) -> usize {
+        if self.data.token_level() {
+            self.data.tokens()
+        } else {
+            1
         }
     }
 
@@ -1242,8 +1270,12 @@ fn degenerate(stats: &UnitStatistics, metric: Metric) -> Option<String> {
         );
     }
     let label_classes = stats.class_counts.iter().filter(|&&k| k > 0).count();
-    if let Some(&first) = stats.predictions.first() {
-        if label_classes > 1 && stats.predictions.iter().all(|&p| p == first) {
+    let mut predicted = stats
+        .predictions
+        .iter()
+        .filter(|&&p| p != crate::ProbeData::PADDING);
+    if let Some(&first) = predicted.clone().next() {
+        if label_classes > 1 && predicted.all(|&p| p == first) {
             return Some(format!(
                 "it predicts class {first} for every sample of the probe subset"
             ));

@@ -23,7 +23,8 @@ pub struct UnitActivity {
     pub probes: Vec<PerProbe<Vec<f32>>>,
     /// The label of each sample.
     pub labels: Vec<u32>,
-    /// Number of samples.
+    /// Number of samples (those labelled [`ProbeData::PADDING`](crate::ProbeData::PADDING) are
+    /// left out).
     pub samples: usize,
 }
 
@@ -183,12 +184,21 @@ impl MutualInformation {
 impl<M: ModuleT + ?Sized> Measurement<'_, M> {
     /// Records every probed unit's activity on every sample (feature maps averaged over
     /// positions) in one forward pass over chunks of [`Batching::batch_size`] samples. Memory:
-    /// see [`UnitActivity`].
+    /// see [`UnitActivity`]. Needs a label per sample (an error for token labels `(N, T)`);
+    /// samples labelled [`ProbeData::PADDING`](crate::ProbeData::PADDING) are left out.
     ///
     /// [`Batching::batch_size`]: crate::measurement::Batching::batch_size
     pub fn activity(&self) -> Result<UnitActivity> {
         self.batching().validate()?;
         let (probes, data) = (self.probes(), self.data());
+        if data.token_level() {
+            bail!(
+                Data,
+                "unit activity (and mutual information) needs a label per sample; the probe data \
+                 has token labels (N, {})",
+                data.tokens()
+            );
+        }
         let batch_size = self.batching().batch_size;
         let names = probes.names();
         let guard = probes.begin(Action::Capture, 1, false)?;
@@ -234,6 +244,8 @@ impl<M: ModuleT + ?Sized> Measurement<'_, M> {
             }
         }
         drop(guard);
+        let labels = data.label_values();
+        let counted = |i: &usize| labels[*i] != crate::ProbeData::PADDING;
         let mut offset = 0;
         let probes = out
             .into_iter()
@@ -243,13 +255,20 @@ impl<M: ModuleT + ?Sized> Measurement<'_, M> {
                     candle_core::Context::context(p, format!("probe `{name}` recorded nothing"))?;
                 p.offset = offset;
                 offset += p.units;
+                if data.targets() < n {
+                    let units = p.units;
+                    p.value = (0..n)
+                        .filter(counted)
+                        .flat_map(|i| p.value[i * units..(i + 1) * units].to_vec())
+                        .collect();
+                }
                 Ok(p)
             })
             .collect::<Result<_>>()?;
         Ok(UnitActivity {
             probes,
-            labels: data.label_values().to_vec(),
-            samples: n,
+            labels: (0..n).filter(counted).map(|i| labels[i]).collect(),
+            samples: data.targets(),
         })
     }
 
