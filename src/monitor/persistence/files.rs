@@ -403,7 +403,23 @@ pub(crate) fn lock_dir(path: &Path) -> Result<DirLock> {
         .write(true)
         .open(&lock)
         .map_err(|e| io_err("open lock file", &lock, e))?;
-    match file.try_lock() {
+    // A lock that this process itself holds may be a descriptor a child process being spawned
+    // copied (between its fork and its exec) from a monitor this process has since dropped:
+    // try again for up to a second before calling it another monitor's.
+    let mut result = file.try_lock();
+    for _ in 0..20 {
+        if !matches!(result, Err(std::fs::TryLockError::WouldBlock)) {
+            break;
+        }
+        let mut holder = String::new();
+        let _ = File::open(&lock).and_then(|mut f| f.read_to_string(&mut holder));
+        if holder.trim() != std::process::id().to_string() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        result = file.try_lock();
+    }
+    match result {
         Ok(()) => {
             let _ = file.set_len(0);
             let _ = write!(file, "{}", std::process::id());
