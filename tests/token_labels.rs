@@ -84,6 +84,17 @@ impl Weights {
     /// The second probe's activations `g[n][t][e]` with the units in `clamped` (global numbers:
     /// the first probe's `D`, then the second's `E`) set to `value[u]` at every position.
     fn second(&self, h: &[f32], clamped: &[usize], value: &[f32]) -> Vec<f32> {
+        self.second_with(h, clamped, value, &|_, _| 0.0)
+    }
+
+    /// [`Weights::second`] with `g_noise(n·T + t, e)` added to the unclamped units.
+    fn second_with(
+        &self,
+        h: &[f32],
+        clamped: &[usize],
+        value: &[f32],
+        g_noise: &dyn Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
         let mut g = vec![0f32; N * T * E];
         for nt in 0..N * T {
             for e in 0..E {
@@ -99,7 +110,7 @@ impl Weights {
                 g[nt * E + e] = if clamped.contains(&(D + e)) {
                     value[D + e]
                 } else {
-                    (z as f32).max(0.0)
+                    ((z as f32).max(0.0) as f64 + g_noise(nt, e) as f64) as f32
                 };
             }
         }
@@ -108,7 +119,11 @@ impl Weights {
 
     /// The predicted class of every token, row-major `N × T`.
     fn predictions(&self, h: &[f32], clamped: &[usize], value: &[f32]) -> Vec<u32> {
-        let g = self.second(h, clamped, value);
+        self.predictions_from(&self.second(h, clamped, value))
+    }
+
+    /// The predicted class of every token from the second probe's activations.
+    fn predictions_from(&self, g: &[f32]) -> Vec<u32> {
         let mut out = Vec::with_capacity(N * T);
         for n in 0..N {
             let mut mean = [0f64; E];
@@ -707,6 +722,58 @@ fn token_curves_on_thread_ranks_count_every_real_token_once() -> TestResult {
                 .collect();
             assert_eq!(stats.predictions, want_pred, "world {world}, rank {rank}");
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn token_noise_curves_count_real_tokens() -> TestResult {
+    // The noise of unit `d` at position `t` of sample `n` in variant `v` is
+    // `counter_normal(derive_seed(seed, probe), (v · N·T + n·T + t) · D + d)` (as for sequence
+    // activations with labels per sample); the accuracy counts the 90 real tokens.
+    let c = case()?;
+    let probes = ProbeSet::new();
+    let plain = plain(&c.w, &probes)?;
+    let spec = candle_reliance::curves::NoiseSpec {
+        scales: vec![0.25, 1.0, 4.0],
+        draws: 2,
+        seed: 11,
+    };
+    let stats = Measurement::new(&plain, &probes, &c.data)
+        .statistics()?
+        .clone();
+    let (sigma, sigma_g) = (&stats.probes[0].value.std, &stats.probes[1].value.std);
+    let seed = candle_reliance::rng::derive_seed(spec.seed, 0);
+    let seed_g = candle_reliance::rng::derive_seed(spec.seed, 1);
+    let mut want = vec![vec![0.0; spec.scales.len()]; spec.draws];
+    for (r, row) in want.iter_mut().enumerate() {
+        for (i, &scale) in spec.scales.iter().enumerate() {
+            let v = (r * spec.scales.len() + i) as u64;
+            let mut noised = c.h.clone();
+            for (k, a) in noised.iter_mut().enumerate() {
+                let (nt, d) = ((k / D) as u64, k % D);
+                let z = candle_reliance::rng::counter_normal(
+                    seed,
+                    (v * (N * T) as u64 + nt) * D as u64 + d as u64,
+                );
+                let s = (scale * sigma[d]) as f32;
+                *a = (*a as f64 + (s * z) as f64) as f32;
+            }
+            let g_noise = |nt: usize, e: usize| {
+                let index = (v * (N * T) as u64 + nt as u64) * E as u64 + e as u64;
+                (scale * sigma_g[e]) as f32 * candle_reliance::rng::counter_normal(seed_g, index)
+            };
+            let g = c.w.second_with(&noised, &[], &[0.0; D + E], &g_noise);
+            row[i] = share(&c.w.predictions_from(&g), &c.raw);
+        }
+    }
+    assert!(want.iter().flatten().any(|&a| a < 0.6), "{want:?}");
+    for batch in [7, N] {
+        let got = Measurement::new(&plain, &probes, &c.data)
+            .with_batch_size(batch)
+            .noise_curve(&spec)?;
+        assert_eq!(got.per_draw, want, "batch {batch}");
+        assert_eq!(got.unablated_accuracy, 0.8);
     }
     Ok(())
 }
