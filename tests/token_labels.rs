@@ -258,6 +258,13 @@ fn case() -> candle_core::Result<Case> {
     })
 }
 
+/// `pred` with [`PAD`] at the padded positions: the predictions a statistics pass records.
+fn padded(pred: &[u32]) -> Vec<u32> {
+    (0..N * T)
+        .map(|k| if real(k / T, k % T) { pred[k] } else { PAD })
+        .collect()
+}
+
 /// The share of real tokens whose prediction equals `targets`.
 fn share(pred: &[u32], targets: &[u32]) -> f64 {
     let real_tokens: Vec<usize> = (0..N * T).filter(|&k| real(k / T, k % T)).collect();
@@ -400,17 +407,7 @@ fn token_statistics_leave_padding_out() -> TestResult {
             .collect();
         assert_eq!(counts.iter().sum::<u64>(), 90);
         assert_eq!(stats.class_counts, counts, "{how}");
-        // The unablated predictions, padding at padded positions.
-        let want_pred: Vec<u32> = (0..N * T)
-            .map(|k| {
-                if real(k / T, k % T) {
-                    c.unablated[k]
-                } else {
-                    PAD
-                }
-            })
-            .collect();
-        assert_eq!(stats.predictions, want_pred, "{how}");
+        assert_eq!(stats.predictions, padded(&c.unablated), "{how}");
         for (p, (a, units)) in stats.probes.iter().zip([(&c.h, D), (&g, E)]) {
             let got = &p.value;
             assert_eq!(got.positions, T, "{how}");
@@ -711,16 +708,8 @@ fn token_curves_on_thread_ranks_count_every_real_token_once() -> TestResult {
                 "world {world}, rank {rank}"
             );
             assert_eq!((stats.accuracy, stats.targets), (0.8, 90));
-            let want_pred: Vec<u32> = (0..N * T)
-                .map(|k| {
-                    if real(k / T, k % T) {
-                        c.unablated[k]
-                    } else {
-                        PAD
-                    }
-                })
-                .collect();
-            assert_eq!(stats.predictions, want_pred, "world {world}, rank {rank}");
+            let want = padded(&c.unablated);
+            assert_eq!(stats.predictions, want, "world {world}, rank {rank}");
         }
     }
     Ok(())
