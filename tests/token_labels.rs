@@ -647,6 +647,23 @@ fn the_monitor_checks_a_token_model_and_counts_its_training_changes() -> TestRes
         h = dir.path().join("hist.jsonl").display(),
         s = dir.path().join("state.json").display(),
     ))?;
+    // A tampered state: a prediction per training sequence instead of per token, or a probe
+    // prediction missing.
+    let mut short = state.clone();
+    short.training_predictions = short.training_predictions.map(|p| p[..N].to_vec());
+    let e = RelianceMonitor::resume(cfg.clone(), probes.clone(), c.data.clone(), short)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("holds 30 training predictions") && e.contains("30 × 4 tokens = 120"),
+        "{e}"
+    );
+    let mut short = state.clone();
+    short.predictions = short.predictions.map(|p| p[1..].to_vec());
+    let e = RelianceMonitor::resume(cfg.clone(), probes.clone(), c.data.clone(), short)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("predictions for 119 probe labels"), "{e}");
     let mut resumed = RelianceMonitor::resume(cfg, probes, c.data.clone(), state)?;
     resumed.observe_masked(&all, &one_hot(&c.unablated, N)?, Some(&mask))?;
     resumed.on_epoch_end(3, &net, &varmap)?;

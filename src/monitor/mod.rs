@@ -325,12 +325,15 @@ impl RelianceMonitor {
             if let Some(p) = &state.training_predictions {
                 let tokens = monitor.observed_tokens();
                 if p.len() != training_samples * tokens {
+                    let given = match tokens {
+                        1 => format!("{training_samples}"),
+                        t => format!("{training_samples} × {t} tokens = {}", training_samples * t),
+                    };
                     bail!(
                         Resume,
-                        "cannot resume: the state holds training predictions for {} examples, the \
-                         data given has {}",
-                        p.len() / tokens,
-                        training_samples
+                        "cannot resume: the state holds {} training predictions, the data given \
+                         has {given}",
+                        p.len()
                     );
                 }
             }
