@@ -54,6 +54,17 @@ def metric_of(R_,e,metric):
     if metric=='agr': return R_.agr[e]
     if metric=='auc': return R_.auc[e]
     if metric=='nauc': return R_.auc[e]/c['acc0']
+    # A check of two fractions, [0, 1]: the agreement curve's ends (1 unclamped; every unit
+    # clamped, the same in every order), whose trapezoid area is their mean.
+    if metric=='ends': return (c['agreement'][0]+c['agreement'][-1])/2
+    # Fewer evenly spaced fractions (17 = 1 + 16k): the trapezoid area is linear in the curve, so
+    # the mean over orders of each order's area is the area of the recorded mean curve.
+    if metric.startswith('frac'):
+        f=int(metric[4:]); v=c['agreement']; step=(len(v)-1)//(f-1)
+        pts=v[::step]; h=1/(f-1)
+        return sum((pts[i]+pts[i+1])/2*h for i in range(f-1))
+    # One random order instead of three: the first order's area.
+    if metric=='order1': return c['agreement_auc'][0]
 def replay_default(R_, **kw):
     s=Default(**kw)
     for e in range(2,R_.E+1):
