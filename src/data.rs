@@ -31,11 +31,8 @@ use candle_core::{DType, Tensor};
 pub struct ProbeData {
     xs: Tensor,
     labels: Tensor,
-    /// Row-major `N × tokens`.
+    /// Row-major `N × T`.
     label_values: Vec<u32>,
-    /// Labels per sample: `T` for `(N, T)` labels, 1 for `(N,)`.
-    tokens: usize,
-    token_level: bool,
     /// Labels that are not [`ProbeData::PADDING`].
     targets: usize,
 }
@@ -71,9 +68,9 @@ impl ProbeData {
                 labels.dtype()
             );
         }
-        let (n, tokens, token_level) = match labels.dims() {
-            [n] => (*n, 1, false),
-            [n, t] if *t > 0 => (*n, *t, true),
+        let n = match labels.dims() {
+            [n] => *n,
+            [n, t] if *t > 0 => *n,
             d => bail!(
                 Data,
                 "probe data: labels must have shape (N,) or (N, T) with T ≥ 1, got {d:?}"
@@ -106,19 +103,11 @@ impl ProbeData {
             }
         }
         let label_values = labels.flatten_all()?.to_vec1::<u32>()?;
-        let targets = label_values.iter().filter(|&&l| l != Self::PADDING).count();
-        if targets == 0 {
-            bail!(
-                Data,
-                "probe data: every label is padding (ProbeData::PADDING); nothing would be counted"
-            );
-        }
+        let targets = counted(&label_values, "every label is padding (ProbeData::PADDING)")?;
         Ok(Self {
             xs,
             labels,
             label_values,
-            tokens,
-            token_level,
             targets,
         })
     }
@@ -154,16 +143,13 @@ impl ProbeData {
                 labels.dtype()
             );
         }
-        let keep = mask.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        if keep.iter().any(|v| v.is_nan()) {
-            bail!(Data, "probe data: the mask contains NaN");
-        }
+        let keep = mask_values(mask, "probe data")?;
         let values: Vec<u32> = labels
             .flatten_all()?
             .to_vec1::<u32>()?
             .into_iter()
             .zip(keep)
-            .map(|(l, k)| if k == 0.0 { Self::PADDING } else { l })
+            .map(|(l, k)| if k { l } else { Self::PADDING })
             .collect();
         let labels = Tensor::from_vec(values, labels.shape(), labels.device())?;
         Self::new(xs, labels)
@@ -171,7 +157,7 @@ impl ProbeData {
 
     /// Number of samples.
     pub fn len(&self) -> usize {
-        self.label_values.len() / self.tokens
+        self.label_values.len() / self.tokens()
     }
 
     /// Always false: an empty subset is rejected by [`ProbeData::new`].
@@ -181,13 +167,13 @@ impl ProbeData {
 
     /// Labels per sample: `T` for token labels `(N, T)`, 1 for `(N,)`.
     pub fn tokens(&self) -> usize {
-        self.tokens
+        self.labels.dims().get(1).copied().unwrap_or(1)
     }
 
     /// Whether the labels are per token, `(N, T)`: the model's logits are then
     /// `(N, T, classes)`.
     pub fn token_level(&self) -> bool {
-        self.token_level
+        self.labels.rank() == 2
     }
 
     /// Labels that are counted (not [`ProbeData::PADDING`]): the denominator of every accuracy
@@ -213,7 +199,8 @@ impl ProbeData {
 
     /// The labels of samples `start..start + samples`, `samples × T` values.
     pub(crate) fn labels_of(&self, start: usize, samples: usize) -> &[u32] {
-        &self.label_values[start * self.tokens..(start + samples) * self.tokens]
+        let t = self.tokens();
+        &self.label_values[start * t..(start + samples) * t]
     }
 
     /// A fixed pseudo-random subset of `n` samples (all of them when `n >= len`), chosen by
@@ -233,7 +220,7 @@ impl ProbeData {
         let ids = Tensor::new(idx.as_slice(), self.xs.device())?;
         let xs = self.xs.index_select(&ids, 0)?;
         let labels = self.labels.index_select(&ids, 0)?;
-        let t = self.tokens;
+        let t = self.tokens();
         let label_values: Vec<u32> = idx
             .iter()
             .flat_map(|&i| {
@@ -242,19 +229,14 @@ impl ProbeData {
                     .copied()
             })
             .collect();
-        let targets = label_values.iter().filter(|&&l| l != Self::PADDING).count();
-        if targets == 0 {
-            bail!(
-                Data,
-                "probe data: every label of the {n}-sample subset is padding; use a larger subset"
-            );
-        }
+        let targets = counted(
+            &label_values,
+            &format!("every label of the {n}-sample subset is padding; use a larger subset"),
+        )?;
         Ok(Self {
             xs,
             labels,
             label_values,
-            tokens: t,
-            token_level: self.token_level,
             targets,
         })
     }
@@ -264,6 +246,28 @@ impl ProbeData {
         let len = len.min(self.len() - start);
         Ok(self.xs.narrow(0, start, len)?)
     }
+}
+
+/// The labels that are not [`ProbeData::PADDING`]; an error saying `none` when there are none.
+fn counted(label_values: &[u32], none: &str) -> Result<usize> {
+    match label_values
+        .iter()
+        .filter(|&&l| l != ProbeData::PADDING)
+        .count()
+    {
+        0 => bail!(Data, "probe data: {none}; nothing would be counted"),
+        n => Ok(n),
+    }
+}
+
+/// An attention mask's values, row-major: `true` where a token is real (non-zero). `what` names
+/// the caller in the error for a NaN.
+pub(crate) fn mask_values(mask: &Tensor, what: &str) -> Result<Vec<bool>> {
+    let values = mask.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if values.iter().any(|v| v.is_nan()) {
+        bail!(Data, "{what}: the mask contains NaN");
+    }
+    Ok(values.into_iter().map(|v| v != 0.0).collect())
 }
 
 /// Label corruption as in the paper's randomization experiments: each label is replaced, with

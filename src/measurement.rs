@@ -404,12 +404,8 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
         let shard = self.shard();
         for start in shard.clone().step_by(batch_size) {
             let xs = self.chunk(start, batch_size)?;
-            let chunk_labels = data.labels_of(start, xs.dim(0)?);
-            guard.start_forward_labelled(
-                start,
-                n,
-                Some((Tensor::new(chunk_labels, xs.device())?, acc.label_classes)),
-            )?;
+            let chunk_labels = data.labels_of(start, xs.dim(0)?).to_vec();
+            guard.start_forward_labelled(start, n, Some((chunk_labels, acc.label_classes)))?;
             let logits = self.forward_model(&xs)?;
             guard.finish_forward()?;
             checked_logits(&logits, xs.dim(0)?, data, start)?;
@@ -882,14 +878,9 @@ impl<'a, M: ModuleT + ?Sized> Measurement<'a, M> {
         let t = data.tokens();
         let span = start * t..(start + rows_in) * t;
         // Labels for the unclamped variant's per-class sums.
-        let labels = match &folded {
-            Some(f) => Some((
-                Tensor::new(data.labels_of(start, rows_in), xs.device())
-                    .map_err(|e| e.to_string())?,
-                f.acc.label_classes,
-            )),
-            None => None,
-        };
+        let labels = folded
+            .as_ref()
+            .map(|f| (data.labels_of(start, rows_in).to_vec(), f.acc.label_classes));
         guard
             .start_forward_labelled(start, data.len(), labels)
             .map_err(|e| e.to_string())?;

@@ -129,8 +129,9 @@ pub(crate) struct Pass {
     pub call_order: Vec<usize>,
     pub sample_offset: usize,
     pub total_samples: usize,
-    /// Labels `(rows,)` u32 of the current chunk and the class count, for per-class sums.
-    pub labels: Option<(Tensor, usize)>,
+    /// Labels of the current chunk (a class per sample, or per token) and the class count, for
+    /// per-class sums; kept on the host, where the statistics pass selects its rows by them.
+    pub labels: Option<(Vec<u32>, usize)>,
     // Accumulated over a pass:
     pub sums: Vec<Option<UnitSums>>,
     /// Per probe, the activation recorded by the last forward of a capture pass.
@@ -271,13 +272,13 @@ impl PassGuard<'_> {
         self.start_forward_labelled(sample_offset, total, None)
     }
 
-    /// [`PassGuard::start_forward`] with the chunk's labels `(rows,)` u32 and the class count,
-    /// for per-class sums.
+    /// [`PassGuard::start_forward`] with the chunk's labels (a class per sample, or per token)
+    /// and the class count, for per-class sums.
     pub fn start_forward_labelled(
         &self,
         sample_offset: usize,
         total: usize,
-        labels: Option<(Tensor, usize)>,
+        labels: Option<(Vec<u32>, usize)>,
     ) -> Result<()> {
         self.with(|p| {
             p.labels = labels;
@@ -684,15 +685,13 @@ pub(crate) fn record_unclamped(pass: &mut Pass, i: usize, xs: &Tensor, expand: b
 /// whose label is [`ProbeData::PADDING`](crate::ProbeData::PADDING) are left out.
 fn labelled_rows(
     xs: &Tensor,
-    labels: Option<&(Tensor, usize)>,
+    labels: Option<&(Vec<u32>, usize)>,
 ) -> Result<(Tensor, Option<(Tensor, usize)>)> {
-    let Some((labels, classes)) = labels else {
+    let Some((values, classes)) = labels else {
         return Ok((xs.clone(), None));
     };
     let n = xs.dim(0)?;
-    let values = labels
-        .to_device(&candle_core::Device::Cpu)?
-        .to_vec1::<u32>()?;
+    let device = xs.device().clone();
     let xs = match xs.dims() {
         _ if values.len() == n => xs.clone(),
         [_, t, d] if values.len() == n * t => xs.reshape((n * t, *d))?,
@@ -704,13 +703,15 @@ fn labelled_rows(
         ),
     };
     if !values.contains(&crate::ProbeData::PADDING) {
-        return Ok((xs, Some((labels.clone(), *classes))));
+        return Ok((
+            xs,
+            Some((Tensor::new(values.as_slice(), &device)?, *classes)),
+        ));
     }
     let keep: Vec<u32> = (0..values.len() as u32)
         .filter(|&i| values[i as usize] != crate::ProbeData::PADDING)
         .collect();
     let kept: Vec<u32> = keep.iter().map(|&i| values[i as usize]).collect();
-    let device = xs.device().clone();
     let (xs, labels) = if keep.is_empty() {
         (xs.narrow(0, 0, 0)?, Tensor::zeros(0, DType::U32, &device)?)
     } else {
@@ -726,7 +727,7 @@ fn labelled_rows(
 fn record_sums(
     slot: &mut Option<UnitSums>,
     xs: &Tensor,
-    labels: Option<&(Tensor, usize)>,
+    labels: Option<&(Vec<u32>, usize)>,
 ) -> Result<()> {
     let positions = match xs.dims() {
         [_, t, _] => *t,

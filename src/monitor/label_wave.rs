@@ -87,7 +87,7 @@ impl PredictionChanges {
         let t = self.tokens;
         let rows = match (logits.dims(), t) {
             ([r, c], 1) if *c > 0 && mask.is_none() => *r,
-            ([r, tt, c], _) if *c > 0 && *tt == t && self.current.len().is_multiple_of(t) => *r,
+            ([r, tt, c], _) if *c > 0 && *tt == t => *r,
             (d, 1) if mask.is_none() => bail!(
                 Data,
                 "prediction changes: logits must have shape (batch, classes), got {d:?}"
@@ -100,14 +100,7 @@ impl PredictionChanges {
         let keep = match mask {
             None => None,
             Some(m) if m.dims() == [rows, t] => {
-                let v = m
-                    .to_dtype(candle_core::DType::F64)?
-                    .flatten_all()?
-                    .to_vec1::<f64>()?;
-                if v.iter().any(|x| x.is_nan()) {
-                    bail!(Data, "prediction changes: the mask contains NaN");
-                }
-                Some(v)
+                Some(crate::data::mask_values(m, "prediction changes")?)
             }
             Some(m) => bail!(
                 Data,
@@ -134,7 +127,7 @@ impl PredictionChanges {
         for (row, &i) in indices.iter().enumerate() {
             for k in 0..t {
                 let at = row * t + k;
-                if keep.as_ref().is_none_or(|m| m[at] != 0.0) {
+                if keep.as_ref().is_none_or(|m| m[at]) {
                     self.current[i as usize * t + k] = pred[at];
                 }
             }

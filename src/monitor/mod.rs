@@ -323,7 +323,7 @@ impl RelianceMonitor {
                 }
             }
             if let Some(p) = &state.training_predictions {
-                let tokens = monitor.observed_tokens();
+                let tokens = monitor.data.tokens();
                 if p.len() != training_samples * tokens {
                     let given = match tokens {
                         1 => format!("{training_samples}"),
@@ -355,7 +355,7 @@ impl RelianceMonitor {
             monitor.predictions = state.predictions;
             monitor.probe_widths = state.probes.clone();
             monitor.expect_probes = state.probes;
-            let tokens = monitor.observed_tokens();
+            let tokens = monitor.data.tokens();
             monitor.observed = state
                 .training_predictions
                 .map(|p| label_wave::PredictionChanges::with_previous_tokens(p, tokens));
@@ -528,21 +528,12 @@ impl RelianceMonitor {
             None => {
                 let mut counter = label_wave::PredictionChanges::with_tokens(
                     self.training_samples,
-                    self.observed_tokens(),
+                    self.data.tokens(),
                 );
                 counter.record_masked(indices, logits, mask).map_err(err)?;
                 self.observed = Some(counter);
                 Ok(())
             }
-        }
-    }
-
-    /// Predictions per training example that [`RelianceMonitor::observe`] counts.
-    fn observed_tokens(&self) -> usize {
-        if self.data.token_level() {
-            self.data.tokens()
-        } else {
-            1
         }
     }
 
