@@ -258,6 +258,17 @@ fn case() -> candle_core::Result<Case> {
     })
 }
 
+/// The cumulative curve along `order`, one point per unit added.
+fn along(order: &[usize]) -> AblationSpec {
+    AblationSpec::default()
+        .with_fractions(
+            (0..=D + E)
+                .map(|k| k as f64 / (D + E) as f64)
+                .collect::<Vec<_>>(),
+        )
+        .with_order(AblationOrder::Explicit(order.to_vec()))
+}
+
 /// `pred` with [`PAD`] at the padded positions: the predictions a statistics pass records.
 fn padded(pred: &[u32]) -> Vec<u32> {
     (0..N * T)
@@ -340,14 +351,7 @@ fn token_accuracy_and_agreement_count_real_tokens_as_a_hand_written_forward_does
             want_agreement.iter().any(|&a| a < 0.6),
             "{want_agreement:?}"
         );
-        let spec = AblationSpec::default()
-            .with_fractions(
-                (0..=D + E)
-                    .map(|k| k as f64 / (D + E) as f64)
-                    .collect::<Vec<_>>(),
-            )
-            .with_clamp(clamp)
-            .with_order(AblationOrder::Explicit(order.clone()));
+        let spec = along(&order).with_clamp(clamp);
         for (model_name, curve) in [
             (
                 "plain",
@@ -682,13 +686,7 @@ fn token_curves_on_thread_ranks_count_every_real_token_once() -> TestResult {
         .collect();
     let want_curve: Vec<f64> = preds.iter().map(|p| share(p, &c.raw)).collect();
     let want_agreement: Vec<f64> = preds.iter().map(|p| share(p, &c.unablated)).collect();
-    let spec = AblationSpec::default()
-        .with_fractions(
-            (0..=D + E)
-                .map(|k| k as f64 / (D + E) as f64)
-                .collect::<Vec<_>>(),
-        )
-        .with_order(AblationOrder::Explicit(order.clone()));
+    let spec = along(&order);
     for world in [2, 3] {
         let group = ThreadGroup::new(world)?;
         let replicas = (0..world)
